@@ -1,0 +1,267 @@
+// Package auth verifies identity tokens (JWTs from AWS Cognito or any OIDC
+// issuer) against the issuer's published keys and turns them into an Identity.
+package auth
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/MicahParks/keyfunc/v3"
+	"github.com/golang-jwt/jwt/v5"
+	"golang.org/x/time/rate"
+)
+
+// Algorithms are the signing algorithms accepted. Never "none" and never an
+// HMAC: with a public key as the HMAC secret, anyone could sign.
+var algorithms = []string{"RS256", "ES256"}
+
+// DefaultMaxTokenBytes bounds the size of a token. Cognito tokens are 1-2 KB;
+// a user in many groups makes them larger.
+const DefaultMaxTokenBytes = 16 << 10
+
+// Config configures a Verifier.
+type Config struct {
+	Rules
+	// JWKSURL is where the issuer publishes its keys; defaults to
+	// <Issuer>/.well-known/jwks.json.
+	JWKSURL string
+	// RefreshInterval is how often keys are refetched in the background.
+	RefreshInterval time.Duration
+	// UnknownKeyInterval is the least time between refetches caused by a
+	// token whose key id is unknown, so a flood of such tokens costs the
+	// issuer one request per interval.
+	UnknownKeyInterval time.Duration
+	// MaxTokenBytes bounds the token size; zero means DefaultMaxTokenBytes.
+	MaxTokenBytes int
+	// HTTPClient fetches the keys; nil means a client with a 10 s timeout.
+	HTTPClient *http.Client
+	// OnFetch, if set, is called after every key fetch with its outcome.
+	OnFetch func(ok bool)
+	// Now returns the current time; nil means time.Now.
+	Now func() time.Time
+}
+
+// CognitoIssuer returns the issuer URL of a Cognito user pool.
+func CognitoIssuer(region, userPoolID string) string {
+	return fmt.Sprintf("https://cognito-idp.%s.amazonaws.com/%s", region, userPoolID)
+}
+
+// IsCognitoIssuer reports whether issuer is a Cognito user pool URL.
+func IsCognitoIssuer(issuer string) bool {
+	u, err := url.Parse(issuer)
+	return err == nil && strings.HasPrefix(u.Host, "cognito-idp.") && strings.HasSuffix(u.Host, ".amazonaws.com")
+}
+
+// Verifier checks tokens. It is safe for concurrent use.
+type Verifier struct {
+	cfg    Config
+	kf     keyfunc.Keyfunc
+	parser *jwt.Parser
+	cancel context.CancelFunc
+}
+
+// New starts fetching the issuer's keys in the background and returns at once;
+// Ready reports when they are loaded. Close stops the background refresh.
+func New(ctx context.Context, cfg Config) (*Verifier, error) {
+	if cfg.Issuer == "" {
+		return nil, errors.New("no issuer configured: set --cognito-region and --cognito-user-pool-id, or --issuer")
+	}
+	if err := checkURL("issuer", cfg.Issuer); err != nil {
+		return nil, err
+	}
+	if cfg.JWKSURL == "" {
+		cfg.JWKSURL = strings.TrimSuffix(cfg.Issuer, "/") + "/.well-known/jwks.json"
+	}
+	if err := checkURL("JWKS URL", cfg.JWKSURL); err != nil {
+		return nil, err
+	}
+	switch cfg.TokenUse {
+	case "":
+		cfg.TokenUse = "access"
+	case "access", "id", "any":
+	default:
+		return nil, fmt.Errorf("--token-use must be access, id or any, not %q", cfg.TokenUse)
+	}
+	if cfg.Cognito && len(cfg.ClientIDs) == 0 {
+		return nil, errors.New("--client-id is required with a Cognito user pool: without it, tokens of every app client of the pool would be accepted")
+	}
+	if cfg.MaxTokenBytes == 0 {
+		cfg.MaxTokenBytes = DefaultMaxTokenBytes
+	}
+	if cfg.RefreshInterval == 0 {
+		cfg.RefreshInterval = time.Hour
+	}
+	if cfg.UnknownKeyInterval == 0 {
+		cfg.UnknownKeyInterval = 30 * time.Second
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	client := cfg.HTTPClient
+	if client == nil {
+		client = &http.Client{Timeout: 10 * time.Second}
+	}
+	if cfg.OnFetch != nil {
+		c := *client
+		c.Transport = fetchObserver{next: transportOf(client), onFetch: cfg.OnFetch}
+		client = &c
+	}
+
+	ctx, cancel := context.WithCancel(ctx)
+	kf, err := keyfunc.NewDefaultOverrideCtx(ctx, []string{cfg.JWKSURL}, keyfunc.Override{
+		Client:            client,
+		RefreshInterval:   cfg.RefreshInterval,
+		RefreshUnknownKID: rate.NewLimiter(rate.Every(cfg.UnknownKeyInterval), 1),
+		// A token with an unknown key must not hold a connection waiting for
+		// the rate limiter: it is refused at once instead.
+		RateLimitWaitMax: time.Millisecond,
+		RefreshErrorHandlerFunc: func(string) func(context.Context, error) {
+			return func(context.Context, error) {} // counted by OnFetch
+		},
+	})
+	if err != nil {
+		cancel()
+		return nil, fmt.Errorf("keys of issuer %s: %w", cfg.Issuer, err)
+	}
+	return &Verifier{
+		cfg:    cfg,
+		kf:     kf,
+		parser: jwt.NewParser(jwt.WithValidMethods(algorithms), jwt.WithoutClaimsValidation(), jwt.WithJSONNumber()),
+		cancel: cancel,
+	}, nil
+}
+
+// Close stops the background key refresh.
+func (v *Verifier) Close() { v.cancel() }
+
+// Issuer returns the configured issuer.
+func (v *Verifier) Issuer() string { return v.cfg.Issuer }
+
+// Ready reports whether the issuer's keys are loaded.
+func (v *Verifier) Ready(ctx context.Context) bool {
+	keys, err := v.kf.Storage().KeyReadAll(ctx)
+	return err == nil && len(keys) > 0
+}
+
+// Verify checks token and returns the identity it carries, or an *Error.
+func (v *Verifier) Verify(ctx context.Context, token string) (*Identity, error) {
+	if len(token) > v.cfg.MaxTokenBytes {
+		return nil, invalid("too_large", fmt.Sprintf("token is larger than %d bytes", v.cfg.MaxTokenBytes))
+	}
+	if token == "" {
+		return nil, invalid("missing", "no token: send an identity token of "+v.cfg.Issuer+" as the password")
+	}
+	hdr, err := parseHeader(token)
+	if err != nil {
+		return nil, invalid("malformed", "the password is not a JWT: send an identity token of "+v.cfg.Issuer+" as the password")
+	}
+	if !slices.Contains(algorithms, hdr.Alg) {
+		return nil, invalid("algorithm", fmt.Sprintf("token algorithm %q is not accepted (accepted: %s)", hdr.Alg, strings.Join(algorithms, ", ")))
+	}
+
+	claims := jwt.MapClaims{}
+	_, err = v.parser.ParseWithClaims(token, claims, v.kf.KeyfuncCtx(ctx))
+	switch {
+	case err == nil:
+	case errors.Is(err, jwt.ErrTokenUnverifiable):
+		if !v.Ready(ctx) {
+			return nil, &Error{Kind: Unavailable, Reason: "keys_unavailable",
+				Msg: fmt.Sprintf("keys of issuer %s are not loaded yet (JWKS at %s): try again shortly", v.cfg.Issuer, v.cfg.JWKSURL)}
+		}
+		if hdr.Kid == "" {
+			return nil, invalid("unknown_key", "token has no key id (kid) and matches no key of issuer "+v.cfg.Issuer)
+		}
+		return nil, invalid("unknown_key", fmt.Sprintf("token key id %s is not published by issuer %s", safeText(hdr.Kid), v.cfg.Issuer))
+	case errors.Is(err, jwt.ErrTokenSignatureInvalid):
+		return nil, invalid("signature", "token signature does not match any key of issuer "+v.cfg.Issuer)
+	default:
+		return nil, invalid("malformed", "the password is not a well-formed JWT: send an identity token of "+v.cfg.Issuer+" as the password")
+	}
+	return v.cfg.Rules.Check(claims, v.cfg.Now())
+}
+
+type header struct {
+	Alg string `json:"alg"`
+	Kid string `json:"kid"`
+}
+
+func parseHeader(token string) (header, error) {
+	var h header
+	first, rest, ok := strings.Cut(token, ".")
+	if !ok || strings.Count(rest, ".") != 1 {
+		return h, errors.New("not three segments")
+	}
+	raw, err := base64.RawURLEncoding.DecodeString(first)
+	if err != nil {
+		return h, err
+	}
+	return h, json.Unmarshal(raw, &h)
+}
+
+// safeText keeps a header value printable and short before it goes in a message.
+func safeText(s string) string {
+	if len(s) > 64 {
+		s = s[:64] + "..."
+	}
+	return strings.Map(func(r rune) rune {
+		if r < 0x20 || r == 0x7f {
+			return '?'
+		}
+		return r
+	}, s)
+}
+
+// checkURL allows plain http only towards loopback, where nobody can tamper
+// with the keys in transit.
+func checkURL(what, raw string) error {
+	u, err := url.Parse(raw)
+	if err != nil || u.Host == "" {
+		return fmt.Errorf("%s %q is not a URL", what, raw)
+	}
+	switch u.Scheme {
+	case "https":
+		return nil
+	case "http":
+		if IsLoopbackHost(u.Hostname()) {
+			return nil
+		}
+		return fmt.Errorf("%s %s must use https (plain http is allowed for loopback only)", what, raw)
+	}
+	return fmt.Errorf("%s %s must use https", what, raw)
+}
+
+// IsLoopbackHost reports whether host names this machine's loopback.
+func IsLoopbackHost(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+type fetchObserver struct {
+	next    http.RoundTripper
+	onFetch func(ok bool)
+}
+
+func (f fetchObserver) RoundTrip(r *http.Request) (*http.Response, error) {
+	resp, err := f.next.RoundTrip(r)
+	f.onFetch(err == nil && resp.StatusCode == http.StatusOK)
+	return resp, err
+}
+
+func transportOf(c *http.Client) http.RoundTripper {
+	if c.Transport != nil {
+		return c.Transport
+	}
+	return http.DefaultTransport
+}

@@ -1,0 +1,119 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/rlsproxy/rlsproxy/auth"
+	"github.com/rlsproxy/rlsproxy/internal/demo"
+	"github.com/rlsproxy/rlsproxy/internal/pgtemp"
+)
+
+// devState is what `rlsproxy dev` leaves for `rlsproxy token`.
+type devState struct {
+	Issuer string `json:"issuer"`
+}
+
+func defaultDevDir() string {
+	if d := os.Getenv("XDG_STATE_HOME"); d != "" {
+		return filepath.Join(d, "rlsproxy")
+	}
+	if h, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(h, ".local", "state", "rlsproxy")
+	}
+	return ".rlsproxy"
+}
+
+func cmdDev(args []string) error {
+	fs := flag.NewFlagSet("rlsproxy dev", flag.ContinueOnError)
+	var o serveOptions
+	o.register(fs)
+	devDir := fs.String("dev-dir", defaultDevDir(), "`directory` holding the dev issuer's key")
+	issuerListen := fs.String("issuer-listen", "127.0.0.1:0", "`address` of the dev issuer's JWKS")
+	ttl := fs.Duration("ttl", time.Hour, "lifetime of the printed demo tokens")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if o.issuer != "" || o.cognitoPool != "" {
+		return errors.New("rlsproxy dev runs its own issuer: use rlsproxy serve for a real one")
+	}
+	log, err := newLogger(o.logFormat, o.logLevel)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	if err := os.MkdirAll(*devDir, 0o700); err != nil {
+		return err
+	}
+	key, err := auth.LoadOrCreateDevKey(filepath.Join(*devDir, "dev-key.pem"))
+	if err != nil {
+		return err
+	}
+	il, err := net.Listen("tcp", *issuerListen)
+	if err != nil {
+		return fmt.Errorf("--issuer-listen: %w", err)
+	}
+	issuer, err := auth.NewDevIssuer("http://"+il.Addr().String(), key)
+	if err != nil {
+		return err
+	}
+	go func() { _ = (&http.Server{Handler: issuer, ReadHeaderTimeout: 5 * time.Second}).Serve(il) }()
+	state, _ := json.Marshal(devState{Issuer: issuer.URL})
+	if err := os.WriteFile(filepath.Join(*devDir, "issuer.json"), state, 0o600); err != nil {
+		return err
+	}
+
+	upstreamNote := o.upstream
+	if o.upstream == "" {
+		fmt.Fprintln(os.Stderr, "rlsproxy dev: starting a throwaway PostgreSQL...")
+		cluster, err := pgtemp.Start(ctx, pgtemp.Options{})
+		if err != nil {
+			return err
+		}
+		defer cluster.Stop()
+		if o.upstream, err = demo.Setup(ctx, cluster); err != nil {
+			return err
+		}
+		upstreamNote = fmt.Sprintf("throwaway PostgreSQL on 127.0.0.1:%d, database %s (removed on exit)", cluster.Port, demo.Database)
+	}
+	o.issuer, o.clientID = issuer.URL, issuer.ClientID
+
+	return runProxy(ctx, &o, log, func(addrs []net.Addr) {
+		tokens := map[string]string{}
+		for _, sub := range []string{"user1", "user2"} {
+			tokens[sub], _ = issuer.Mint(auth.TokenRequest{Subject: sub, TTL: *ttl})
+		}
+		fmt.Print(devBanner(addrs, issuer.URL, upstreamNote, tokens))
+	})
+}
+
+func devBanner(addrs []net.Addr, issuerURL, upstream string, tokens map[string]string) string {
+	host, port := "127.0.0.1", "6432"
+	for _, a := range addrs {
+		if ta, ok := a.(*net.TCPAddr); ok {
+			host, port = ta.IP.String(), fmt.Sprint(ta.Port)
+			break
+		}
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "\nrlsproxy dev is running.\n  proxy:    %s:%s\n  issuer:   %s (JWKS at /.well-known/jwks.json)\n  upstream: %s\n\n", host, port, issuerURL, upstream)
+	for _, sub := range []string{"user1", "user2"} {
+		fmt.Fprintf(&b, "As %s (sees only %s's notes):\n  PGPASSWORD='%s' psql \"host=%s port=%s dbname=%s user=%s sslmode=disable\" -c 'SELECT * FROM notes'\n\n",
+			sub, sub, tokens[sub], host, port, demo.Database, sub)
+	}
+	b.WriteString("More tokens: rlsproxy token --sub user1 [--groups g1,g2] [--ttl 1h]\nPress Ctrl-C to stop.\n")
+	return b.String()
+}

@@ -1,0 +1,86 @@
+package proxy
+
+import (
+	"errors"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/rlsproxy/rlsproxy/auth"
+	"github.com/rlsproxy/rlsproxy/session"
+)
+
+// SQLSTATEs the proxy sends itself.
+const (
+	codeInvalidPassword       = "28P01"
+	codeInvalidAuthorization  = "28000"
+	codeCannotConnectNow      = "57P03"
+	codeAdminShutdown         = "57P01"
+	codeTooManyConnections    = "53300"
+	codeProtocolViolation     = "08P01"
+	codeConnectionFailure     = "08006"
+	codeUnableToConnect       = "08001"
+	codeInsufficientPrivilege = "42501"
+	codeInvalidDatabase       = "3D000"
+	codeFeatureNotSupported   = "0A000"
+)
+
+// clientError is an error the client should read, with its SQLSTATE.
+type clientError struct {
+	code   string
+	msg    string
+	detail string
+	// reason labels the failure in metrics.
+	reason string
+}
+
+func (e *clientError) Error() string { return e.msg }
+
+func newClientError(code, reason, msg string) *clientError {
+	return &clientError{code: code, msg: msg, reason: reason}
+}
+
+// toClientError maps any failure of a session to what the client is told.
+// This is the one place where errors become SQLSTATEs.
+func toClientError(err error) *clientError {
+	var ce *clientError
+	if errors.As(err, &ce) {
+		return ce
+	}
+	var ae *auth.Error
+	if errors.As(err, &ae) {
+		switch ae.Kind {
+		case auth.NotAllowed:
+			return &clientError{code: codeInvalidAuthorization, msg: ae.Msg, reason: ae.Reason}
+		case auth.Unavailable:
+			return &clientError{code: codeCannotConnectNow, msg: ae.Msg, reason: ae.Reason}
+		default:
+			return &clientError{code: codeInvalidPassword, msg: ae.Msg, reason: ae.Reason}
+		}
+	}
+	var se *session.Error
+	if errors.As(err, &se) {
+		ce := &clientError{code: codeUnableToConnect, msg: se.Error(), reason: "upstream_connect"}
+		if se.Stage == session.StageInstall {
+			ce.code, ce.reason = codeConnectionFailure, "upstream_setup"
+		}
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) {
+			ce.detail = pgErr.Detail
+		}
+		return ce
+	}
+	return &clientError{code: codeConnectionFailure, msg: "rlsproxy: " + err.Error(), reason: "internal"}
+}
+
+// encodeError renders an ErrorResponse with the given severity.
+func encodeError(dst []byte, severity string, e *clientError) []byte {
+	out, _ := (&pgproto3.ErrorResponse{
+		Severity:            severity,
+		SeverityUnlocalized: severity,
+		Code:                e.code,
+		Message:             e.msg,
+		Detail:              e.detail,
+	}).Encode(dst)
+	return out
+}

@@ -1,0 +1,57 @@
+package proxy
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
+)
+
+// Metrics are the proxy's Prometheus series. They are registered on the
+// registry passed to NewMetrics, never on a global one.
+type Metrics struct {
+	clientsCurrent   prometheus.Gauge
+	clientsTotal     prometheus.Counter
+	auth             *prometheus.CounterVec
+	upstreamConnect  prometheus.Histogram
+	bytes            *prometheus.CounterVec
+	bytesUp          prometheus.Counter
+	bytesDown        prometheus.Counter
+	sessionsEnded    *prometheus.CounterVec
+	JWKSFetches      *prometheus.CounterVec
+	cancelsForwarded prometheus.Counter
+}
+
+// NewMetrics registers the series on reg.
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	f := promauto.With(reg)
+	m := &Metrics{
+		clientsCurrent: f.NewGauge(prometheus.GaugeOpts{Name: "rlsproxy_client_connections",
+			Help: "Client connections open now."}),
+		clientsTotal: f.NewCounter(prometheus.CounterOpts{Name: "rlsproxy_client_connections_total",
+			Help: "Client connections accepted."}),
+		auth: f.NewCounterVec(prometheus.CounterOpts{Name: "rlsproxy_authentications_total",
+			Help: "Client authentications by result: ok, anonymous, or the reason of the rejection."}, []string{"result"}),
+		upstreamConnect: f.NewHistogram(prometheus.HistogramOpts{Name: "rlsproxy_upstream_connect_seconds",
+			Help:    "Time to open an upstream session: connect, authenticate, install role and claims.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16)}),
+		bytes: f.NewCounterVec(prometheus.CounterOpts{Name: "rlsproxy_relayed_bytes_total",
+			Help: "Bytes relayed after startup, by direction."}, []string{"direction"}),
+		sessionsEnded: f.NewCounterVec(prometheus.CounterOpts{Name: "rlsproxy_sessions_ended_total",
+			Help: "Relayed sessions that ended, by reason."}, []string{"reason"}),
+		JWKSFetches: f.NewCounterVec(prometheus.CounterOpts{Name: "rlsproxy_jwks_fetches_total",
+			Help: "Fetches of the issuer's key set, by result."}, []string{"result"}),
+		cancelsForwarded: f.NewCounter(prometheus.CounterOpts{Name: "rlsproxy_cancel_requests_forwarded_total",
+			Help: "CancelRequests that matched a session and were sent upstream."}),
+	}
+	m.bytesUp = m.bytes.WithLabelValues("client_to_server")
+	m.bytesDown = m.bytes.WithLabelValues("server_to_client")
+	return m
+}
+
+// JWKSFetched counts a key set fetch; pass it as auth.Config.OnFetch.
+func (m *Metrics) JWKSFetched(ok bool) {
+	if ok {
+		m.JWKSFetches.WithLabelValues("ok").Inc()
+	} else {
+		m.JWKSFetches.WithLabelValues("error").Inc()
+	}
+}

@@ -1,0 +1,399 @@
+// Package proxy is the client side of rlsproxy: it accepts PostgreSQL
+// connections, negotiates TLS, authenticates the token sent as the password,
+// opens the upstream session and relays frames.
+//
+// A connection moves through four stages, one type each: a clientConn comes
+// in (startup.go), its token becomes an auth.Identity, that identity becomes a
+// session.Upstream, and the two become a relay (relay.go).
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/rlsproxy/rlsproxy/auth"
+	"github.com/rlsproxy/rlsproxy/internal/wire"
+	"github.com/rlsproxy/rlsproxy/session"
+)
+
+// Verifier checks tokens; *auth.Verifier is the implementation.
+type Verifier interface {
+	Verify(ctx context.Context, token string) (*auth.Identity, error)
+	Ready(ctx context.Context) bool
+}
+
+// Config configures a Server.
+type Config struct {
+	Verifier Verifier
+	Policy   session.Policy
+	Dialer   *session.Dialer
+	// Databases a client may ask for; empty means only the upstream DSN's
+	// database, "*" means any.
+	Databases []string
+	// TLS, when set, answers SSLRequest with S.
+	TLS *tls.Config
+	// InsecurePlaintext accepts tokens over unencrypted TCP from non-loopback peers.
+	InsecurePlaintext bool
+	// MaxClientConns bounds client connections; beyond it clients get 53300.
+	MaxClientConns int
+	// StartupTimeout bounds the time from accept to ReadyForQuery.
+	StartupTimeout time.Duration
+	// TerminateOnExpiry ends a session when its token expires.
+	TerminateOnExpiry bool
+	// ExpiryLeeway is added to a token's exp before its session ends, the
+	// same skew the verifier allowed when it accepted the token.
+	ExpiryLeeway time.Duration
+	// BufferSize is the read buffer of each client connection.
+	BufferSize int
+	// MaxTokenBytes bounds the password message.
+	MaxTokenBytes int
+	Logger        *slog.Logger
+	Metrics       *Metrics
+	// Now returns the current time; nil means time.Now.
+	Now func() time.Time
+}
+
+// Server accepts client connections and relays their sessions.
+type Server struct {
+	cfg     Config
+	log     *slog.Logger
+	cancels *cancelRegistry
+
+	conns atomic.Int64 // open client connections, startup included
+
+	mu        sync.Mutex
+	listeners []net.Listener
+	relays    map[*relay]struct{}
+	closing   bool
+	wg        sync.WaitGroup
+}
+
+// New checks cfg and returns a Server.
+func New(cfg Config) (*Server, error) {
+	if cfg.Verifier == nil || cfg.Dialer == nil {
+		return nil, errors.New("proxy: Verifier and Dialer are required")
+	}
+	if err := cfg.Policy.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.MaxClientConns <= 0 {
+		cfg.MaxClientConns = 1000
+	}
+	if cfg.StartupTimeout <= 0 {
+		cfg.StartupTimeout = 30 * time.Second
+	}
+	if cfg.BufferSize <= 0 {
+		cfg.BufferSize = 32 << 10
+	}
+	if cfg.MaxTokenBytes <= 0 {
+		cfg.MaxTokenBytes = auth.DefaultMaxTokenBytes
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	return &Server{cfg: cfg, log: cfg.Logger, cancels: newCancelRegistry(), relays: map[*relay]struct{}{}}, nil
+}
+
+// Listen opens a client listener. An address starting with "/" is a
+// directory holding a unix socket named .s.PGSQL.<port>, as PostgreSQL does;
+// the port is taken from "/dir:port" and defaults to 6432.
+func Listen(addr string) (net.Listener, error) {
+	if !strings.HasPrefix(addr, "/") {
+		return net.Listen("tcp", addr)
+	}
+	dir, port := addr, "6432"
+	if i := strings.LastIndexByte(addr, ':'); i > 0 {
+		if _, err := strconv.Atoi(addr[i+1:]); err == nil {
+			dir, port = addr[:i], addr[i+1:]
+		}
+	}
+	path := filepath.Join(dir, ".s.PGSQL."+port)
+	_ = os.Remove(path) // a stale socket of an earlier run
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, err
+	}
+	_ = os.Chmod(path, 0o777)
+	return l, nil
+}
+
+// Serve accepts connections on l until Shutdown or until l fails.
+func (s *Server) Serve(ctx context.Context, l net.Listener) error {
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		return errors.New("proxy: server is shutting down")
+	}
+	s.listeners = append(s.listeners, l)
+	s.mu.Unlock()
+	for {
+		conn, err := l.Accept()
+		if err != nil {
+			s.mu.Lock()
+			closing := s.closing
+			s.mu.Unlock()
+			if closing {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				time.Sleep(10 * time.Millisecond)
+				continue
+			}
+			return err
+		}
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			s.handle(ctx, conn)
+		}()
+	}
+}
+
+// Shutdown stops accepting, lets sessions finish until ctx is done, then ends
+// the remaining ones with FATAL 57P01 and waits for them to close.
+func (s *Server) Shutdown(ctx context.Context) {
+	s.mu.Lock()
+	s.closing = true
+	for _, l := range s.listeners {
+		l.Close()
+	}
+	s.mu.Unlock()
+
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return
+	case <-ctx.Done():
+	}
+	s.mu.Lock()
+	for r := range s.relays {
+		go r.end(endShutdown, newClientError(codeAdminShutdown, "shutdown", "terminating connection because rlsproxy is shutting down"))
+	}
+	s.mu.Unlock()
+	<-done
+}
+
+// handle runs one client connection from accept to close.
+func (s *Server) handle(ctx context.Context, raw net.Conn) {
+	m := s.cfg.Metrics
+	m.clientsTotal.Inc()
+	m.clientsCurrent.Inc()
+	n := s.conns.Add(1)
+	defer func() {
+		s.conns.Add(-1)
+		m.clientsCurrent.Dec()
+	}()
+	defer raw.Close()
+	if n > int64(2*s.cfg.MaxClientConns) {
+		return // far over the limit: do not even spend a startup on it
+	}
+
+	start := s.cfg.Now()
+	_ = raw.SetDeadline(start.Add(s.cfg.StartupTimeout))
+	c := &clientConn{Conn: raw, r: wire.NewReader(raw, s.cfg.BufferSize, s.cfg.BufferSize+s.cfg.MaxTokenBytes), local: isLocal(raw)}
+	req, cancel, err := readStartup(c, s.cfg.TLS, s.cfg.Policy)
+	if cancel != nil {
+		if s.cancels.cancel(ctx, cancel.pid, cancel.secret) {
+			m.cancelsForwarded.Inc()
+		}
+		return
+	}
+	if err != nil {
+		s.reject(c, err, "startup")
+		return
+	}
+	if n > int64(s.cfg.MaxClientConns) {
+		s.reject(c, newClientError(codeTooManyConnections, "too_many_clients", "sorry, too many clients already"), "startup")
+		return
+	}
+
+	sctx, cancelStartup := context.WithDeadline(ctx, start.Add(s.cfg.StartupTimeout))
+	up, params, sess, err := s.authenticate(sctx, c, req)
+	cancelStartup()
+	if err != nil {
+		s.reject(c, err, "auth")
+		return
+	}
+	s.relay(c, req, up, params, sess, start)
+}
+
+// sessionInfo describes an authenticated session for logs.
+type sessionInfo struct {
+	subject, role string
+	expires       time.Time
+}
+
+// authenticate asks for the token, verifies it, and opens the upstream
+// session. It returns the upstream with the client's ParameterStatus values.
+func (s *Server) authenticate(ctx context.Context, c *clientConn, req *startupRequest) (*session.Upstream, map[string]string, sessionInfo, error) {
+	var info sessionInfo
+	grant, anonymous := (*session.Grant)(nil), false
+	if req.user == "anonymous" {
+		grant, anonymous = s.cfg.Policy.AnonymousGrant()
+	}
+	if !anonymous {
+		if !c.tls && !c.local && !s.cfg.InsecurePlaintext {
+			return nil, nil, info, newClientError(codeInvalidAuthorization, "plaintext",
+				fmt.Sprintf("rlsproxy does not accept tokens over an unencrypted connection from %s: connect with sslmode=require (the proxy needs --tls-cert and --tls-key), or start the proxy with --insecure-plaintext on a trusted network", hostOf(c.RemoteAddr())))
+		}
+		token, err := readPassword(c, s.cfg.MaxTokenBytes)
+		if err != nil {
+			return nil, nil, info, err
+		}
+		id, err := s.cfg.Verifier.Verify(ctx, token)
+		if err != nil {
+			return nil, nil, info, err
+		}
+		grant, err = s.cfg.Policy.Grant(id, s.log)
+		if err != nil {
+			return nil, nil, info, err
+		}
+		info.subject, info.expires = id.Subject, id.ExpiresAt
+	}
+	info.role = grant.Role
+	if !s.databaseAllowed(req.database) {
+		return nil, nil, info, newClientError(codeInvalidDatabase, "database",
+			fmt.Sprintf("database %q is not served by this rlsproxy (see --databases)", req.database))
+	}
+
+	t0 := time.Now()
+	up, err := s.cfg.Dialer.Open(ctx, req.database, req.params, grant)
+	s.cfg.Metrics.upstreamConnect.Observe(time.Since(t0).Seconds())
+	if err != nil {
+		return nil, nil, info, err
+	}
+	if anonymous {
+		s.cfg.Metrics.auth.WithLabelValues("anonymous").Inc()
+	} else {
+		s.cfg.Metrics.auth.WithLabelValues("ok").Inc()
+	}
+	return up, up.Params, info, nil
+}
+
+func (s *Server) databaseAllowed(db string) bool {
+	if len(s.cfg.Databases) == 0 {
+		return db == s.cfg.Dialer.Database()
+	}
+	return slices.Contains(s.cfg.Databases, "*") || slices.Contains(s.cfg.Databases, db)
+}
+
+// relay completes the startup for the client and relays the session.
+func (s *Server) relay(c *clientConn, req *startupRequest, up *session.Upstream, params map[string]string, info sessionInfo, start time.Time) {
+	r := newRelay(c, up, s.cfg.Metrics)
+	key := s.cancels.register(up)
+	defer s.cancels.unregister(key)
+
+	var out []byte
+	if req.minor > 0 || len(req.unsupportedOptions) > 0 {
+		out, _ = (&pgproto3.NegotiateProtocolVersion{NewestMinorProtocol: 0, UnrecognizedOptions: req.unsupportedOptions}).Encode(out)
+	}
+	out, _ = (&pgproto3.AuthenticationOk{}).Encode(out)
+	for k, v := range params {
+		out, _ = (&pgproto3.ParameterStatus{Name: k, Value: v}).Encode(out)
+	}
+	out, _ = (&pgproto3.BackendKeyData{ProcessID: key.pid, SecretKey: key.secret[:]}).Encode(out)
+	out, _ = (&pgproto3.ReadyForQuery{TxStatus: up.TxStatus}).Encode(out)
+
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		up.Close()
+		s.reject(c, newClientError(codeAdminShutdown, "shutdown", "terminating connection because rlsproxy is shutting down"), "startup")
+		return
+	}
+	s.relays[r] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.relays, r)
+		s.mu.Unlock()
+	}()
+
+	if _, err := c.Write(out); err != nil {
+		up.Close()
+		return
+	}
+	_ = c.SetDeadline(time.Time{})
+
+	log := s.log.With("peer", hostOf(c.RemoteAddr()), "sub", info.subject, "user", req.user,
+		"role", info.role, "database", req.database, "application_name", req.applicationName)
+	log.Info("session start")
+
+	if s.cfg.TerminateOnExpiry && !info.expires.IsZero() {
+		exp := newClientError(codeInvalidPassword, "token_expired",
+			"terminating connection: the token expired at "+info.expires.UTC().Format(time.RFC3339)+"; reconnect with a fresh token")
+		t := time.AfterFunc(info.expires.Add(s.cfg.ExpiryLeeway).Sub(s.cfg.Now()), func() { r.expire(exp) })
+		defer t.Stop()
+	}
+
+	reason := r.run()
+	up.Close()
+	s.cfg.Metrics.sessionsEnded.WithLabelValues(reason).Inc()
+	log.Info("session end", "reason", reason, "duration", time.Since(start).Round(time.Millisecond),
+		"bytes_in", r.bytesUp.Load(), "bytes_out", r.bytesDown.Load())
+}
+
+// reject tells the client why its connection is refused, then closes it.
+func (s *Server) reject(c *clientConn, err error, stage string) {
+	ce := toClientError(err)
+	if stage == "auth" {
+		s.cfg.Metrics.auth.WithLabelValues(ce.reason).Inc()
+	}
+	if !isProtocolNoise(err) {
+		s.log.Info("connection refused", "peer", hostOf(c.RemoteAddr()), "stage", stage, "reason", ce.reason, "error", ce.msg)
+		_ = c.SetWriteDeadline(time.Now().Add(time.Second))
+		_, _ = c.Write(encodeError(nil, "FATAL", ce))
+	}
+}
+
+// isProtocolNoise reports failures where PostgreSQL closes the socket without
+// a word: the client went away, stalled past the startup timeout, or sent a
+// startup packet of impossible length.
+func isProtocolNoise(err error) bool {
+	var ce *clientError
+	if errors.As(err, &ce) {
+		return false
+	}
+	var ae *auth.Error
+	var se *session.Error
+	return !errors.As(err, &ae) && !errors.As(err, &se)
+}
+
+func isLocal(c net.Conn) bool {
+	switch a := c.RemoteAddr().(type) {
+	case *net.UnixAddr:
+		return true
+	case *net.TCPAddr:
+		return a.IP.IsLoopback()
+	}
+	return false
+}
+
+func hostOf(a net.Addr) string {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		return ta.IP.String()
+	}
+	if a.Network() == "unix" {
+		return "unix"
+	}
+	return a.String()
+}
