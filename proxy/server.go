@@ -221,6 +221,13 @@ func (s *Server) handle(ctx context.Context, raw net.Conn) {
 		s.reject(c, err, "startup")
 		return
 	}
+	if req.minor > 0 || len(req.unsupportedOptions) > 0 {
+		// A newer 3.x client learns at once that this session speaks 3.0.
+		npv, _ := (&pgproto3.NegotiateProtocolVersion{NewestMinorProtocol: 0, UnrecognizedOptions: req.unsupportedOptions}).Encode(nil)
+		if _, err := c.Write(npv); err != nil {
+			return
+		}
+	}
 	if n > int64(s.cfg.MaxClientConns) {
 		s.reject(c, newClientError(codeTooManyConnections, "too_many_clients", "sorry, too many clients already"), "startup")
 		return
@@ -302,11 +309,7 @@ func (s *Server) relay(c *clientConn, req *startupRequest, up *session.Upstream,
 	key := s.cancels.register(up)
 	defer s.cancels.unregister(key)
 
-	var out []byte
-	if req.minor > 0 || len(req.unsupportedOptions) > 0 {
-		out, _ = (&pgproto3.NegotiateProtocolVersion{NewestMinorProtocol: 0, UnrecognizedOptions: req.unsupportedOptions}).Encode(out)
-	}
-	out, _ = (&pgproto3.AuthenticationOk{}).Encode(out)
+	out, _ := (&pgproto3.AuthenticationOk{}).Encode(nil)
 	for k, v := range params {
 		out, _ = (&pgproto3.ParameterStatus{Name: k, Value: v}).Encode(out)
 	}

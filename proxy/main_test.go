@@ -1,0 +1,82 @@
+package proxy_test
+
+import (
+	"context"
+	"errors"
+	"os/exec"
+	"strings"
+	"testing"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/rlsproxy/rlsproxy/internal/proxytest"
+)
+
+// pg is the PostgreSQL cluster every test in this package talks to.
+var pg *proxytest.Postgres
+
+func TestMain(m *testing.M) {
+	proxytest.Main(m, func(p *proxytest.Postgres) error {
+		pg = p
+		return p.Exec(context.Background(), "app", `
+			CREATE ROLE admin NOLOGIN;
+			CREATE ROLE anon NOLOGIN;
+			CREATE ROLE editor NOLOGIN;
+			GRANT admin, anon, editor TO authenticator;
+			GRANT SELECT ON notes TO anon, admin;
+			CREATE POLICY notes_admin ON notes TO admin USING (true);
+			CREATE ROLE outsider NOLOGIN;`)
+	})
+}
+
+// connect opens a pgx connection through the proxy.
+func connect(t *testing.T, p *proxytest.Proxy, user, token string) *pgx.Conn {
+	t.Helper()
+	conn, err := pgx.Connect(context.Background(), p.DSN(user, token))
+	if err != nil {
+		t.Fatalf("connect through proxy as %s: %v", user, err)
+	}
+	t.Cleanup(func() { conn.Close(context.Background()) })
+	return conn
+}
+
+// connectErr returns the PgError of a connection attempt that must fail.
+func connectErr(t *testing.T, dsn string) *pgconn.PgError {
+	t.Helper()
+	conn, err := pgx.Connect(context.Background(), dsn)
+	if err == nil {
+		conn.Close(context.Background())
+		t.Fatal("connection succeeded, want an error")
+	}
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) {
+		t.Fatalf("want a PgError, got %v", err)
+	}
+	return pgErr
+}
+
+// psql runs the psql binary with the token as PGPASSWORD.
+func psql(t *testing.T, conninfo, token string, args ...string) (string, error) {
+	t.Helper()
+	if _, err := exec.LookPath("psql"); err != nil {
+		t.Fatal("psql not found: install postgresql-client")
+	}
+	cmd := exec.Command("psql", append([]string{"-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", conninfo}, args...)...)
+	cmd.Env = append(cmd.Environ(), "PGPASSWORD="+token, "PGCONNECT_TIMEOUT=10")
+	out, err := cmd.CombinedOutput()
+	return strings.TrimSpace(string(out)), err
+}
+
+func queryStrings(t *testing.T, conn *pgx.Conn, sql string, args ...any) []string {
+	t.Helper()
+	rows, err := conn.Query(context.Background(), sql, args...)
+	if err != nil {
+		t.Fatalf("%s: %v", sql, err)
+	}
+	out, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		t.Fatalf("%s: %v", sql, err)
+	}
+	return out
+}
