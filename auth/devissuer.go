@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -209,7 +210,26 @@ func LoadOrCreateDevKey(path string) (*rsa.PrivateKey, error) {
 		return nil, err
 	}
 	data := pem.EncodeToMemory(&pem.Block{Type: devKeyPEMType, Bytes: der})
-	if err := os.WriteFile(path, data, 0o600); err != nil {
+	// Written whole to a temporary file, then linked into place: link fails
+	// when path exists, so when two processes start at once the second loads
+	// the key of the first instead of overwriting it (the first would then
+	// mint tokens with a key nobody publishes), and nobody reads a half-written
+	// file.
+	tmp, err := os.CreateTemp(filepath.Dir(path), ".dev-key-*.tmp") // mode 0600
+	if err != nil {
+		return nil, err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return nil, err
+	}
+	if err := tmp.Close(); err != nil {
+		return nil, err
+	}
+	if err := os.Link(tmp.Name(), path); errors.Is(err, os.ErrExist) {
+		return LoadDevKey(path)
+	} else if err != nil {
 		return nil, err
 	}
 	return k, nil

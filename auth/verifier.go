@@ -14,10 +14,11 @@ import (
 	"slices"
 	"strings"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/MicahParks/keyfunc/v3"
 	"github.com/golang-jwt/jwt/v5"
-	"golang.org/x/time/rate"
 )
 
 // Algorithms are the signing algorithms accepted. Never "none" and never an
@@ -27,6 +28,9 @@ var algorithms = []string{"RS256", "ES256"}
 // DefaultMaxTokenBytes bounds the size of a token. Cognito tokens are 1-2 KB;
 // a user in many groups makes them larger.
 const DefaultMaxTokenBytes = 16 << 10
+
+// maxLeeway bounds Rules.Leeway: a larger skew would keep expired tokens alive.
+const maxLeeway = 5 * time.Minute
 
 // Config configures a Verifier.
 type Config struct {
@@ -64,6 +68,7 @@ func IsCognitoIssuer(issuer string) bool {
 // Verifier checks tokens. It is safe for concurrent use.
 type Verifier struct {
 	cfg    Config
+	keys   *keySet
 	kf     keyfunc.Keyfunc
 	parser *jwt.Parser
 	cancel context.CancelFunc
@@ -71,6 +76,7 @@ type Verifier struct {
 
 // New starts fetching the issuer's keys in the background and returns at once;
 // Ready reports when they are loaded. Close stops the background refresh.
+// A token checked before the first fetch ends waits for that fetch.
 func New(ctx context.Context, cfg Config) (*Verifier, error) {
 	if cfg.Issuer == "" {
 		return nil, errors.New("no issuer configured: set --cognito-region and --cognito-user-pool-id, or --issuer")
@@ -94,6 +100,9 @@ func New(ctx context.Context, cfg Config) (*Verifier, error) {
 	if cfg.Cognito && len(cfg.ClientIDs) == 0 {
 		return nil, errors.New("--client-id is required with a Cognito user pool: without it, tokens of every app client of the pool would be accepted")
 	}
+	if cfg.Leeway < 0 || cfg.Leeway > maxLeeway {
+		return nil, fmt.Errorf("--leeway must be between 0 and %s, not %s: it only absorbs clock skew", maxLeeway, cfg.Leeway)
+	}
 	if cfg.MaxTokenBytes == 0 {
 		cfg.MaxTokenBytes = DefaultMaxTokenBytes
 	}
@@ -108,32 +117,20 @@ func New(ctx context.Context, cfg Config) (*Verifier, error) {
 	}
 	client := cfg.HTTPClient
 	if client == nil {
-		client = &http.Client{Timeout: 10 * time.Second}
-	}
-	if cfg.OnFetch != nil {
-		c := *client
-		c.Transport = fetchObserver{next: transportOf(client), onFetch: cfg.OnFetch}
-		client = &c
+		client = &http.Client{Timeout: fetchTimeout}
 	}
 
 	ctx, cancel := context.WithCancel(ctx)
-	kf, err := keyfunc.NewDefaultOverrideCtx(ctx, []string{cfg.JWKSURL}, keyfunc.Override{
-		Client:            client,
-		RefreshInterval:   cfg.RefreshInterval,
-		RefreshUnknownKID: rate.NewLimiter(rate.Every(cfg.UnknownKeyInterval), 1),
-		// A token with an unknown key must not hold a connection waiting for
-		// the rate limiter: it is refused at once instead.
-		RateLimitWaitMax: time.Millisecond,
-		RefreshErrorHandlerFunc: func(string) func(context.Context, error) {
-			return func(context.Context, error) {} // counted by OnFetch
-		},
-	})
+	keys := newKeySet(ctx, cfg.JWKSURL, client, cfg.OnFetch, cfg.UnknownKeyInterval)
+	kf, err := keyfunc.New(keyfunc.Options{Ctx: ctx, Storage: keys})
 	if err != nil {
 		cancel()
 		return nil, fmt.Errorf("keys of issuer %s: %w", cfg.Issuer, err)
 	}
+	go keys.run(cfg.RefreshInterval)
 	return &Verifier{
 		cfg:    cfg,
+		keys:   keys,
 		kf:     kf,
 		parser: jwt.NewParser(jwt.WithValidMethods(algorithms), jwt.WithoutClaimsValidation(), jwt.WithJSONNumber()),
 		cancel: cancel,
@@ -148,8 +145,7 @@ func (v *Verifier) Issuer() string { return v.cfg.Issuer }
 
 // Ready reports whether the issuer's keys are loaded.
 func (v *Verifier) Ready(ctx context.Context) bool {
-	keys, err := v.kf.Storage().KeyReadAll(ctx)
-	return err == nil && len(keys) > 0
+	return v.keys.loaded(ctx)
 }
 
 // Verify checks token and returns the identity it carries, or an *Error.
@@ -165,7 +161,7 @@ func (v *Verifier) Verify(ctx context.Context, token string) (*Identity, error) 
 		return nil, invalid("malformed", "the password is not a JWT: send an identity token of "+v.cfg.Issuer+" as the password")
 	}
 	if !slices.Contains(algorithms, hdr.Alg) {
-		return nil, invalid("algorithm", fmt.Sprintf("token algorithm %q is not accepted (accepted: %s)", hdr.Alg, strings.Join(algorithms, ", ")))
+		return nil, invalid("algorithm", fmt.Sprintf("token algorithm %q is not accepted (accepted: %s)", safeText(hdr.Alg), strings.Join(algorithms, ", ")))
 	}
 
 	claims := jwt.MapClaims{}
@@ -176,6 +172,11 @@ func (v *Verifier) Verify(ctx context.Context, token string) (*Identity, error) 
 		if !v.Ready(ctx) {
 			return nil, &Error{Kind: Unavailable, Reason: "keys_unavailable",
 				Msg: fmt.Sprintf("keys of issuer %s are not loaded yet (JWKS at %s): try again shortly", v.cfg.Issuer, v.cfg.JWKSURL)}
+		}
+		if jwk, err := v.keys.Storage.KeyRead(ctx, hdr.Kid); err == nil && hdr.Kid != "" {
+			// The key is published but keyfunc refused it: its alg differs.
+			return nil, invalid("algorithm", fmt.Sprintf("token key id %s of issuer %s is for algorithm %s, but the token says %s",
+				safeText(hdr.Kid), v.cfg.Issuer, jwk.Marshal().ALG, hdr.Alg))
 		}
 		if hdr.Kid == "" {
 			return nil, invalid("unknown_key", "token has no key id (kid) and matches no key of issuer "+v.cfg.Issuer)
@@ -207,13 +208,19 @@ func parseHeader(token string) (header, error) {
 	return h, json.Unmarshal(raw, &h)
 }
 
-// safeText keeps a header value printable and short before it goes in a message.
+// safeText keeps a header value printable, valid UTF-8 and short before it
+// goes in a message.
 func safeText(s string) string {
-	if len(s) > 64 {
-		s = s[:64] + "..."
+	const limit = 64
+	if len(s) > limit {
+		cut := limit
+		for cut > 0 && !utf8.RuneStart(s[cut]) {
+			cut--
+		}
+		s = s[:cut] + "..."
 	}
 	return strings.Map(func(r rune) rune {
-		if r < 0x20 || r == 0x7f {
+		if r == utf8.RuneError || !unicode.IsPrint(r) {
 			return '?'
 		}
 		return r
@@ -246,22 +253,4 @@ func IsLoopbackHost(host string) bool {
 	}
 	ip := net.ParseIP(host)
 	return ip != nil && ip.IsLoopback()
-}
-
-type fetchObserver struct {
-	next    http.RoundTripper
-	onFetch func(ok bool)
-}
-
-func (f fetchObserver) RoundTrip(r *http.Request) (*http.Response, error) {
-	resp, err := f.next.RoundTrip(r)
-	f.onFetch(err == nil && resp.StatusCode == http.StatusOK)
-	return resp, err
-}
-
-func transportOf(c *http.Client) http.RoundTripper {
-	if c.Transport != nil {
-		return c.Transport
-	}
-	return http.DefaultTransport
 }

@@ -2,9 +2,9 @@ package proxy_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
-	"encoding/json"
 	"strings"
 	"testing"
 	"time"
