@@ -183,7 +183,10 @@ func checkOptions(options string, p session.Policy) error {
 			return newClientError(codeInsufficientPrivilege, "protected_setting",
 				fmt.Sprintf("startup option %q is not allowed through rlsproxy: only -c name=value settings are", a))
 		}
-		name, _, _ := strings.Cut(setting, "=")
+		name, _, found := strings.Cut(setting, "=")
+		if !found || name == "" {
+			return newClientError(codeProtocolViolation, "protocol", fmt.Sprintf("startup option %q is not name=value", a))
+		}
 		// PostgreSQL reads dashes in option names as underscores.
 		name = strings.ReplaceAll(name, "-", "_")
 		if p.Protected(name) {

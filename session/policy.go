@@ -81,7 +81,15 @@ func (p Policy) Grant(id *auth.Identity, log *slog.Logger) (*Grant, error) {
 	for k := range id.Claims {
 		names = append(names, k)
 	}
-	sort.Strings(names)
+	// Setting names fold case, so "Sub" and "sub" would land on one setting:
+	// the all-lower-case claim wins, so a stray "Sub" never shadows "sub".
+	sort.Slice(names, func(i, j int) bool {
+		fi, fj := strings.ToLower(names[i]), strings.ToLower(names[j])
+		if fi != fj {
+			return fi < fj
+		}
+		return names[i] == fi
+	})
 	seen := make(map[string]bool, len(names))
 	for _, k := range names {
 		name := p.ClaimPrefix + k
