@@ -22,6 +22,7 @@ Usage:
   rlsproxy [serve] [flags]   run the proxy (rlsproxy serve -h lists the flags)
   rlsproxy dev [flags]       run a demo: throwaway Postgres, local issuer, proxy, ready psql lines
   rlsproxy token --sub S     mint a token with the dev issuer's key
+  rlsproxy health [--ready]  exit 0 if the running proxy's /healthz (or /readyz) answers 200
   rlsproxy version           print version and build information
 
 Every flag can also be set as RLSPROXY_<FLAG>, e.g. RLSPROXY_UPSTREAM.
@@ -48,6 +49,8 @@ func run(args []string) error {
 		return cmdDev(args)
 	case "token":
 		return cmdToken(args)
+	case "health":
+		return cmdHealth(args)
 	case "version":
 		fmt.Println(versionString())
 		return nil

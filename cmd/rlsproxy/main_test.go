@@ -7,6 +7,8 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"flag"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -148,5 +150,25 @@ func TestVersion(t *testing.T) {
 	}
 	if err := run([]string{"nonsense"}); err == nil {
 		t.Fatal("an unknown command ran")
+	}
+}
+
+func TestHealth(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/healthz" {
+			http.Error(w, "not ready", http.StatusServiceUnavailable)
+		}
+	}))
+	defer srv.Close()
+	addr := strings.TrimPrefix(srv.URL, "http://")
+	if err := run([]string{"health", "--admin-listen", addr}); err != nil {
+		t.Fatal(err)
+	}
+	if err := run([]string{"health", "--ready", "--admin-listen", addr}); err == nil {
+		t.Fatal("an unready proxy passed --ready")
+	}
+	_, port, _ := strings.Cut(addr, ":")
+	if err := run([]string{"health", "--admin-listen", "0.0.0.0:" + port}); err != nil {
+		t.Fatalf("wildcard admin address: %v", err)
 	}
 }

@@ -1,0 +1,27 @@
+# The two commands of the README: `make dev` and `make test`.
+GO       ?= go
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS  := -s -w -X main.version=$(VERSION)
+
+.PHONY: dev test build lint fuzz
+
+dev: ## the demo: throwaway Postgres + local issuer + proxy, prints psql lines
+	./scripts/deps.sh dev
+	$(GO) run ./cmd/rlsproxy dev
+
+test: ## every test, against a real PostgreSQL, with the race detector
+	./scripts/deps.sh test
+	$(GO) test -race -count=1 ./...
+
+build: ## the binary, built as the Dockerfile builds it
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/rlsproxy ./cmd/rlsproxy
+
+lint:
+	test -z "$$(gofmt -l .)"
+	$(GO) vet ./...
+	staticcheck ./...
+
+fuzz: ## a short run of every fuzz target
+	$(GO) test -run '^$$' -fuzz '^FuzzReader$$' -fuzztime 10s ./internal/wire
+	$(GO) test -run '^$$' -fuzz '^FuzzParseStartup$$' -fuzztime 10s ./proxy
+	$(GO) test -run '^$$' -fuzz '^FuzzVerify$$' -fuzztime 10s ./auth
