@@ -247,7 +247,7 @@ func LoadDevKey(path string) (*rsa.PrivateKey, error) {
 	}
 	k, err := x509.ParsePKCS8PrivateKey(block.Bytes)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	rk, ok := k.(*rsa.PrivateKey)
 	if !ok {

@@ -117,7 +117,7 @@ func New(ctx context.Context, cfg Config) (*Verifier, error) {
 	}
 	client := cfg.HTTPClient
 	if client == nil {
-		client = &http.Client{Timeout: fetchTimeout}
+		client = &http.Client{Timeout: fetchTimeout, CheckRedirect: checkRedirect}
 	}
 
 	ctx, cancel := context.WithCancel(ctx)
@@ -244,6 +244,15 @@ func checkURL(what, raw string) error {
 		return fmt.Errorf("%s %s must use https (plain http is allowed for loopback only)", what, raw)
 	}
 	return fmt.Errorf("%s %s must use https", what, raw)
+}
+
+// checkRedirect holds redirects of the key fetch to the rule of checkURL: an
+// https JWKS URL must not lead to keys fetched over plain http.
+func checkRedirect(req *http.Request, via []*http.Request) error {
+	if len(via) >= 5 {
+		return errors.New("stopped after 5 redirects")
+	}
+	return checkURL("JWKS redirect", req.URL.String())
 }
 
 // IsLoopbackHost reports whether host names this machine's loopback.

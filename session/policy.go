@@ -50,7 +50,7 @@ func (p Policy) Validate() error {
 		return fmt.Errorf("--claims-setting %q is not a valid custom setting name (it needs a dot, like request.jwt.claims)", p.ClaimsSetting)
 	}
 	if p.ClaimPrefix != "" && (!strings.HasSuffix(p.ClaimPrefix, ".") || !ValidSettingName(p.ClaimPrefix+"x")) {
-		return fmt.Errorf("--claim-prefix %q must be a setting name prefix ending in a dot, like jwt.claims.", p.ClaimPrefix)
+		return fmt.Errorf("--claim-prefix %q must be a setting name prefix ending in a dot (like jwt.claims.)", p.ClaimPrefix)
 	}
 	return nil
 }
