@@ -1,0 +1,347 @@
+package session
+
+import (
+	"bytes"
+	"container/list"
+	"fmt"
+	"strings"
+	"sync"
+
+	pg_query "github.com/pganalyze/pg_query_go/v6"
+	"google.golang.org/protobuf/reflect/protoreflect"
+)
+
+// This file holds every rule of the SQL guard: what a client may not send
+// because it could change the session's identity or run code out of sight.
+// Decisions come from PostgreSQL's own grammar (pg_query parses with the
+// server's parser), never from regular expressions; a word scan keeps
+// statements with nothing suspicious off the parser, and a bounded cache
+// keeps repeated statement texts from being parsed twice.
+
+// Rejection is a refused message: the rule it broke and what the client is told.
+type Rejection struct {
+	Rule string // label for metrics, e.g. "role"
+	Msg  string
+	// Code is the SQLSTATE: 42501, or 42601 when the text does not parse.
+	Code string
+}
+
+// Verdict is the guard's decision on one message.
+type Verdict struct {
+	Reject *Rejection
+	// Resets is set when the message resets the role or settings (RESET
+	// ALL, DISCARD ALL, RESET ROLE, SET SESSION AUTHORIZATION DEFAULT):
+	// it may pass, and the proxy re-establishes role and claims right after it.
+	Resets bool
+}
+
+// Guard judges the statements clients send. It is safe for concurrent use.
+type Guard struct {
+	policy Policy
+
+	mu    sync.Mutex
+	cache map[cacheKey]*list.Element
+	lru   *list.List
+	max   int
+}
+
+type cacheKey struct {
+	extended bool
+	sql      string
+}
+
+type cacheEntry struct {
+	key cacheKey
+	v   Verdict
+}
+
+// maxCachedStatement bounds the texts kept in the cache: long texts are
+// usually one-offs (bulk inserts) and would crowd out the repeated ones.
+const maxCachedStatement = 4 << 10
+
+// NewGuard returns a guard for the policy's protected settings, caching the
+// verdicts of up to cacheSize statement texts.
+func NewGuard(p Policy, cacheSize int) *Guard {
+	return &Guard{policy: p, cache: make(map[cacheKey]*list.Element), lru: list.New(), max: cacheSize}
+}
+
+// Query judges a simple-protocol Query message, which may hold several
+// statements: one forbidden statement rejects the whole message. Resets
+// pass only as the trailing statements of the message, so that nothing runs
+// between a reset and the proxy re-establishing the session.
+func (g *Guard) Query(sql string) Verdict { return g.judge(sql, false) }
+
+// Parse judges the statement of an extended-protocol Parse message. Resets
+// are refused there: the statement may run later, any number of times, with
+// other statements between, where the proxy cannot follow it.
+func (g *Guard) Parse(sql string) Verdict { return g.judge(sql, true) }
+
+// largeObjectFunctions are the functions libpq's large-object interface calls
+// by OID with the FunctionCall message (pg_proc OIDs, stable across versions).
+var largeObjectFunctions = map[uint32]string{
+	952: "lo_open", 953: "lo_close", 954: "loread", 955: "lowrite", 956: "lo_lseek",
+	957: "lo_creat", 958: "lo_tell", 964: "lo_unlink", 715: "lo_create", 1004: "lo_truncate",
+	3170: "lo_lseek64", 3171: "lo_tell64", 3172: "lo_truncate64",
+}
+
+// FunctionCall judges a FunctionCall message, which calls a function by OID
+// with no SQL at all (set_config is OID 2078). Only the large-object
+// functions pass.
+func (g *Guard) FunctionCall(oid uint32) Verdict {
+	if _, ok := largeObjectFunctions[oid]; ok {
+		return Verdict{}
+	}
+	return reject("function_call", fmt.Sprintf("the FunctionCall protocol message (function OID %d) is not allowed through rlsproxy; only large-object functions may be called that way", oid))
+}
+
+func (g *Guard) judge(sql string, extended bool) Verdict {
+	if !suspicious(sql) {
+		return Verdict{}
+	}
+	key := cacheKey{extended, sql}
+	cacheable := len(sql) <= maxCachedStatement && g.max > 0
+	if cacheable {
+		g.mu.Lock()
+		if e, ok := g.cache[key]; ok {
+			g.lru.MoveToFront(e)
+			v := e.Value.(*cacheEntry).v
+			g.mu.Unlock()
+			return v
+		}
+		g.mu.Unlock()
+	}
+	v := g.decide(sql, extended)
+	if cacheable {
+		g.mu.Lock()
+		if _, ok := g.cache[key]; !ok {
+			g.cache[key] = g.lru.PushFront(&cacheEntry{key, v})
+			if g.lru.Len() > g.max {
+				old := g.lru.Remove(g.lru.Back()).(*cacheEntry)
+				delete(g.cache, old.key)
+			}
+		}
+		g.mu.Unlock()
+	}
+	return v
+}
+
+// decide parses sql and applies the rules to every node of every statement.
+func (g *Guard) decide(sql string, extended bool) Verdict {
+	tree, err := pg_query.Parse(sql)
+	if err != nil {
+		// PostgreSQL would refuse it too; refusing here keeps a text the
+		// guard cannot read from ever reaching the server.
+		return Verdict{Reject: &Rejection{Rule: "parse_error", Code: "42601", Msg: err.Error()}}
+	}
+	var v Verdict
+	for i, raw := range tree.Stmts {
+		resets, rej := g.statement(raw.Stmt)
+		if rej != nil {
+			return Verdict{Reject: rej}
+		}
+		if resets {
+			if extended {
+				return reject("reset_in_extended_protocol", "RESET ALL, DISCARD ALL, RESET ROLE and SET SESSION AUTHORIZATION DEFAULT are allowed through rlsproxy only as a simple query, not as a prepared statement")
+			}
+			v.Resets = true
+		} else if v.Resets {
+			return reject("reset_position", fmt.Sprintf("statement %d follows a reset of the role or settings in the same message; through rlsproxy a reset must be the last statement of its message", i+1))
+		}
+	}
+	return v
+}
+
+// statement applies the rules to one statement and everything inside it.
+func (g *Guard) statement(stmt *pg_query.Node) (resets bool, rej *Rejection) {
+	if vs := stmt.GetVariableSetStmt(); vs != nil {
+		resets = isReset(vs)
+	}
+	if d := stmt.GetDiscardStmt(); d != nil && d.Target == pg_query.DiscardMode_DISCARD_ALL {
+		resets = true
+	}
+	walk(stmt.ProtoReflect(), func(m protoreflect.Message) bool {
+		rej = g.node(m.Interface())
+		return rej == nil
+	})
+	return resets, rej
+}
+
+// node is the rule for one parse-tree node.
+func (g *Guard) node(n any) *Rejection {
+	switch n := n.(type) {
+	case *pg_query.VariableSetStmt:
+		return g.setting(n)
+	case *pg_query.FuncCall:
+		return function(n)
+	case *pg_query.DoStmt:
+		return rejection("do", "DO blocks are not allowed through rlsproxy: they run code the guard cannot see")
+	case *pg_query.CreateFunctionStmt:
+		return rejection("create_function", "creating functions or procedures is not allowed through rlsproxy")
+	case *pg_query.AlterFunctionStmt:
+		return rejection("alter_function", "altering functions or procedures is not allowed through rlsproxy")
+	case *pg_query.CreateTrigStmt, *pg_query.CreateEventTrigStmt, *pg_query.AlterEventTrigStmt:
+		return rejection("trigger", "creating or altering triggers is not allowed through rlsproxy")
+	case *pg_query.RuleStmt:
+		return rejection("rule", "creating rules is not allowed through rlsproxy")
+	case *pg_query.CreateRoleStmt, *pg_query.AlterRoleStmt, *pg_query.AlterRoleSetStmt, *pg_query.DropRoleStmt,
+		*pg_query.GrantRoleStmt, *pg_query.ReassignOwnedStmt, *pg_query.AlterOwnerStmt:
+		return rejection("alter_role", "changing roles, role memberships or ownership is not allowed through rlsproxy")
+	case *pg_query.AlterDatabaseSetStmt, *pg_query.AlterSystemStmt:
+		return rejection("alter_settings", "changing stored settings (ALTER DATABASE/SYSTEM ... SET) is not allowed through rlsproxy")
+	case *pg_query.DefineStmt, *pg_query.CreateCastStmt, *pg_query.CreateTransformStmt, *pg_query.CreateConversionStmt,
+		*pg_query.CreateOpClassStmt, *pg_query.CreateOpFamilyStmt, *pg_query.CreatePLangStmt,
+		*pg_query.CreateExtensionStmt, *pg_query.AlterExtensionStmt, *pg_query.AlterExtensionContentsStmt, *pg_query.LoadStmt:
+		return rejection("hidden_code", "defining operators, aggregates, casts, languages or extensions is not allowed through rlsproxy: they run code the guard cannot see")
+	case *pg_query.CreateForeignServerStmt, *pg_query.CreateUserMappingStmt, *pg_query.AlterUserMappingStmt,
+		*pg_query.CreateSubscriptionStmt, *pg_query.AlterSubscriptionStmt:
+		return rejection("foreign_connection", "creating connections to other servers is not allowed through rlsproxy")
+	case *pg_query.CreatePolicyStmt, *pg_query.AlterPolicyStmt:
+		return rejection("row_security", "creating or altering row-level security policies is not allowed through rlsproxy")
+	case *pg_query.AlterTableCmd:
+		if n.Subtype == pg_query.AlterTableType_AT_DisableRowSecurity || n.Subtype == pg_query.AlterTableType_AT_NoForceRowSecurity {
+			return rejection("row_security", "turning row-level security off is not allowed through rlsproxy")
+		}
+	}
+	return nil
+}
+
+// setting is the rule for SET, SET LOCAL, SET SESSION and RESET.
+func (g *Guard) setting(vs *pg_query.VariableSetStmt) *Rejection {
+	if vs.Kind == pg_query.VariableSetKind_VAR_SET_MULTI || vs.Kind == pg_query.VariableSetKind_VAR_RESET_ALL {
+		return nil // SET TRANSACTION ...; RESET ALL (a reset)
+	}
+	if !g.policy.Protected(vs.Name) || isReset(vs) {
+		return nil
+	}
+	switch strings.ToLower(vs.Name) {
+	case "role":
+		return rejection("role", "changing the role is not allowed through rlsproxy")
+	case "session_authorization":
+		return rejection("session_authorization", "changing the session authorization is not allowed through rlsproxy")
+	}
+	return rejection("claims_setting", fmt.Sprintf("setting %s is not allowed through rlsproxy: it carries the identity of the session", vs.Name))
+}
+
+// isReset reports a SET that puts a setting back to its session default.
+func isReset(vs *pg_query.VariableSetStmt) bool {
+	switch vs.Kind {
+	case pg_query.VariableSetKind_VAR_RESET_ALL:
+		return true
+	case pg_query.VariableSetKind_VAR_RESET, pg_query.VariableSetKind_VAR_SET_DEFAULT:
+		return vs.Name != "" && !strings.EqualFold(vs.Name, "transaction")
+	}
+	return false
+}
+
+// function is the rule for a function call anywhere in a statement.
+func function(fc *pg_query.FuncCall) *Rejection {
+	if len(fc.Funcname) == 0 {
+		return nil
+	}
+	name := strings.ToLower(fc.Funcname[len(fc.Funcname)-1].GetString_().GetSval())
+	switch {
+	case name == "set_config":
+		return rejection("set_config", "set_config is not allowed through rlsproxy: it can change the role and the claim settings")
+	case strings.Contains(name, "_to_xml"), name == "ts_stat", name == "ts_rewrite",
+		strings.HasPrefix(name, "crosstab"), name == "connectby", name == "xpath_table":
+		return rejection("query_executor", fmt.Sprintf("%s is not allowed through rlsproxy: it runs a query given as text", name))
+	case strings.HasPrefix(name, "dblink"):
+		return rejection("foreign_connection", fmt.Sprintf("%s is not allowed through rlsproxy: it opens a connection as another user", name))
+	case name == "pg_terminate_backend", name == "pg_cancel_backend":
+		return rejection("signal_backend", fmt.Sprintf("%s is not allowed through rlsproxy: sessions of other users share your role", name))
+	}
+	return nil
+}
+
+func rejection(rule, msg string) *Rejection { return &Rejection{Rule: rule, Msg: msg, Code: "42501"} }
+
+func reject(rule, msg string) Verdict { return Verdict{Reject: rejection(rule, msg)} }
+
+// walk visits m and every message below it, depth first, until visit
+// returns false.
+func walk(m protoreflect.Message, visit func(protoreflect.Message) bool) bool {
+	if !m.IsValid() {
+		return true
+	}
+	if !visit(m) {
+		return false
+	}
+	ok := true
+	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		if fd.Kind() != protoreflect.MessageKind {
+			return true
+		}
+		switch {
+		case fd.IsList():
+			l := v.List()
+			for i := 0; i < l.Len() && ok; i++ {
+				ok = walk(l.Get(i).Message(), visit)
+			}
+		case fd.IsMap():
+		default:
+			ok = walk(v.Message(), visit)
+		}
+		return ok
+	})
+	return ok
+}
+
+// suspiciousWords are the words without which no statement can break a
+// rule: every rule above needs one of them in the text. The scan folds case
+// and reads through quotes and comments, so quoting or splitting with
+// comments does not hide a word; U& identifiers are always parsed.
+var suspiciousWords = map[string]bool{
+	"set": true, "reset": true, "role": true, "authorization": true, "discard": true,
+	"do": true, "create": true, "alter": true, "grant": true, "reassign": true, "load": true,
+	"owner": true, "security": true, "policy": true, "set_config": true,
+	"ts_stat": true, "ts_rewrite": true, "connectby": true, "xpath_table": true,
+	"pg_terminate_backend": true, "pg_cancel_backend": true,
+}
+
+// suspicious reports whether sql holds a word any rule needs, or a U&
+// escape that could spell one.
+func suspicious(sql string) bool {
+	start := -1
+	for i := 0; i <= len(sql); i++ {
+		var c byte
+		if i < len(sql) {
+			c = sql[i]
+		}
+		// '$' separates words here, so dollar quotes ($$...$$) cannot glue
+		// a word to a neighbour; no rule's word holds a '$'.
+		word := c == '_' || c >= 0x80 || (c|0x20 >= 'a' && c|0x20 <= 'z') || (c >= '0' && c <= '9')
+		if word && i < len(sql) {
+			if start < 0 {
+				start = i
+			}
+			continue
+		}
+		if c == '&' && i > 0 && sql[i-1]|0x20 == 'u' {
+			return true
+		}
+		if start >= 0 {
+			if suspiciousWord(sql[start:i]) {
+				return true
+			}
+			start = -1
+		}
+	}
+	return false
+}
+
+func suspiciousWord(w string) bool {
+	if len(w) < 2 || len(w) > 32 {
+		return false
+	}
+	var buf [32]byte
+	lw := buf[:len(w)]
+	for i := 0; i < len(w); i++ {
+		c := w[i]
+		if c >= 'A' && c <= 'Z' {
+			c += 'a' - 'A'
+		}
+		lw[i] = c
+	}
+	return suspiciousWords[string(lw)] || // no allocation: map lookup of a converted key
+		bytes.Contains(lw, []byte("_to_xml")) || bytes.HasPrefix(lw, []byte("crosstab")) || bytes.HasPrefix(lw, []byte("dblink"))
+}
