@@ -18,6 +18,7 @@ type Metrics struct {
 	sessionsEnded    *prometheus.CounterVec
 	JWKSFetches      *prometheus.CounterVec
 	cancelsForwarded prometheus.Counter
+	guardRejections  *prometheus.CounterVec
 }
 
 // NewMetrics registers the series on reg.
@@ -39,6 +40,8 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Relayed sessions that ended, by reason."}, []string{"reason"}),
 		JWKSFetches: f.NewCounterVec(prometheus.CounterOpts{Name: "rlsproxy_jwks_fetches_total",
 			Help: "Fetches of the issuer's key set, by result."}, []string{"result"}),
+		guardRejections: f.NewCounterVec(prometheus.CounterOpts{Name: "rlsproxy_guard_rejections_total",
+			Help: "Client messages refused by the SQL guard, by rule."}, []string{"rule"}),
 		cancelsForwarded: f.NewCounter(prometheus.CounterOpts{Name: "rlsproxy_cancel_requests_forwarded_total",
 			Help: "CancelRequests that matched a session and were sent upstream."}),
 	}

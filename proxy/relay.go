@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"sync"
@@ -20,6 +21,7 @@ const (
 	endTokenExpired    = "token_expired"
 	endShutdown        = "shutdown"
 	endProtocolError   = "protocol_error"
+	endReinjectFailed  = "reinject_failed"
 )
 
 // relay pipes frames between an authenticated client and its upstream session.
@@ -28,22 +30,31 @@ const (
 // read is scanned for whole frames; everything scanned is written on in one
 // write, so a pipeline of small messages costs one syscall each way. Frames
 // are passed on as bytes: only their type byte is looked at, and only the few
-// types the relay must act on are read further. A frame larger than the buffer
-// is streamed through in pieces.
+// types the relay must act on are read further (Query, Parse and
+// FunctionCall by the guard; ReadyForQuery and ErrorResponse on the way
+// back). A frame larger than the buffer is streamed through in pieces.
+//
+// Work is counted in units: each Query, Sync and FunctionCall the server
+// receives is answered by exactly one ReadyForQuery. The counts tell when
+// the server is idle (token expiry) and which answers belong to the proxy's
+// own re-injected statements.
 type relay struct {
 	client  net.Conn
 	clientR *wire.Reader
 	up      *session.Upstream
 	metrics *Metrics
+	guard   *sessionGuard // nil with --guard off
 
 	clientMu sync.Mutex // serialises writes to the client
 
-	// pending counts the ReadyForQuery messages the server still owes: one for
-	// each Query, Sync and FunctionCall forwarded. Zero means idle.
+	// pending counts the ReadyForQuery messages the server still owes.
 	pending atomic.Int64
 	expired atomic.Bool
 	// expiredErr is what the client is told when its token expires.
 	expiredErr *clientError
+
+	sent int64 // units written upstream; client-to-server goroutine only
+	recv int64 // ReadyForQuery received; server-to-client goroutine only
 
 	endOnce sync.Once
 	reason  string
@@ -54,8 +65,8 @@ type relay struct {
 
 var errStopped = errors.New("relay stopped")
 
-func newRelay(c *clientConn, up *session.Upstream, m *Metrics) *relay {
-	return &relay{client: c.Conn, clientR: c.r, up: up, metrics: m, ended: make(chan struct{})}
+func newRelay(c *clientConn, up *session.Upstream, m *Metrics, g *sessionGuard) *relay {
+	return &relay{client: c.Conn, clientR: c.r, up: up, metrics: m, guard: g, ended: make(chan struct{})}
 }
 
 // run relays until the session ends and returns why it ended.
@@ -70,13 +81,22 @@ func (r *relay) run() string {
 	return r.reason
 }
 
+// unitsOf is the number of ReadyForQuery messages a client frame asks for.
+func unitsOf(typ byte) int64 {
+	if typ == 'Q' || typ == 'S' || typ == 'F' {
+		return 1
+	}
+	return 0
+}
+
 // clientToServer forwards the client's frames upstream.
 func (r *relay) clientToServer() {
 	src := r.clientR
 	dst := countingWriter{w: r.up.Conn, n: &r.bytesUp, c: r.metrics.bytesUp}
 	for {
 		buf := src.Buffered()
-		n, units := 0, int64(0)
+		start, n := 0, 0 // buf[start:n] is scanned and not yet written
+		units := int64(0)
 		large := 0
 		for {
 			typ, size, ok, err := wire.Header(buf[n:])
@@ -93,35 +113,34 @@ func (r *relay) clientToServer() {
 				}
 				break
 			}
-			switch typ {
-			case 'Q', 'S', 'F':
-				units++
-			case 'X':
-				if n > 0 {
-					_ = r.toServer(dst, buf[:n], units)
+			if typ == 'X' {
+				if r.toServer(dst, buf[start:n], units) == nil {
+					r.end(endClientTerminate, nil)
 				}
-				r.end(endClientTerminate, nil)
 				return
 			}
+			if r.guard != nil && inspected(typ) {
+				if sub, resets := r.guard.check(typ, buf[n:n+size]); sub != nil || resets {
+					if r.toServer(dst, buf[start:n], units) != nil || r.sendChecked(dst, buf[n:n+size], sub, resets) != nil {
+						return
+					}
+					n += size
+					start, units = n, 0
+					continue
+				}
+			}
+			units += unitsOf(typ)
 			n += size
 		}
 		if n > 0 {
-			if err := r.toServer(dst, buf[:n], units); err != nil {
+			if r.toServer(dst, buf[start:n], units) != nil {
 				return
 			}
 			src.Discard(n)
 			continue
 		}
 		if large > 0 {
-			typ := buf[0]
-			if typ == 'Q' || typ == 'F' {
-				units = 1
-			}
-			if err := r.toServer(nil, nil, units); err != nil {
-				return
-			}
-			if err := src.CopyN(dst, large); err != nil {
-				r.end(endClientClosed, nil)
+			if !r.forwardLarge(dst, buf[0], large) {
 				return
 			}
 			continue
@@ -133,11 +152,60 @@ func (r *relay) clientToServer() {
 	}
 }
 
+// forwardLarge passes on a client frame too large for the buffer: streamed,
+// or read whole when the guard must see it.
+func (r *relay) forwardLarge(dst io.Writer, typ byte, size int) bool {
+	if r.guard == nil || !inspected(typ) {
+		if r.toServer(nil, nil, unitsOf(typ)) != nil {
+			return false
+		}
+		if err := r.clientR.CopyN(dst, size); err != nil {
+			r.end(endClientClosed, nil)
+			return false
+		}
+		return true
+	}
+	if size > maxInspected {
+		r.end(endProtocolError, newClientError(codeProtocolViolation, "protocol",
+			fmt.Sprintf("message of %d bytes is larger than rlsproxy's guard reads (%d)", size, maxInspected)))
+		return false
+	}
+	frame := make([]byte, size)
+	if err := r.clientR.ReadFull(frame); err != nil {
+		r.end(endClientClosed, nil)
+		return false
+	}
+	sub, resets := r.guard.check(typ, frame)
+	return r.sendChecked(dst, frame, sub, resets) == nil
+}
+
+// sendChecked writes an inspected frame, or the substitute the guard made
+// for it, and after a reset the frames that re-establish the session.
+func (r *relay) sendChecked(dst io.Writer, frame, substitute []byte, resets bool) error {
+	if substitute != nil {
+		return r.toServer(dst, substitute, unitsOf(substitute[0]))
+	}
+	u := unitsOf(frame[0])
+	if !resets {
+		return r.toServer(dst, frame, u)
+	}
+	// Registered before the frame is written, so the answers are known to be
+	// the proxy's before they can arrive.
+	r.guard.expectInjected(r.sent + u + 1)
+	if err := r.toServer(dst, frame, u); err != nil {
+		return err
+	}
+	return r.toServer(dst, r.guard.reinject, 1)
+}
+
 // toServer writes a batch of whole client frames holding units
 // ReadyForQuery-producing messages. Once the token has expired nothing more
 // is forwarded; the session ends when the server is idle. A nil dst only
 // accounts for units.
 func (r *relay) toServer(dst io.Writer, b []byte, units int64) error {
+	if len(b) == 0 && units == 0 {
+		return nil
+	}
 	if units > 0 {
 		r.pending.Add(units)
 	}
@@ -147,6 +215,7 @@ func (r *relay) toServer(dst io.Writer, b []byte, units int64) error {
 		}
 		return errStopped
 	}
+	r.sent += units
 	if dst == nil {
 		return nil
 	}
@@ -161,9 +230,11 @@ func (r *relay) toServer(dst io.Writer, b []byte, units int64) error {
 func (r *relay) serverToClient() {
 	src := r.up.Reader
 	dst := countingWriter{w: lockedWriter{mu: &r.clientMu, w: r.client}, n: &r.bytesDown, c: r.metrics.bytesDown}
+	dropping := false // the current unit is the proxy's own: its answers are dropped
 	for {
 		buf := src.Buffered()
-		n, ready := 0, int64(0)
+		start, n := 0, 0 // buf[start:n] is scanned and not yet written
+		ready := int64(0)
 		large := 0
 		for {
 			typ, size, ok, err := wire.Header(buf[n:])
@@ -180,16 +251,49 @@ func (r *relay) serverToClient() {
 				}
 				break
 			}
+			var replace []byte
+			skip := false
+			switch {
+			case dropping && (typ == 'A' || typ == 'S'):
+				// Notifications and parameter changes are the client's.
+			case dropping && typ == 'E':
+				r.end(endReinjectFailed, newClientError(codeConnectionFailure, "reinject",
+					"rlsproxy could not re-establish the session's role and claims after a reset; reconnect"))
+				return
+			case dropping:
+				skip = true
+			case typ == 'E' && r.guard != nil:
+				replace = r.guard.rewrite(buf[n : n+size])
+			}
 			if typ == 'Z' {
 				ready++
+				r.recv++
+				dropping = r.guard != nil && r.guard.isInjected(r.recv+1)
+			}
+			if skip || replace != nil {
+				if n > start {
+					if _, err := dst.Write(buf[start:n]); err != nil {
+						r.end(endClientClosed, nil)
+						return
+					}
+				}
+				if replace != nil {
+					if _, err := dst.Write(replace); err != nil {
+						r.end(endClientClosed, nil)
+						return
+					}
+				}
+				start = n + size
 			}
 			n += size
 		}
-		if n > 0 {
-			if _, err := dst.Write(buf[:n]); err != nil {
+		if n > start {
+			if _, err := dst.Write(buf[start:n]); err != nil {
 				r.end(endClientClosed, nil)
 				return
 			}
+		}
+		if n > 0 {
 			src.Discard(n)
 			if ready > 0 {
 				r.pending.Add(-ready)

@@ -41,6 +41,8 @@ type Config struct {
 	Verifier Verifier
 	Policy   session.Policy
 	Dialer   *session.Dialer
+	// Guard inspects every Query, Parse and FunctionCall; nil turns it off.
+	Guard *session.Guard
 	// Databases a client may ask for; empty means only the upstream DSN's
 	// database, "*" means any.
 	Databases []string
@@ -247,6 +249,7 @@ func (s *Server) handle(ctx context.Context, raw net.Conn) {
 type sessionInfo struct {
 	subject, role string
 	expires       time.Time
+	grant         *session.Grant
 }
 
 // authenticate asks for the token, verifies it, and opens the upstream
@@ -276,7 +279,7 @@ func (s *Server) authenticate(ctx context.Context, c *clientConn, req *startupRe
 		}
 		info.subject, info.expires = id.Subject, id.ExpiresAt
 	}
-	info.role = grant.Role
+	info.role, info.grant = grant.Role, grant
 	if !s.databaseAllowed(req.database) {
 		return nil, nil, info, newClientError(codeInvalidDatabase, "database",
 			fmt.Sprintf("database %q is not served by this rlsproxy (see --databases)", req.database))
@@ -305,7 +308,17 @@ func (s *Server) databaseAllowed(db string) bool {
 
 // relay completes the startup for the client and relays the session.
 func (s *Server) relay(c *clientConn, req *startupRequest, up *session.Upstream, params map[string]string, info sessionInfo, start time.Time) {
-	r := newRelay(c, up, s.cfg.Metrics)
+	var guard *sessionGuard
+	if s.cfg.Guard != nil {
+		reinject, err := session.InstallFrames(info.grant, s.cfg.Dialer.Signer, up.PID)
+		if err != nil {
+			up.Close()
+			s.reject(c, err, "startup")
+			return
+		}
+		guard = newSessionGuard(s.cfg.Guard, reinject, s.cfg.Metrics)
+	}
+	r := newRelay(c, up, s.cfg.Metrics, guard)
 	key := s.cancels.register(up)
 	defer s.cancels.unregister(key)
 

@@ -50,6 +50,9 @@ type cacheKey struct {
 	sql      string
 }
 
+// The guard takes statement texts as the bytes of the message, so that the
+// common case (nothing suspicious) costs no allocation.
+
 type cacheEntry struct {
 	key cacheKey
 	v   Verdict
@@ -69,12 +72,12 @@ func NewGuard(p Policy, cacheSize int) *Guard {
 // statements: one forbidden statement rejects the whole message. Resets
 // pass only as the trailing statements of the message, so that nothing runs
 // between a reset and the proxy re-establishing the session.
-func (g *Guard) Query(sql string) Verdict { return g.judge(sql, false) }
+func (g *Guard) Query(sql []byte) Verdict { return g.judge(sql, false) }
 
 // Parse judges the statement of an extended-protocol Parse message. Resets
 // are refused there: the statement may run later, any number of times, with
 // other statements between, where the proxy cannot follow it.
-func (g *Guard) Parse(sql string) Verdict { return g.judge(sql, true) }
+func (g *Guard) Parse(sql []byte) Verdict { return g.judge(sql, true) }
 
 // largeObjectFunctions are the functions libpq's large-object interface calls
 // by OID with the FunctionCall message (pg_proc OIDs, stable across versions).
@@ -94,10 +97,11 @@ func (g *Guard) FunctionCall(oid uint32) Verdict {
 	return reject("function_call", fmt.Sprintf("the FunctionCall protocol message (function OID %d) is not allowed through rlsproxy; only large-object functions may be called that way", oid))
 }
 
-func (g *Guard) judge(sql string, extended bool) Verdict {
-	if !suspicious(sql) {
+func (g *Guard) judge(b []byte, extended bool) Verdict {
+	if !suspicious(b) {
 		return Verdict{}
 	}
+	sql := string(b)
 	key := cacheKey{extended, sql}
 	cacheable := len(sql) <= maxCachedStatement && g.max > 0
 	if cacheable {
@@ -300,7 +304,7 @@ var suspiciousWords = map[string]bool{
 
 // suspicious reports whether sql holds a word any rule needs, or a U&
 // escape that could spell one.
-func suspicious(sql string) bool {
+func suspicious(sql []byte) bool {
 	start := -1
 	for i := 0; i <= len(sql); i++ {
 		var c byte
@@ -329,7 +333,7 @@ func suspicious(sql string) bool {
 	return false
 }
 
-func suspiciousWord(w string) bool {
+func suspiciousWord(w []byte) bool {
 	if len(w) < 2 || len(w) > 32 {
 		return false
 	}

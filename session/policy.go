@@ -59,6 +59,9 @@ func (p Policy) Validate() error {
 type Grant struct {
 	Role     string
 	Settings []Setting
+	// Claims is the claim set as JSON, the text the signature covers; empty
+	// for anonymous sessions, which carry no claims and no signature.
+	Claims string
 }
 
 // Setting is one session setting installed upstream.
@@ -70,7 +73,7 @@ func (p Policy) Grant(id *auth.Identity, log *slog.Logger) (*Grant, error) {
 	if role == "" {
 		return nil, auth.NewNotAllowed("no_role", "token maps to no database role: none of its groups is in --role-map and --role is empty")
 	}
-	g := &Grant{Role: role}
+	g := &Grant{Role: role, Claims: string(id.ClaimsJSON)}
 	if p.ClaimsSetting != "" {
 		g.Settings = append(g.Settings, Setting{p.ClaimsSetting, string(id.ClaimsJSON)})
 	}

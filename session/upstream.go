@@ -53,6 +53,8 @@ type Dialer struct {
 	BufferSize int
 	// MaxMessage bounds messages read whole from upstream.
 	MaxMessage int
+	// Signer, when set, signs the claims of every session (--signing-key-file).
+	Signer *Signer
 }
 
 // NewDialer parses an upstream DSN (URL or keyword/value, libpq rules,
@@ -100,7 +102,7 @@ func (d *Dialer) Open(ctx context.Context, database string, params map[string]st
 	if err != nil {
 		return nil, &Error{Stage: StageConnect, Err: err}
 	}
-	if err := Install(ctx, conn, g); err != nil {
+	if err := Install(ctx, conn, g, d.Signer); err != nil {
 		conn.Close(context.Background())
 		return nil, &Error{Stage: StageInstall, Err: err}
 	}
@@ -120,26 +122,16 @@ func (d *Dialer) Open(ctx context.Context, database string, params map[string]st
 }
 
 // Install sets the grant's settings and role on conn in one round trip and
-// one transaction, then checks that current_user is the granted role.
-func Install(ctx context.Context, conn *pgconn.PgConn, g *Grant) error {
-	names := make([]string, len(g.Settings))
-	values := make([]string, len(g.Settings))
-	for i, s := range g.Settings {
-		names[i], values[i] = s.Name, s.Value
-	}
-	m := pgtype.NewMap()
-	nb, err := m.Encode(pgtype.TextArrayOID, pgtype.BinaryFormatCode, names, nil)
-	if err != nil {
-		return err
-	}
-	vb, err := m.Encode(pgtype.TextArrayOID, pgtype.BinaryFormatCode, values, nil)
+// one transaction, then checks that current_user is the granted role. With a
+// signer, the claims' signature for conn's backend is set as well.
+func Install(ctx context.Context, conn *pgconn.PgConn, g *Grant, signer *Signer) error {
+	names, values, role, err := installParams(g, signer, conn.PID())
 	if err != nil {
 		return err
 	}
 	b := &pgconn.Batch{}
-	arrays := []uint32{pgtype.TextArrayOID, pgtype.TextArrayOID}
-	b.ExecParams(installSettingsSQL, [][]byte{nb, vb}, arrays, []int16{1, 1}, nil)
-	b.ExecParams(installRoleSQL, [][]byte{[]byte(g.Role)}, []uint32{pgtype.TextOID}, nil, nil)
+	b.ExecParams(installSettingsSQL, [][]byte{names, values}, textArrays, binaryFormats, nil)
+	b.ExecParams(installRoleSQL, [][]byte{role}, []uint32{pgtype.TextOID}, nil, nil)
 	results, err := conn.ExecBatch(ctx, b).ReadAll()
 	if err != nil {
 		var pgErr *pgconn.PgError
@@ -155,6 +147,59 @@ func Install(ctx context.Context, conn *pgconn.PgConn, g *Grant) error {
 		return fmt.Errorf("role switch to %q did not take effect", g.Role)
 	}
 	return nil
+}
+
+var (
+	textArrays    = []uint32{pgtype.TextArrayOID, pgtype.TextArrayOID}
+	binaryFormats = []int16{1, 1}
+)
+
+// installParams encodes the bind parameters of the install statements: the
+// setting names and values as binary text[] and the role as text.
+func installParams(g *Grant, signer *Signer, pid uint32) (names, values, role []byte, err error) {
+	n := make([]string, 0, len(g.Settings)+1)
+	v := make([]string, 0, len(g.Settings)+1)
+	for _, s := range g.Settings {
+		n, v = append(n, s.Name), append(v, s.Value)
+	}
+	if signer != nil && g.Claims != "" {
+		n, v = append(n, SignatureSetting), append(v, signer.Sign(pid, g.Claims))
+	}
+	m := pgtype.NewMap()
+	if names, err = m.Encode(pgtype.TextArrayOID, pgtype.BinaryFormatCode, n, nil); err != nil {
+		return nil, nil, nil, err
+	}
+	if values, err = m.Encode(pgtype.TextArrayOID, pgtype.BinaryFormatCode, v, nil); err != nil {
+		return nil, nil, nil, err
+	}
+	return names, values, []byte(g.Role), nil
+}
+
+// InstallFrames returns the protocol messages that install the grant on
+// backend pid, ending with Sync: the relay sends them after a client's RESET
+// ALL or DISCARD ALL to re-establish the session before the client's next
+// statement. They use the unnamed statement and portal, which a simple
+// Query has already discarded.
+func InstallFrames(g *Grant, signer *Signer, pid uint32) ([]byte, error) {
+	names, values, role, err := installParams(g, signer, pid)
+	if err != nil {
+		return nil, err
+	}
+	var out []byte
+	for _, m := range []pgproto3.FrontendMessage{
+		&pgproto3.Parse{Query: installSettingsSQL, ParameterOIDs: textArrays},
+		&pgproto3.Bind{ParameterFormatCodes: binaryFormats, Parameters: [][]byte{names, values}},
+		&pgproto3.Execute{},
+		&pgproto3.Parse{Query: installRoleSQL, ParameterOIDs: []uint32{pgtype.TextOID}},
+		&pgproto3.Bind{Parameters: [][]byte{role}},
+		&pgproto3.Execute{},
+		&pgproto3.Sync{},
+	} {
+		if out, err = m.Encode(out); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
 }
 
 // Cancel asks the server to cancel the query running on this session, over a

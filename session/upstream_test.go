@@ -44,7 +44,7 @@ func TestInstall(t *testing.T) {
 		{Name: "jwt.claims.sub", Value: "it's \"quoted\" \\ {braces}, commas"},
 		{Name: "request.jwt.claims", Value: `{"sub":"x"}`},
 	}}
-	if err := session.Install(ctx, conn, g); err != nil {
+	if err := session.Install(ctx, conn, g, nil); err != nil {
 		t.Fatal(err)
 	}
 	rows, err := conn.Exec(ctx, "SELECT current_user, current_setting('jwt.claims.sub'), current_setting('request.jwt.claims')").ReadAll()
@@ -67,7 +67,7 @@ func TestInstallIsAtomic(t *testing.T) {
 	}
 	defer conn.Close(ctx)
 	g := &session.Grant{Role: "no_such_role", Settings: []session.Setting{{Name: "jwt.claims.sub", Value: "u1"}}}
-	if err := session.Install(ctx, conn, g); err == nil {
+	if err := session.Install(ctx, conn, g, nil); err == nil {
 		t.Fatal("install with a missing role succeeded")
 	}
 	rows, err := conn.Exec(ctx, "SELECT current_user, coalesce(current_setting('jwt.claims.sub', true), '')").ReadAll()

@@ -87,6 +87,9 @@ type Proxy struct {
 // Option changes the proxy's configuration before it starts.
 type Option func(*proxy.Config)
 
+// GuardOff turns the SQL guard off.
+func GuardOff(c *proxy.Config) { c.Guard = nil }
+
 // DefaultPolicy is the policy the tests start from.
 func DefaultPolicy() session.Policy {
 	return session.Policy{
@@ -148,6 +151,7 @@ func StartListener(t testing.TB, pg *Postgres, l net.Listener, opts ...Option) *
 	logs := &syncBuffer{}
 	cfg := proxy.Config{
 		Verifier: verifier, Policy: DefaultPolicy(), Dialer: dialer,
+		Guard:             session.NewGuard(DefaultPolicy(), 1000),
 		TerminateOnExpiry: true, StartupTimeout: 10 * time.Second,
 		Logger:  slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Metrics: metrics,

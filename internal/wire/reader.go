@@ -171,3 +171,19 @@ func (b *Reader) CopyN(w io.Writer, n int) error {
 	}
 	return nil
 }
+
+// ReadFull fills p from the stream, buffered bytes first. It is how a frame
+// too large for the buffer is read whole when it must be inspected.
+func (b *Reader) ReadFull(p []byte) error {
+	n := copy(p, b.buf[b.r:b.w])
+	b.r += n
+	if n < len(p) {
+		if _, err := io.ReadFull(b.rd, p[n:]); err != nil {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return err
+		}
+	}
+	return nil
+}
