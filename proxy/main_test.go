@@ -80,3 +80,21 @@ func queryStrings(t *testing.T, conn *pgx.Conn, sql string, args ...any) []strin
 	}
 	return out
 }
+
+// counterValue sums a counter family of the proxy's registry.
+func counterValue(t *testing.T, p *proxytest.Proxy, name string) float64 {
+	t.Helper()
+	mfs, err := p.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := 0.0
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			for _, m := range mf.GetMetric() {
+				sum += m.GetCounter().GetValue()
+			}
+		}
+	}
+	return sum
+}

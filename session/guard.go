@@ -39,23 +39,18 @@ type Verdict struct {
 type Guard struct {
 	policy Policy
 
-	mu    sync.Mutex
-	cache map[cacheKey]*list.Element
+	mu sync.Mutex
+	// cache holds verdicts by statement text, one map per protocol (simple
+	// Query, extended Parse), in least-recently-used order.
+	cache [2]map[string]*list.Element
 	lru   *list.List
 	max   int
 }
 
-type cacheKey struct {
-	extended bool
-	sql      string
-}
-
-// The guard takes statement texts as the bytes of the message, so that the
-// common case (nothing suspicious) costs no allocation.
-
 type cacheEntry struct {
-	key cacheKey
-	v   Verdict
+	mode int
+	sql  string
+	v    Verdict
 }
 
 // maxCachedStatement bounds the texts kept in the cache: long texts are
@@ -65,7 +60,7 @@ const maxCachedStatement = 4 << 10
 // NewGuard returns a guard for the policy's protected settings, caching the
 // verdicts of up to cacheSize statement texts.
 func NewGuard(p Policy, cacheSize int) *Guard {
-	return &Guard{policy: p, cache: make(map[cacheKey]*list.Element), lru: list.New(), max: cacheSize}
+	return &Guard{policy: p, cache: [2]map[string]*list.Element{{}, {}}, lru: list.New(), max: cacheSize}
 }
 
 // Query judges a simple-protocol Query message, which may hold several
@@ -97,16 +92,20 @@ func (g *Guard) FunctionCall(oid uint32) Verdict {
 	return reject("function_call", fmt.Sprintf("the FunctionCall protocol message (function OID %d) is not allowed through rlsproxy; only large-object functions may be called that way", oid))
 }
 
+// judge takes the statement text as the bytes of the message, so that the
+// common cases (nothing suspicious, or a cached text) allocate nothing.
 func (g *Guard) judge(b []byte, extended bool) Verdict {
 	if !suspicious(b) {
 		return Verdict{}
 	}
-	sql := string(b)
-	key := cacheKey{extended, sql}
-	cacheable := len(sql) <= maxCachedStatement && g.max > 0
+	mode := 0
+	if extended {
+		mode = 1
+	}
+	cacheable := len(b) <= maxCachedStatement && g.max > 0
 	if cacheable {
 		g.mu.Lock()
-		if e, ok := g.cache[key]; ok {
+		if e, ok := g.cache[mode][string(b)]; ok {
 			g.lru.MoveToFront(e)
 			v := e.Value.(*cacheEntry).v
 			g.mu.Unlock()
@@ -114,14 +113,15 @@ func (g *Guard) judge(b []byte, extended bool) Verdict {
 		}
 		g.mu.Unlock()
 	}
+	sql := string(b)
 	v := g.decide(sql, extended)
 	if cacheable {
 		g.mu.Lock()
-		if _, ok := g.cache[key]; !ok {
-			g.cache[key] = g.lru.PushFront(&cacheEntry{key, v})
+		if _, ok := g.cache[mode][sql]; !ok {
+			g.cache[mode][sql] = g.lru.PushFront(&cacheEntry{mode, sql, v})
 			if g.lru.Len() > g.max {
 				old := g.lru.Remove(g.lru.Back()).(*cacheEntry)
-				delete(g.cache, old.key)
+				delete(g.cache[old.mode], old.sql)
 			}
 		}
 		g.mu.Unlock()
@@ -158,7 +158,7 @@ func (g *Guard) decide(sql string, extended bool) Verdict {
 // statement applies the rules to one statement and everything inside it.
 func (g *Guard) statement(stmt *pg_query.Node) (resets bool, rej *Rejection) {
 	if vs := stmt.GetVariableSetStmt(); vs != nil {
-		resets = isReset(vs)
+		resets = vs.Kind == pg_query.VariableSetKind_VAR_RESET_ALL || (isReset(vs) && g.policy.Protected(vs.Name))
 	}
 	if d := stmt.GetDiscardStmt(); d != nil && d.Target == pg_query.DiscardMode_DISCARD_ALL {
 		resets = true
@@ -176,7 +176,25 @@ func (g *Guard) node(n any) *Rejection {
 	case *pg_query.VariableSetStmt:
 		return g.setting(n)
 	case *pg_query.FuncCall:
-		return function(n)
+		if len(n.Funcname) > 0 {
+			return function(n.Funcname[len(n.Funcname)-1].GetString_().GetSval(), false)
+		}
+	case *pg_query.A_Indirection:
+		// (expr).f is PostgreSQL's attribute notation for f(expr).
+		for _, ind := range n.Indirection {
+			if s := ind.GetString_(); s != nil {
+				if rej := function(s.Sval, true); rej != nil {
+					return rej
+				}
+			}
+		}
+	case *pg_query.ColumnRef:
+		// So is x.f, when x is a table or column and no column f exists.
+		if len(n.Fields) >= 2 {
+			if s := n.Fields[len(n.Fields)-1].GetString_(); s != nil {
+				return function(s.Sval, true)
+			}
+		}
 	case *pg_query.DoStmt:
 		return rejection("do", "DO blocks are not allowed through rlsproxy: they run code the guard cannot see")
 	case *pg_query.CreateFunctionStmt:
@@ -190,6 +208,18 @@ func (g *Guard) node(n any) *Rejection {
 	case *pg_query.CreateRoleStmt, *pg_query.AlterRoleStmt, *pg_query.AlterRoleSetStmt, *pg_query.DropRoleStmt,
 		*pg_query.GrantRoleStmt, *pg_query.ReassignOwnedStmt, *pg_query.AlterOwnerStmt:
 		return rejection("alter_role", "changing roles, role memberships or ownership is not allowed through rlsproxy")
+	case *pg_query.RenameStmt:
+		if n.RenameType == pg_query.ObjectType_OBJECT_ROLE {
+			return rejection("alter_role", "changing roles, role memberships or ownership is not allowed through rlsproxy")
+		}
+	case *pg_query.CreateSchemaStmt:
+		if n.Authrole != nil {
+			return rejection("alter_role", "creating objects owned by another role (CREATE SCHEMA ... AUTHORIZATION) is not allowed through rlsproxy")
+		}
+	case *pg_query.DropStmt:
+		if n.RemoveType == pg_query.ObjectType_OBJECT_POLICY {
+			return rejection("row_security", "dropping row-level security policies is not allowed through rlsproxy")
+		}
 	case *pg_query.AlterDatabaseSetStmt, *pg_query.AlterSystemStmt:
 		return rejection("alter_settings", "changing stored settings (ALTER DATABASE/SYSTEM ... SET) is not allowed through rlsproxy")
 	case *pg_query.DefineStmt, *pg_query.CreateCastStmt, *pg_query.CreateTransformStmt, *pg_query.CreateConversionStmt,
@@ -202,8 +232,11 @@ func (g *Guard) node(n any) *Rejection {
 	case *pg_query.CreatePolicyStmt, *pg_query.AlterPolicyStmt:
 		return rejection("row_security", "creating or altering row-level security policies is not allowed through rlsproxy")
 	case *pg_query.AlterTableCmd:
-		if n.Subtype == pg_query.AlterTableType_AT_DisableRowSecurity || n.Subtype == pg_query.AlterTableType_AT_NoForceRowSecurity {
+		switch n.Subtype {
+		case pg_query.AlterTableType_AT_DisableRowSecurity, pg_query.AlterTableType_AT_NoForceRowSecurity:
 			return rejection("row_security", "turning row-level security off is not allowed through rlsproxy")
+		case pg_query.AlterTableType_AT_ChangeOwner:
+			return rejection("alter_role", "changing roles, role memberships or ownership is not allowed through rlsproxy")
 		}
 	}
 	return nil
@@ -237,17 +270,17 @@ func isReset(vs *pg_query.VariableSetStmt) bool {
 	return false
 }
 
-// function is the rule for a function call anywhere in a statement.
-func function(fc *pg_query.FuncCall) *Rejection {
-	if len(fc.Funcname) == 0 {
-		return nil
-	}
-	name := strings.ToLower(fc.Funcname[len(fc.Funcname)-1].GetString_().GetSval())
+// function is the rule for a call of the function name anywhere in a
+// statement. attribute is set for the attribute notation x.f, which calls
+// only one-argument functions: set_config and the *_to_xml family need more,
+// so a column of that name read as x.set_config stays allowed.
+func function(name string, attribute bool) *Rejection {
+	name = strings.ToLower(name)
 	switch {
-	case name == "set_config":
+	case name == "set_config" && !attribute:
 		return rejection("set_config", "set_config is not allowed through rlsproxy: it can change the role and the claim settings")
-	case strings.Contains(name, "_to_xml"), name == "ts_stat", name == "ts_rewrite",
-		strings.HasPrefix(name, "crosstab"), name == "connectby", name == "xpath_table":
+	case !attribute && (strings.Contains(name, "_to_xml") || name == "ts_rewrite" || name == "connectby" || name == "xpath_table"),
+		name == "ts_stat", strings.HasPrefix(name, "crosstab"):
 		return rejection("query_executor", fmt.Sprintf("%s is not allowed through rlsproxy: it runs a query given as text", name))
 	case strings.HasPrefix(name, "dblink"):
 		return rejection("foreign_connection", fmt.Sprintf("%s is not allowed through rlsproxy: it opens a connection as another user", name))
@@ -297,7 +330,7 @@ func walk(m protoreflect.Message, visit func(protoreflect.Message) bool) bool {
 var suspiciousWords = map[string]bool{
 	"set": true, "reset": true, "role": true, "authorization": true, "discard": true,
 	"do": true, "create": true, "alter": true, "grant": true, "reassign": true, "load": true,
-	"owner": true, "security": true, "policy": true, "set_config": true,
+	"owner": true, "security": true, "policy": true, "set_config": true, "revoke": true, "drop": true,
 	"ts_stat": true, "ts_rewrite": true, "connectby": true, "xpath_table": true,
 	"pg_terminate_backend": true, "pg_cancel_backend": true,
 }
@@ -334,17 +367,16 @@ func suspicious(sql []byte) bool {
 }
 
 func suspiciousWord(w []byte) bool {
-	if len(w) < 2 || len(w) > 32 {
+	if len(w) < 2 {
 		return false
 	}
 	var buf [32]byte
-	lw := buf[:len(w)]
-	for i := 0; i < len(w); i++ {
-		c := w[i]
+	lw := buf[:0]
+	for _, c := range w {
 		if c >= 'A' && c <= 'Z' {
 			c += 'a' - 'A'
 		}
-		lw[i] = c
+		lw = append(lw, c) // beyond 32 bytes this grows on the heap: rare
 	}
 	return suspiciousWords[string(lw)] || // no allocation: map lookup of a converted key
 		bytes.Contains(lw, []byte("_to_xml")) || bytes.HasPrefix(lw, []byte("crosstab")) || bytes.HasPrefix(lw, []byte("dblink"))
