@@ -7,11 +7,14 @@ COPY go.mod go.sum ./
 RUN go mod download
 COPY . .
 ARG VERSION=dev
-# The same flags as `make build`, which CI runs.
-RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.version=${VERSION}" -o /out/rlsproxy ./cmd/rlsproxy
+# The same flags as `make build`, which CI runs. cgo: the SQL guard links
+# PostgreSQL's own parser (pg_query_go); netgo and osusergo keep name
+# resolution in Go, so the binary needs nothing of libc but libc itself.
+RUN CGO_ENABLED=1 go build -trimpath -tags netgo,osusergo -ldflags "-s -w -X main.version=${VERSION}" -o /out/rlsproxy ./cmd/rlsproxy
 
-# Static binary on a minimal, non-root base: no shell, no package manager.
-FROM gcr.io/distroless/static-debian12:nonroot
+# A minimal, non-root base with glibc (the binary is built on bookworm, so
+# the glibc versions match): no shell, no package manager.
+FROM gcr.io/distroless/base-debian12:nonroot
 COPY --from=build /out/rlsproxy /usr/local/bin/rlsproxy
 USER nonroot:nonroot
 # In a container the listeners face the container network; TLS (--tls-cert,

@@ -13,8 +13,8 @@ test: ## every test, against a real PostgreSQL, with the race detector
 	./scripts/deps.sh test
 	$(GO) test -race -count=1 ./...
 
-build: ## the binary, built as the Dockerfile builds it
-	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/rlsproxy ./cmd/rlsproxy
+build: ## the binary, built as the Dockerfile builds it (cgo: the guard uses PostgreSQL's parser)
+	CGO_ENABLED=1 $(GO) build -trimpath -tags netgo,osusergo -ldflags "$(LDFLAGS)" -o bin/rlsproxy ./cmd/rlsproxy
 
 lint:
 	test -z "$$(gofmt -l .)"
@@ -25,3 +25,4 @@ fuzz: ## a short run of every fuzz target
 	$(GO) test -run '^$$' -fuzz '^FuzzReader$$' -fuzztime 10s ./internal/wire
 	$(GO) test -run '^$$' -fuzz '^FuzzParseStartup$$' -fuzztime 10s ./proxy
 	$(GO) test -run '^$$' -fuzz '^FuzzVerify$$' -fuzztime 10s ./auth
+	$(GO) test -run '^$$' -fuzz '^FuzzGuard$$' -fuzztime 10s ./session
