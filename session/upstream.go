@@ -187,6 +187,12 @@ func InstallFrames(g *Grant, signer *Signer, pid uint32) ([]byte, error) {
 	}
 	var out []byte
 	for _, m := range []pgproto3.FrontendMessage{
+		// Back to the login role first: a client's RESET of one setting
+		// leaves the mapped role in place, which (hardened) may not call
+		// set_config.
+		&pgproto3.Parse{Query: "RESET ROLE"},
+		&pgproto3.Bind{},
+		&pgproto3.Execute{},
 		&pgproto3.Parse{Query: installSettingsSQL, ParameterOIDs: textArrays},
 		&pgproto3.Bind{ParameterFormatCodes: binaryFormats, Parameters: [][]byte{names, values}},
 		&pgproto3.Execute{},

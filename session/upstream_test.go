@@ -13,7 +13,10 @@ import (
 	"github.com/rlsproxy/rlsproxy/session"
 )
 
-var upstream string
+var (
+	upstream string
+	cluster  *pgtemp.Cluster
+)
 
 func TestMain(m *testing.M) {
 	ctx := context.Background()
@@ -22,6 +25,7 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
+	cluster = c
 	upstream, err = demo.Setup(ctx, c)
 	code := 1
 	if err == nil {

@@ -6,6 +6,8 @@ import (
 	"os"
 	"strings"
 	"time"
+
+	"github.com/rlsproxy/rlsproxy/session"
 )
 
 // parseFlags parses args into fs; every flag not given on the command line is
@@ -47,6 +49,7 @@ type serveOptions struct {
 	logFormat, logLevel                         string
 	startupTimeout, shutdownTimeout             time.Duration
 	jwksRefresh                                 time.Duration
+	guard, signingKeyFile                       string
 }
 
 func (o *serveOptions) register(fs *flag.FlagSet) {
@@ -78,6 +81,21 @@ func (o *serveOptions) register(fs *flag.FlagSet) {
 	fs.DurationVar(&o.startupTimeout, "startup-timeout", 30*time.Second, "time a client has from connecting to a ready session")
 	fs.DurationVar(&o.shutdownTimeout, "shutdown-timeout", 30*time.Second, "on SIGTERM, time sessions have to finish before they are ended")
 	fs.DurationVar(&o.jwksRefresh, "jwks-refresh", time.Hour, "how often the issuer's keys are refetched")
+	fs.StringVar(&o.guard, "guard", "on", "on: refuse SQL that could change the session's identity or run hidden code; off: forward everything")
+	fs.StringVar(&o.signingKeyFile, "signing-key-file", "", "`file` holding the secret (>= 32 bytes) that signs the claims; `rlsproxy sql --signing-key-file` provisions it in the database")
+}
+
+// policy builds the session policy from the role and claim flags.
+func (o *serveOptions) policy() (session.Policy, error) {
+	roleMap, err := session.ParseRoleMap(o.roleMap)
+	if err != nil {
+		return session.Policy{}, err
+	}
+	p := session.Policy{
+		DefaultRole: o.role, RoleClaim: o.roleClaim, RoleMap: roleMap, AnonymousRole: o.anonymousRole,
+		ClaimsSetting: o.claimsSetting, ClaimPrefix: o.claimPrefix,
+	}
+	return p, p.Validate()
 }
 
 func splitList(s string) []string {

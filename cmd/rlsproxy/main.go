@@ -22,6 +22,8 @@ Usage:
   rlsproxy [serve] [flags]   run the proxy (rlsproxy serve -h lists the flags)
   rlsproxy dev [flags]       run a demo: throwaway Postgres, local issuer, proxy, ready psql lines
   rlsproxy token --sub S     mint a token with the dev issuer's key
+  rlsproxy sql [--signing-key-file F] [--harden]
+                             print the bootstrap SQL: roles, auth schema, signing key, hardening
   rlsproxy health [--ready]  exit 0 if the running proxy's /healthz (or /readyz) answers 200
   rlsproxy version           print version and build information
 
@@ -49,6 +51,8 @@ func run(args []string) error {
 		return cmdDev(args)
 	case "token":
 		return cmdToken(args)
+	case "sql":
+		return cmdSQL(args)
 	case "health":
 		return cmdHealth(args)
 	case "version":

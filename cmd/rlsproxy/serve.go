@@ -48,13 +48,23 @@ func runProxy(ctx context.Context, o *serveOptions, log *slog.Logger, ready func
 	if err != nil {
 		return err
 	}
-	roleMap, err := session.ParseRoleMap(o.roleMap)
+	policy, err := o.policy()
 	if err != nil {
 		return err
 	}
-	policy := session.Policy{
-		DefaultRole: o.role, RoleClaim: o.roleClaim, RoleMap: roleMap, AnonymousRole: o.anonymousRole,
-		ClaimsSetting: o.claimsSetting, ClaimPrefix: o.claimPrefix,
+	var guard *session.Guard
+	switch o.guard {
+	case "on":
+		guard = session.NewGuard(policy, 10000)
+	case "off":
+		log.Warn("--guard off: clients can change their role and claims with SQL; only signed claims (--signing-key-file) and the database's privileges protect identity")
+	default:
+		return fmt.Errorf("--guard must be on or off, not %q", o.guard)
+	}
+	if o.signingKeyFile != "" {
+		if dialer.Signer, err = session.LoadSigner(o.signingKeyFile); err != nil {
+			return err
+		}
 	}
 	var terminate bool
 	switch o.onTokenExpiry {
@@ -108,7 +118,7 @@ func runProxy(ctx context.Context, o *serveOptions, log *slog.Logger, ready func
 	}
 
 	srv, err := proxy.New(proxy.Config{
-		Verifier: verifier, Policy: policy, Dialer: dialer,
+		Verifier: verifier, Policy: policy, Dialer: dialer, Guard: guard,
 		Databases: splitList(o.databases), TLS: tlsConfig, InsecurePlaintext: o.insecurePlaintext,
 		MaxClientConns: o.maxClientConns, StartupTimeout: o.startupTimeout, TerminateOnExpiry: terminate, ExpiryLeeway: o.leeway,
 		Logger: log, Metrics: metrics,
