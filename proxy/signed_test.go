@@ -1,0 +1,79 @@
+package proxy_test
+
+import (
+	"context"
+	"strings"
+	"testing"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/rlsproxy/rlsproxy/internal/proxytest"
+	"github.com/rlsproxy/rlsproxy/proxy"
+)
+
+// withSigner signs every session's claims with the test key.
+func withSigner(c *proxy.Config) { c.Dialer.Signer = signer }
+
+// signedRows reads signed_notes, whose policy is user_id = (SELECT
+// auth.user_id()): it returns the rows, or the error auth.* raised.
+func signedRows(conn *pgx.Conn) ([]string, error) {
+	rows, err := conn.Query(context.Background(), "SELECT user_id FROM signed_notes ORDER BY 1", pgx.QueryExecModeSimpleProtocol)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, pgx.RowTo[string])
+}
+
+// With the guard off, the signed-claims layer stands alone: every attack on
+// the claims yields an error or no rows from auth.*, never another user's
+// rows. Both layers together hold as well.
+func TestSignedClaimsStandAlone(t *testing.T) {
+	ctx := context.Background()
+	for _, mode := range []struct {
+		name  string
+		opts  []proxytest.Option
+		guard bool
+	}{
+		{"guard off, signed claims", []proxytest.Option{proxytest.GuardOff, withSigner}, false},
+		{"guard on, signed claims", []proxytest.Option{withSigner}, true},
+	} {
+		t.Run(mode.name, func(t *testing.T) {
+			p := proxytest.Start(t, pg, mode.opts...)
+			victim := connect(t, p, "user2", p.Token(t, "user2"))
+			var claims2, sig2 string
+			if err := victim.QueryRow(ctx, "SELECT current_setting('request.jwt.claims'), current_setting('rlsproxy.claims_signature')").Scan(&claims2, &sig2); err != nil {
+				t.Fatal(err)
+			}
+			if got, err := signedRows(victim); err != nil || len(got) != 1 || got[0] != "user2" {
+				t.Fatalf("the victim's own view: %v %v", got, err)
+			}
+			quote := func(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
+			claimAttacks := []struct{ name, sql string }{
+				{"forged claims", `SET request.jwt.claims = '{"sub":"user2","exp":4102444800}'`},
+				{"edited claims", "SELECT set_config('request.jwt.claims', replace(current_setting('request.jwt.claims'), 'user1', 'user2'), false)"},
+				{"copied claims and signature", "SET request.jwt.claims = " + quote(claims2) + "; SET rlsproxy.claims_signature = " + quote(sig2)},
+				{"replayed signature", "SET rlsproxy.claims_signature = " + quote(sig2)},
+				{"claims reset away", "RESET ALL"},
+				{"discard all", "DISCARD ALL"},
+			}
+			for _, a := range append(claimAttacks, attacks...) {
+				conn := connect(t, p, "user1", p.Token(t, "user1"))
+				_, _ = conn.Exec(ctx, a.sql, pgx.QueryExecModeSimpleProtocol)
+				if conn.PgConn().TxStatus() != 'I' {
+					_, _ = conn.Exec(ctx, "ROLLBACK")
+				}
+				got, err := signedRows(conn)
+				for _, u := range got {
+					if u != "user1" {
+						t.Fatalf("%s: user1's session sees %s's rows: %v", a.name, u, got)
+					}
+				}
+				// With the guard on the session is untouched; with it off
+				// the claims layer answers with an error or nothing.
+				if mode.guard && (err != nil || len(got) != 1) {
+					t.Fatalf("%s: with the guard on, user1 sees %v, %v", a.name, got, err)
+				}
+			}
+		})
+	}
+}
