@@ -23,6 +23,7 @@ const (
 	codeInsufficientPrivilege = "42501"
 	codeInvalidDatabase       = "3D000"
 	codeFeatureNotSupported   = "0A000"
+	codeRejectedConnection    = "08004"
 )
 
 // clientError is an error the client should read, with its SQLSTATE.

@@ -63,6 +63,10 @@ type Config struct {
 	BufferSize int
 	// MaxTokenBytes bounds the password message.
 	MaxTokenBytes int
+	// AuthFailureBurst failed authentications are allowed per client
+	// address, then one per AuthFailureInterval (loopback is not limited).
+	AuthFailureBurst    int
+	AuthFailureInterval time.Duration
 	Logger        *slog.Logger
 	Metrics       *Metrics
 	// Now returns the current time; nil means time.Now.
@@ -74,6 +78,8 @@ type Server struct {
 	cfg     Config
 	log     *slog.Logger
 	cancels *cancelRegistry
+	// authFailures limits failed authentications per client address.
+	authFailures *authLimiter
 
 	conns atomic.Int64 // open client connections, startup included
 
@@ -110,7 +116,14 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	return &Server{cfg: cfg, log: cfg.Logger, cancels: newCancelRegistry(), relays: map[*relay]struct{}{}}, nil
+	if cfg.AuthFailureBurst <= 0 {
+		cfg.AuthFailureBurst = 20
+	}
+	if cfg.AuthFailureInterval <= 0 {
+		cfg.AuthFailureInterval = time.Second
+	}
+	return &Server{cfg: cfg, log: cfg.Logger, cancels: newCancelRegistry(), relays: map[*relay]struct{}{},
+		authFailures: newAuthLimiter(cfg.AuthFailureInterval, cfg.AuthFailureBurst)}, nil
 }
 
 // Listen opens a client listener. An address starting with "/" is a
@@ -261,6 +274,10 @@ func (s *Server) authenticate(ctx context.Context, c *clientConn, req *startupRe
 		grant, anonymous = s.cfg.Policy.AnonymousGrant()
 	}
 	if !anonymous {
+		if ok, wait := s.authFailures.allowed(c.RemoteAddr()); !ok {
+			return nil, nil, info, newClientError(codeRejectedConnection, "rate_limited",
+				fmt.Sprintf("too many failed authentications from %s: try again in %s", hostOf(c.RemoteAddr()), wait.Round(time.Second)+time.Second))
+		}
 		if !c.tls && !c.local && !s.cfg.InsecurePlaintext {
 			return nil, nil, info, newClientError(codeInvalidAuthorization, "plaintext",
 				fmt.Sprintf("rlsproxy does not accept tokens over an unencrypted connection from %s: connect with sslmode=require (the proxy needs --tls-cert and --tls-key), or start the proxy with --insecure-plaintext on a trusted network", hostOf(c.RemoteAddr())))
@@ -270,10 +287,13 @@ func (s *Server) authenticate(ctx context.Context, c *clientConn, req *startupRe
 			return nil, nil, info, err
 		}
 		id, err := s.cfg.Verifier.Verify(ctx, token)
-		if err != nil {
-			return nil, nil, info, err
+		if err == nil {
+			grant, err = s.cfg.Policy.Grant(id, s.log)
 		}
-		grant, err = s.cfg.Policy.Grant(id, s.log)
+		var ae *auth.Error
+		if errors.As(err, &ae) && ae.Kind != auth.Unavailable {
+			s.authFailures.failed(c.RemoteAddr())
+		}
 		if err != nil {
 			return nil, nil, info, err
 		}

@@ -244,21 +244,32 @@ func TestMaxClientConns(t *testing.T) {
 }
 
 // remoteListener makes accepted connections look as if they came from
-// another host, so the loopback exemption does not apply.
-type remoteListener struct{ net.Listener }
+// another host (203.0.113.7 unless ip is set), so the loopback exemption
+// does not apply.
+type remoteListener struct {
+	net.Listener
+	ip string
+}
 
 func (l remoteListener) Accept() (net.Conn, error) {
 	c, err := l.Listener.Accept()
 	if err != nil {
 		return nil, err
 	}
-	return remoteConn{c}, nil
+	ip := l.ip
+	if ip == "" {
+		ip = "203.0.113.7"
+	}
+	return remoteConn{c, ip}, nil
 }
 
-type remoteConn struct{ net.Conn }
+type remoteConn struct {
+	net.Conn
+	ip string
+}
 
-func (remoteConn) RemoteAddr() net.Addr {
-	return &net.TCPAddr{IP: net.ParseIP("203.0.113.7"), Port: 50000}
+func (c remoteConn) RemoteAddr() net.Addr {
+	return &net.TCPAddr{IP: net.ParseIP(c.ip), Port: 50000}
 }
 
 // Tokens are refused over plaintext from a non-loopback peer, unless
@@ -269,7 +280,7 @@ func TestPlaintextFromRemotePeer(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		return remoteListener{l}
+		return remoteListener{Listener: l}
 	}
 	p := proxytest.StartListener(t, pg, listen())
 	e := connectErr(t, p.DSN("user1", p.Token(t, "user1")))
@@ -405,4 +416,45 @@ func TestShutdownDrains(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "shutting down") {
 		t.Fatalf("after the deadline: %v", err)
 	}
+}
+
+// Failed authentications are limited per client address: past the burst,
+// even a good token is refused with a clear message until the allowance
+// refills; other addresses and loopback are not affected.
+func TestAuthFailuresRateLimited(t *testing.T) {
+	limited := func(c *proxy.Config) {
+		c.InsecurePlaintext = true
+		c.AuthFailureBurst, c.AuthFailureInterval = 3, time.Minute
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := proxytest.StartListener(t, pg, remoteListener{Listener: l}, limited)
+	for i := range 3 {
+		if e := connectErr(t, p.DSN("user1", "bad-token")); e.Code != "28P01" {
+			t.Fatalf("failure %d: %s %s", i+1, e.Code, e.Message)
+		}
+	}
+	e := connectErr(t, p.DSN("user1", p.Token(t, "user1")))
+	if e.Code != "08004" || !strings.Contains(e.Message, "too many failed authentications from 203.0.113.7") {
+		t.Fatalf("after the burst: %s %s", e.Code, e.Message)
+	}
+
+	// Another address, same server.
+	l2, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = p.Server.Serve(context.Background(), remoteListener{Listener: l2, ip: "198.51.100.9"}) }()
+	other := *p
+	other.Addr, other.Port = l2.Addr().String(), l2.Addr().(*net.TCPAddr).Port
+	connect(t, &other, "user1", p.Token(t, "user1"))
+
+	// Loopback is never limited.
+	lo := proxytest.Start(t, pg, limited)
+	for range 5 {
+		connectErr(t, lo.DSN("user1", "bad-token"))
+	}
+	connect(t, lo, "user1", lo.Token(t, "user1"))
 }
