@@ -3,10 +3,10 @@ package proxy_test
 import (
 	"context"
 	"errors"
-	"time"
 	"os/exec"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"

@@ -67,8 +67,8 @@ type Config struct {
 	// address, then one per AuthFailureInterval (loopback is not limited).
 	AuthFailureBurst    int
 	AuthFailureInterval time.Duration
-	Logger        *slog.Logger
-	Metrics       *Metrics
+	Logger              *slog.Logger
+	Metrics             *Metrics
 	// Now returns the current time; nil means time.Now.
 	Now func() time.Time
 }
