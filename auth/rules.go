@@ -35,25 +35,9 @@ func (r Rules) Check(claims map[string]any, now time.Time) (*Identity, error) {
 		return nil, invalid("issuer", fmt.Sprintf("token was not issued by %s", r.Issuer))
 	}
 
-	exp, ok, err := numericDate(claims, "exp")
+	exp, err := r.checkTimes(claims, now)
 	if err != nil {
 		return nil, err
-	}
-	if !ok {
-		return nil, invalid("malformed", "token has no exp claim")
-	}
-	if now.After(exp.Add(r.Leeway)) {
-		return nil, invalid("expired", "token expired at "+exp.UTC().Format(time.RFC3339))
-	}
-	if nbf, ok, err := numericDate(claims, "nbf"); err != nil {
-		return nil, err
-	} else if ok && now.Add(r.Leeway).Before(nbf) {
-		return nil, invalid("not_yet_valid", "token is not valid before "+nbf.UTC().Format(time.RFC3339))
-	}
-	if iat, ok, err := numericDate(claims, "iat"); err != nil {
-		return nil, err
-	} else if ok && now.Add(r.Leeway).Before(iat) {
-		return nil, invalid("issued_in_future", "token was issued in the future, at "+iat.UTC().Format(time.RFC3339)+": check the clocks of the issuer and the proxy")
 	}
 
 	sub, _ := claims["sub"].(string)
@@ -65,6 +49,32 @@ func (r Rules) Check(claims map[string]any, now time.Time) (*Identity, error) {
 		return nil, err
 	}
 	return newIdentity(claims, sub, exp)
+}
+
+// checkTimes applies exp, nbf and iat with the leeway at now, and returns exp.
+// It is cheap, so a cached identity is checked again on every use.
+func (r Rules) checkTimes(claims map[string]any, now time.Time) (time.Time, error) {
+	exp, ok, err := numericDate(claims, "exp")
+	if err != nil {
+		return time.Time{}, err
+	}
+	if !ok {
+		return time.Time{}, invalid("malformed", "token has no exp claim")
+	}
+	if now.After(exp.Add(r.Leeway)) {
+		return time.Time{}, invalid("expired", "token expired at "+exp.UTC().Format(time.RFC3339))
+	}
+	if nbf, ok, err := numericDate(claims, "nbf"); err != nil {
+		return time.Time{}, err
+	} else if ok && now.Add(r.Leeway).Before(nbf) {
+		return time.Time{}, invalid("not_yet_valid", "token is not valid before "+nbf.UTC().Format(time.RFC3339))
+	}
+	if iat, ok, err := numericDate(claims, "iat"); err != nil {
+		return time.Time{}, err
+	} else if ok && now.Add(r.Leeway).Before(iat) {
+		return time.Time{}, invalid("issued_in_future", "token was issued in the future, at "+iat.UTC().Format(time.RFC3339)+": check the clocks of the issuer and the proxy")
+	}
+	return exp, nil
 }
 
 func (r Rules) checkUseAndClient(claims map[string]any) error {

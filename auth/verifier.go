@@ -4,6 +4,7 @@ package auth
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -52,7 +53,15 @@ type Config struct {
 	OnFetch func(ok bool)
 	// Now returns the current time; nil means time.Now.
 	Now func() time.Time
+	// CacheSize bounds the verified tokens remembered until they expire;
+	// zero means DefaultCacheSize, negative turns the cache off.
+	CacheSize int
+	// OnCacheLookup, if set, is called with the outcome of every cache lookup.
+	OnCacheLookup func(hit bool)
 }
+
+// DefaultCacheSize is the number of verified tokens remembered by default.
+const DefaultCacheSize = 10000
 
 // CognitoIssuer returns the issuer URL of a Cognito user pool.
 func CognitoIssuer(region, userPoolID string) string {
@@ -68,6 +77,7 @@ func IsCognitoIssuer(issuer string) bool {
 // Verifier checks tokens. It is safe for concurrent use.
 type Verifier struct {
 	cfg    Config
+	cache  *tokenCache // nil when off
 	keys   *keySet
 	kf     keyfunc.Keyfunc
 	parser *jwt.Parser
@@ -128,8 +138,16 @@ func New(ctx context.Context, cfg Config) (*Verifier, error) {
 		return nil, fmt.Errorf("keys of issuer %s: %w", cfg.Issuer, err)
 	}
 	go keys.run(cfg.RefreshInterval)
+	if cfg.CacheSize == 0 {
+		cfg.CacheSize = DefaultCacheSize
+	}
+	var cache *tokenCache
+	if cfg.CacheSize > 0 {
+		cache = newTokenCache(cfg.CacheSize)
+	}
 	return &Verifier{
 		cfg:    cfg,
+		cache:  cache,
 		keys:   keys,
 		kf:     kf,
 		parser: jwt.NewParser(jwt.WithValidMethods(algorithms), jwt.WithoutClaimsValidation(), jwt.WithJSONNumber()),
@@ -149,7 +167,36 @@ func (v *Verifier) Ready(ctx context.Context) bool {
 }
 
 // Verify checks token and returns the identity it carries, or an *Error.
+// A token verified before is answered from the cache until it expires.
 func (v *Verifier) Verify(ctx context.Context, token string) (*Identity, error) {
+	if v.cache == nil || len(token) > v.cfg.MaxTokenBytes {
+		return v.verify(ctx, token)
+	}
+	key := sha256.Sum256([]byte(token))
+	now := v.cfg.Now()
+	if id := v.cache.get(key, now, v.cfg.Leeway); id != nil {
+		v.observeCache(true)
+		if _, err := v.cfg.Rules.checkTimes(id.Claims, now); err != nil {
+			return nil, err
+		}
+		return id, nil
+	}
+	v.observeCache(false)
+	id, err := v.verify(ctx, token)
+	if err == nil {
+		v.cache.put(key, id)
+	}
+	return id, err
+}
+
+func (v *Verifier) observeCache(hit bool) {
+	if v.cfg.OnCacheLookup != nil {
+		v.cfg.OnCacheLookup(hit)
+	}
+}
+
+// verify checks token without the cache.
+func (v *Verifier) verify(ctx context.Context, token string) (*Identity, error) {
 	if len(token) > v.cfg.MaxTokenBytes {
 		return nil, invalid("too_large", fmt.Sprintf("token is larger than %d bytes", v.cfg.MaxTokenBytes))
 	}

@@ -3,6 +3,7 @@ package proxy_test
 import (
 	"context"
 	"errors"
+	"net/http/httptest"
 	"os/exec"
 	"strings"
 	"testing"
@@ -125,4 +126,11 @@ func counterValue(t *testing.T, p *proxytest.Proxy, name string) float64 {
 		}
 	}
 	return sum
+}
+
+// scrapeMetrics renders the proxy's metrics as /metrics serves them.
+func scrapeMetrics(p *proxytest.Proxy) (string, error) {
+	rec := httptest.NewRecorder()
+	p.Server.AdminHandler(p.Registry).ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	return rec.Body.String(), nil
 }

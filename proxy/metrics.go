@@ -19,6 +19,7 @@ type Metrics struct {
 	JWKSFetches      *prometheus.CounterVec
 	cancelsForwarded prometheus.Counter
 	guardRejections  *prometheus.CounterVec
+	tokenCache       *prometheus.CounterVec
 }
 
 // NewMetrics registers the series on reg.
@@ -42,6 +43,8 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Fetches of the issuer's key set, by result."}, []string{"result"}),
 		guardRejections: f.NewCounterVec(prometheus.CounterOpts{Name: "rlsproxy_guard_rejections_total",
 			Help: "Client messages refused by the SQL guard, by rule."}, []string{"rule"}),
+		tokenCache: f.NewCounterVec(prometheus.CounterOpts{Name: "rlsproxy_token_cache_lookups_total",
+			Help: "Lookups of verified tokens in the cache, by result (hit skips signature verification)."}, []string{"result"}),
 		cancelsForwarded: f.NewCounter(prometheus.CounterOpts{Name: "rlsproxy_cancel_requests_forwarded_total",
 			Help: "CancelRequests that matched a session and were sent upstream."}),
 	}
@@ -56,5 +59,15 @@ func (m *Metrics) JWKSFetched(ok bool) {
 		m.JWKSFetches.WithLabelValues("ok").Inc()
 	} else {
 		m.JWKSFetches.WithLabelValues("error").Inc()
+	}
+}
+
+// TokenCacheLookup counts a token cache lookup; pass it as
+// auth.Config.OnCacheLookup.
+func (m *Metrics) TokenCacheLookup(hit bool) {
+	if hit {
+		m.tokenCache.WithLabelValues("hit").Inc()
+	} else {
+		m.tokenCache.WithLabelValues("miss").Inc()
 	}
 }

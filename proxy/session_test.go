@@ -320,3 +320,21 @@ func TestClaimsNeverInStatementText(t *testing.T) {
 		t.Fatal("a claim value appears in pg_stat_activity")
 	}
 }
+
+// Reconnecting with the same token is answered from the token cache, and
+// the hits and misses are counted in /metrics.
+func TestTokenCacheMetrics(t *testing.T) {
+	p := proxytest.Start(t, pg)
+	tok := p.Token(t, "user1")
+	for range 3 {
+		c := connect(t, p, "user1", tok)
+		c.Close(context.Background())
+	}
+	if hits := counterValue(t, p, "rlsproxy_token_cache_lookups_total"); hits != 3 {
+		t.Fatalf("cache lookups counted: %v, want 3", hits)
+	}
+	out, err := scrapeMetrics(p)
+	if err != nil || !strings.Contains(out, `rlsproxy_token_cache_lookups_total{result="hit"} 2`) {
+		t.Fatalf("metrics: %v\n%s", err, out)
+	}
+}

@@ -50,6 +50,7 @@ type serveOptions struct {
 	startupTimeout, shutdownTimeout             time.Duration
 	jwksRefresh                                 time.Duration
 	guard, signingKeyFile                       string
+	tokenCacheSize                              int
 }
 
 func (o *serveOptions) register(fs *flag.FlagSet) {
@@ -81,6 +82,7 @@ func (o *serveOptions) register(fs *flag.FlagSet) {
 	fs.DurationVar(&o.startupTimeout, "startup-timeout", 30*time.Second, "time a client has from connecting to a ready session")
 	fs.DurationVar(&o.shutdownTimeout, "shutdown-timeout", 30*time.Second, "on SIGTERM, time sessions have to finish before they are ended")
 	fs.DurationVar(&o.jwksRefresh, "jwks-refresh", time.Hour, "how often the issuer's keys are refetched")
+	fs.IntVar(&o.tokenCacheSize, "token-cache-size", 10000, "verified tokens remembered until they expire, so reconnects skip signature checks; -1: off")
 	fs.StringVar(&o.guard, "guard", "on", "on: refuse SQL that could change the session's identity or run hidden code; off: forward everything")
 	fs.StringVar(&o.signingKeyFile, "signing-key-file", "", "`file` holding the secret (>= 32 bytes) that signs the claims; `rlsproxy sql --signing-key-file` provisions it in the database")
 }

@@ -100,6 +100,8 @@ func runProxy(ctx context.Context, o *serveOptions, log *slog.Logger, ready func
 		JWKSURL:         o.jwksURL,
 		RefreshInterval: o.jwksRefresh,
 		OnFetch:         metrics.JWKSFetched,
+		CacheSize:       o.tokenCacheSize,
+		OnCacheLookup:   metrics.TokenCacheLookup,
 	})
 	if err != nil {
 		return err

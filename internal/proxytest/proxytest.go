@@ -132,8 +132,9 @@ func StartListener(t testing.TB, pg *Postgres, l net.Listener, opts ...Option) *
 	reg := prometheus.NewRegistry()
 	metrics := proxy.NewMetrics(reg)
 	verifier, err := auth.New(ctx, auth.Config{
-		Rules:   auth.Rules{Issuer: hs.URL, TokenUse: "access", ClientIDs: []string{auth.DevClientID}, Leeway: 5 * time.Second},
-		OnFetch: metrics.JWKSFetched,
+		Rules:         auth.Rules{Issuer: hs.URL, TokenUse: "access", ClientIDs: []string{auth.DevClientID}, Leeway: 5 * time.Second},
+		OnFetch:       metrics.JWKSFetched,
+		OnCacheLookup: metrics.TokenCacheLookup,
 	})
 	if err != nil {
 		t.Fatal(err)
