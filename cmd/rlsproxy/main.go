@@ -24,6 +24,8 @@ Usage:
   rlsproxy token --sub S     mint a token with the dev issuer's key
   rlsproxy sql [--signing-key-file F] [--harden]
                              print the bootstrap SQL: roles, auth schema, signing key, hardening
+  rlsproxy check --upstream DSN [--signing-key-file F]
+                             report what in the database weakens RLS; exit 1 on a problem
   rlsproxy health [--ready]  exit 0 if the running proxy's /healthz (or /readyz) answers 200
   rlsproxy version           print version and build information
 
@@ -32,6 +34,9 @@ Every flag can also be set as RLSPROXY_<FLAG>, e.g. RLSPROXY_UPSTREAM.
 
 func main() {
 	if err := run(os.Args[1:]); err != nil {
+		if errors.Is(err, errFindings) {
+			os.Exit(1) // the report is printed already
+		}
 		if !errors.Is(err, flag.ErrHelp) {
 			fmt.Fprintln(os.Stderr, "rlsproxy:", err)
 		}
@@ -53,6 +58,8 @@ func run(args []string) error {
 		return cmdToken(args)
 	case "sql":
 		return cmdSQL(args)
+	case "check":
+		return cmdCheck(args)
 	case "health":
 		return cmdHealth(args)
 	case "version":
