@@ -59,6 +59,9 @@ func toClientError(err error) *clientError {
 			return &clientError{code: codeInvalidPassword, msg: ae.Msg, reason: ae.Reason}
 		}
 	}
+	if errors.Is(err, session.ErrPoolExhausted) {
+		return &clientError{code: codeTooManyConnections, msg: "rlsproxy: " + err.Error(), reason: "pool_exhausted"}
+	}
 	var se *session.Error
 	if errors.As(err, &se) {
 		ce := &clientError{code: codeUnableToConnect, msg: se.Error(), reason: "upstream_connect"}

@@ -56,6 +56,12 @@ type relay struct {
 	sent int64 // units written upstream; client-to-server goroutine only
 	recv int64 // ReadyForQuery received; server-to-client goroutine only
 
+	// Whether the upstream connection may be reused after the session: the
+	// client never left a frame half-sent, and the server side stopped
+	// between frames. Each is written by one goroutine, read after both end.
+	clientMidFrame bool
+	serverBoundary bool
+
 	endOnce sync.Once
 	reason  string
 	ended   chan struct{}
@@ -159,10 +165,12 @@ func (r *relay) forwardLarge(dst io.Writer, typ byte, size int) bool {
 		if r.toServer(nil, nil, unitsOf(typ)) != nil {
 			return false
 		}
+		r.clientMidFrame = true
 		if err := r.clientR.CopyN(dst, size); err != nil {
 			r.end(endClientClosed, nil)
 			return false
 		}
+		r.clientMidFrame = false
 		return true
 	}
 	if size > maxInspected {
@@ -268,6 +276,7 @@ func (r *relay) serverToClient() {
 			if typ == 'Z' {
 				ready++
 				r.recv++
+				r.up.TxStatus = buf[n+5]
 				dropping = r.guard != nil && r.guard.isInjected(r.recv+1)
 			}
 			if skip || replace != nil {
@@ -314,10 +323,27 @@ func (r *relay) serverToClient() {
 			continue
 		}
 		if err := src.Fill(); err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				// end() stopped this read: nothing of a frame was taken.
+				r.serverBoundary = len(src.Buffered()) == 0
+			}
 			r.end(endServerClosed, newClientError(codeConnectionFailure, "upstream", "rlsproxy: the upstream server closed the connection"))
 			return
 		}
 	}
+}
+
+// reusable reports whether the upstream connection can go back to the pool:
+// the session ended from the client side or by expiry, between statements,
+// with no frame half-sent either way.
+func (r *relay) reusable() bool {
+	switch r.reason {
+	case endClientTerminate, endClientClosed, endTokenExpired:
+	default:
+		return false
+	}
+	return r.pending.Load() == 0 && !r.clientMidFrame && r.serverBoundary
 }
 
 // expire is called when the session's token expires: the session ends now if

@@ -41,6 +41,9 @@ type Config struct {
 	Verifier Verifier
 	Policy   session.Policy
 	Dialer   *session.Dialer
+	// Pool keeps upstream connections between sessions; nil: a pool of
+	// size 0 over Dialer (every session opens and closes its own).
+	Pool *session.Pool
 	// Guard inspects every Query, Parse and FunctionCall; nil turns it off.
 	Guard *session.Guard
 	// Databases a client may ask for; empty means only the upstream DSN's
@@ -115,6 +118,9 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
+	}
+	if cfg.Pool == nil {
+		cfg.Pool = session.NewPool(cfg.Dialer, session.PoolConfig{})
 	}
 	if cfg.AuthFailureBurst <= 0 {
 		cfg.AuthFailureBurst = 20
@@ -194,6 +200,7 @@ func (s *Server) Shutdown(ctx context.Context) {
 
 	done := make(chan struct{})
 	go func() { s.wg.Wait(); close(done) }()
+	defer s.cfg.Pool.Close()
 	select {
 	case <-done:
 		return
@@ -306,7 +313,7 @@ func (s *Server) authenticate(ctx context.Context, c *clientConn, req *startupRe
 	}
 
 	t0 := time.Now()
-	up, err := s.cfg.Dialer.Open(ctx, req.database, req.params, grant)
+	up, err := s.cfg.Pool.Get(ctx, req.database, req.params, grant)
 	s.cfg.Metrics.upstreamConnect.Observe(time.Since(t0).Seconds())
 	if err != nil {
 		return nil, nil, info, err
@@ -332,7 +339,7 @@ func (s *Server) relay(c *clientConn, req *startupRequest, up *session.Upstream,
 	if s.cfg.Guard != nil {
 		reinject, err := session.InstallFrames(info.grant, s.cfg.Dialer.Signer, up.PID)
 		if err != nil {
-			up.Close()
+			s.cfg.Pool.Release(context.Background(), up, false)
 			s.reject(c, err, "startup")
 			return
 		}
@@ -352,7 +359,7 @@ func (s *Server) relay(c *clientConn, req *startupRequest, up *session.Upstream,
 	s.mu.Lock()
 	if s.closing {
 		s.mu.Unlock()
-		up.Close()
+		s.cfg.Pool.Release(context.Background(), up, true)
 		s.reject(c, newClientError(codeAdminShutdown, "shutdown", "terminating connection because rlsproxy is shutting down"), "startup")
 		return
 	}
@@ -365,7 +372,7 @@ func (s *Server) relay(c *clientConn, req *startupRequest, up *session.Upstream,
 	}()
 
 	if _, err := c.Write(out); err != nil {
-		up.Close()
+		s.cfg.Pool.Release(context.Background(), up, true)
 		return
 	}
 	_ = c.SetDeadline(time.Time{})
@@ -382,7 +389,10 @@ func (s *Server) relay(c *clientConn, req *startupRequest, up *session.Upstream,
 	}
 
 	reason := r.run()
-	up.Close()
+	_ = up.Conn.SetReadDeadline(time.Time{})
+	rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	s.cfg.Pool.Release(rctx, up, r.reusable())
+	cancel()
 	s.cfg.Metrics.sessionsEnded.WithLabelValues(reason).Inc()
 	log.Info("session end", "reason", reason, "duration", time.Since(start).Round(time.Millisecond),
 		"bytes_in", r.bytesUp.Load(), "bytes_out", r.bytesDown.Load())

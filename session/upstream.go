@@ -84,8 +84,12 @@ type Upstream struct {
 	PID       uint32
 	SecretKey []byte
 	// Params are the server's ParameterStatus values, for the client.
-	Params   map[string]string
+	Params map[string]string
+	// TxStatus is the transaction status of the last ReadyForQuery.
 	TxStatus byte
+
+	key  string    // the pool key: database and startup parameters
+	born time.Time // when the connection was opened
 }
 
 // Open connects to database with the given startup parameters, installs the
