@@ -421,7 +421,7 @@ func isProtocolNoise(err error) bool {
 	}
 	var ae *auth.Error
 	var se *session.Error
-	return !errors.As(err, &ae) && !errors.As(err, &se)
+	return !errors.As(err, &ae) && !errors.As(err, &se) && !errors.Is(err, session.ErrPoolExhausted)
 }
 
 func isLocal(c net.Conn) bool {

@@ -27,7 +27,10 @@ type Pool struct {
 	open   int                  // connections open, idle or in use
 	closed bool
 	slots  chan struct{} // one per allowed connection; nil: unlimited
-	stop   chan struct{}
+	// returned wakes a client waiting at MaxConns when a connection comes
+	// back to the idle list.
+	returned chan struct{}
+	stop     chan struct{}
 }
 
 // PoolConfig tunes a Pool.
@@ -60,7 +63,7 @@ var ErrPoolExhausted = errors.New("all upstream connections are in use")
 
 // NewPool returns a pool opening connections with d.
 func NewPool(d *Dialer, cfg PoolConfig) *Pool {
-	p := &Pool{dialer: d, cfg: cfg, idle: map[string][]*pooled{}, stop: make(chan struct{})}
+	p := &Pool{dialer: d, cfg: cfg, idle: map[string][]*pooled{}, returned: make(chan struct{}, 1), stop: make(chan struct{})}
 	if cfg.MaxConns > 0 {
 		p.slots = make(chan struct{}, cfg.MaxConns)
 	}
@@ -77,27 +80,45 @@ func NewPool(d *Dialer, cfg PoolConfig) *Pool {
 func (p *Pool) Dialer() *Dialer { return p.dialer }
 
 // Get returns a connection to database with the grant installed: an idle one
-// that passes the install (its health check), or a new one.
+// that passes the install (its health check), or a new one. At MaxConns it
+// waits for a connection to come back or to close, up to WaitTimeout.
 func (p *Pool) Get(ctx context.Context, database string, params map[string]string, g *Grant) (*Upstream, error) {
 	if database == "" {
 		database = p.dialer.Database()
 	}
 	key := poolKey(database, params)
+	var timeout <-chan time.Time
 	for {
-		pc := p.takeIdle(key)
-		if pc == nil {
-			break
+		if pc := p.takeIdle(key); pc != nil {
+			if err := pc.up.install(ctx, g, p.dialer.Signer); err != nil {
+				p.discard(pc.up) // broken, or closed by the server: try the next
+				continue
+			}
+			pc.up.key, pc.up.born = key, pc.born
+			return pc.up, nil
 		}
-		if err := pc.up.install(ctx, g, p.dialer.Signer); err != nil {
-			p.discard(pc.up) // broken or closed by the server: try the next
-			continue
+		if p.trySlot() || (p.closeOneIdle() && p.trySlot()) {
+			return p.openNew(ctx, key, database, params, g)
 		}
-		pc.up.key, pc.up.born = key, pc.born
-		return pc.up, nil
+		if timeout == nil {
+			t := time.NewTimer(p.cfg.WaitTimeout)
+			defer t.Stop()
+			timeout = t.C
+		}
+		select {
+		case p.slots <- struct{}{}:
+			return p.openNew(ctx, key, database, params, g)
+		case <-p.returned:
+		case <-timeout:
+			return nil, fmt.Errorf("%w (--max-upstream-conns %d) after waiting %s", ErrPoolExhausted, p.cfg.MaxConns, p.cfg.WaitTimeout)
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
 	}
-	if err := p.acquireSlot(ctx); err != nil {
-		return nil, err
-	}
+}
+
+// openNew opens a new connection in a slot already taken.
+func (p *Pool) openNew(ctx context.Context, key, database string, params map[string]string, g *Grant) (*Upstream, error) {
 	up, err := p.dialer.Open(ctx, database, params, g)
 	if err != nil {
 		p.releaseSlot()
@@ -130,6 +151,10 @@ func (p *Pool) Release(ctx context.Context, up *Upstream, clean bool) {
 	}
 	p.idle[up.key] = append(p.idle[up.key], &pooled{up: up, key: up.key, born: up.born, released: time.Now()})
 	p.mu.Unlock()
+	select { // wake a client waiting at MaxConns
+	case p.returned <- struct{}{}:
+	default:
+	}
 }
 
 // Close closes the idle connections; connections in use close when released.
@@ -182,32 +207,16 @@ func (p *Pool) discard(up *Upstream) {
 	p.releaseSlot()
 }
 
-func (p *Pool) acquireSlot(ctx context.Context) error {
+// trySlot takes a connection slot if one is free (always, without MaxConns).
+func (p *Pool) trySlot() bool {
 	if p.slots == nil {
-		return nil
+		return true
 	}
 	select {
 	case p.slots <- struct{}{}:
-		return nil
+		return true
 	default:
-	}
-	// All in use: an idle connection of another key may be closed to make room.
-	if p.closeOneIdle() {
-		select {
-		case p.slots <- struct{}{}:
-			return nil
-		default:
-		}
-	}
-	t := time.NewTimer(p.cfg.WaitTimeout)
-	defer t.Stop()
-	select {
-	case p.slots <- struct{}{}:
-		return nil
-	case <-t.C:
-		return fmt.Errorf("%w (--max-upstream-conns %d) after waiting %s", ErrPoolExhausted, p.cfg.MaxConns, p.cfg.WaitTimeout)
-	case <-ctx.Done():
-		return ctx.Err()
+		return false
 	}
 }
 

@@ -51,6 +51,8 @@ type serveOptions struct {
 	jwksRefresh                                 time.Duration
 	guard, signingKeyFile                       string
 	tokenCacheSize                              int
+	poolSize, maxUpstreamConns                  int
+	poolWait, poolIdle, poolLifetime            time.Duration
 }
 
 func (o *serveOptions) register(fs *flag.FlagSet) {
@@ -82,6 +84,11 @@ func (o *serveOptions) register(fs *flag.FlagSet) {
 	fs.DurationVar(&o.startupTimeout, "startup-timeout", 30*time.Second, "time a client has from connecting to a ready session")
 	fs.DurationVar(&o.shutdownTimeout, "shutdown-timeout", 30*time.Second, "on SIGTERM, time sessions have to finish before they are ended")
 	fs.DurationVar(&o.jwksRefresh, "jwks-refresh", time.Hour, "how often the issuer's keys are refetched")
+	fs.IntVar(&o.poolSize, "pool-size", 20, "upstream connections kept per database between client sessions (reset and proved clean); 0: no pooling")
+	fs.IntVar(&o.maxUpstreamConns, "max-upstream-conns", 0, "upstream connections open at once; beyond it clients wait --pool-wait, then get 53300; 0: no bound")
+	fs.DurationVar(&o.poolWait, "pool-wait", 5*time.Second, "how long a client waits for an upstream connection at --max-upstream-conns")
+	fs.DurationVar(&o.poolIdle, "pool-idle-timeout", 10*time.Minute, "pooled connections idle for longer are closed")
+	fs.DurationVar(&o.poolLifetime, "pool-max-lifetime", time.Hour, "pooled connections older than this are closed when released")
 	fs.IntVar(&o.tokenCacheSize, "token-cache-size", 10000, "verified tokens remembered until they expire, so reconnects skip signature checks; -1: off")
 	fs.StringVar(&o.guard, "guard", "on", "on: refuse SQL that could change the session's identity or run hidden code; off: forward everything")
 	fs.StringVar(&o.signingKeyFile, "signing-key-file", "", "`file` holding the secret (>= 32 bytes) that signs the claims; `rlsproxy sql --signing-key-file` provisions it in the database")

@@ -119,8 +119,12 @@ func runProxy(ctx context.Context, o *serveOptions, log *slog.Logger, ready func
 		tlsConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	}
 
+	pool := session.NewPool(dialer, session.PoolConfig{
+		Size: o.poolSize, MaxConns: o.maxUpstreamConns, WaitTimeout: o.poolWait,
+		IdleTimeout: o.poolIdle, MaxLifetime: o.poolLifetime, ClaimsSetting: policy.ClaimsSetting,
+	})
 	srv, err := proxy.New(proxy.Config{
-		Verifier: verifier, Policy: policy, Dialer: dialer, Guard: guard,
+		Verifier: verifier, Policy: policy, Dialer: dialer, Pool: pool, Guard: guard,
 		Databases: splitList(o.databases), TLS: tlsConfig, InsecurePlaintext: o.insecurePlaintext,
 		MaxClientConns: o.maxClientConns, StartupTimeout: o.startupTimeout, TerminateOnExpiry: terminate, ExpiryLeeway: o.leeway,
 		Logger: log, Metrics: metrics,

@@ -87,6 +87,15 @@ type Proxy struct {
 // Option changes the proxy's configuration before it starts.
 type Option func(*proxy.Config)
 
+// Pooled keeps up to size upstream connections between sessions, with at
+// most maxConns open (0: no bound).
+func Pooled(size, maxConns int) Option {
+	return func(c *proxy.Config) {
+		c.Pool = session.NewPool(c.Dialer, session.PoolConfig{Size: size, MaxConns: maxConns,
+			WaitTimeout: 500 * time.Millisecond, ClaimsSetting: c.Policy.ClaimsSetting})
+	}
+}
+
 // GuardOff turns the SQL guard off.
 func GuardOff(c *proxy.Config) { c.Guard = nil }
 
@@ -157,8 +166,12 @@ func StartListener(t testing.TB, pg *Postgres, l net.Listener, opts ...Option) *
 		Logger:  slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Metrics: metrics,
 	}
+	Pooled(4, 0)(&cfg) // the suite runs pooled, as production does by default
 	for _, o := range opts {
 		o(&cfg)
+	}
+	if cfg.Pool.Dialer() != cfg.Dialer { // an option replaced the dialer
+		Pooled(4, 0)(&cfg)
 	}
 	srv, err := proxy.New(cfg)
 	if err != nil {
