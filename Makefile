@@ -3,7 +3,7 @@ GO       ?= go
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS  := -s -w -X main.version=$(VERSION)
 
-.PHONY: dev test build lint fuzz
+.PHONY: dev test build lint fuzz bench
 
 dev: ## the demo: throwaway Postgres + local issuer + proxy, prints psql lines
 	./scripts/deps.sh dev
@@ -26,3 +26,8 @@ fuzz: ## a short run of every fuzz target
 	$(GO) test -run '^$$' -fuzz '^FuzzParseStartup$$' -fuzztime 10s ./proxy
 	$(GO) test -run '^$$' -fuzz '^FuzzVerify$$' -fuzztime 10s ./auth
 	$(GO) test -run '^$$' -fuzz '^FuzzGuard$$' -fuzztime 10s ./session
+
+bench: ## pgbench: direct vs PgBouncer vs rlsproxy; rewrites BENCHMARKS.md and bench/chart.svg (~15 min)
+	./scripts/deps.sh test
+	command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || apt-get install -y -qq pgbouncer
+	$(GO) run ./bench -markdown BENCHMARKS.md -chart bench/chart.svg

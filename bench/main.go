@@ -1,12 +1,14 @@
-// Command bench measures rlsproxy with pgbench against a throwaway
-// PostgreSQL: each workload runs against every target in turn, round after
-// round, so that ratios come from one run on one machine.
+// Command bench measures rlsproxy against direct PostgreSQL and PgBouncer
+// with pgbench, on a throwaway PostgreSQL. Each workload runs against every
+// target in turn, round after round (the order rotates), so that ratios come
+// from one run on one machine.
 //
-//	go run ./bench -duration 10s -rounds 3
+//	go run ./bench                       # everything, ~15 minutes
+//	go run ./bench -workloads select-prepared,select-simple -duration 10s
 //
-// Targets: direct PostgreSQL (the login role, SCRAM), rlsproxy with the
-// guard on, and rlsproxy with the guard off. It prints a table of tps with
-// the median, the spread over rounds, and the ratio to direct.
+// It prints a table (median tps, spread over rounds, ratios to direct and to
+// PgBouncer), the proxy's memory per idle client, and, with -out, writes the
+// table as Markdown and a chart as SVG.
 package main
 
 import (
@@ -20,12 +22,16 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/rlsproxy/rlsproxy/auth"
 	"github.com/rlsproxy/rlsproxy/internal/pgtemp"
@@ -35,11 +41,21 @@ type target struct {
 	name     string
 	port     int
 	password string
+	pid      int // of the proxy process, for memory
 }
 
+// A workload is a pgbench run, or a custom measurement.
 type workload struct {
-	name string
-	args []string
+	name, desc string
+	args       []string                        // pgbench arguments
+	metric     string                          // "tps", "latency_ms" or "MB/s"
+	custom     func(t target) (float64, error) // instead of pgbench
+	targets    []string                        // only these targets; nil: all
+}
+
+type result struct {
+	workload, target string
+	values           []float64
 }
 
 func main() {
@@ -47,44 +63,69 @@ func main() {
 	rounds := flag.Int("rounds", 3, "runs of each workload against each target")
 	clients := flag.Int("clients", 8, "pgbench clients (-c)")
 	scale := flag.Int("scale", 10, "pgbench scale (-s)")
-	only := flag.String("workloads", "select-prepared,select-simple", "comma list of workloads: select-prepared, select-simple")
+	only := flag.String("workloads", "select-prepared,select-simple,tpcb,connect,latency,copy-out,idle", "comma list of workloads")
+	idle := flag.Int("idle-clients", 1000, "idle clients for the memory measurement")
+	markdown := flag.String("markdown", "", "write the results as Markdown to this file (e.g. BENCHMARKS.md)")
+	chart := flag.String("chart", "", "write the chart as SVG to this file (e.g. bench/chart.svg)")
 	flag.Parse()
-	if err := run(*duration, *rounds, *clients, *scale, strings.Split(*only, ",")); err != nil {
+	b := &bench{duration: *duration, rounds: *rounds, clients: *clients, scale: *scale, idleClients: *idle,
+		only: strings.Split(*only, ","), markdownFile: *markdown, chartFile: *chart}
+	if err := b.run(); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
 }
 
-func run(duration time.Duration, rounds, clients, scale int, only []string) error {
+type bench struct {
+	duration            time.Duration
+	rounds, clients     int
+	scale, idleClients  int
+	only                []string
+	markdownFile        string
+	chartFile           string
+	dir, loginPassword  string
+	pg                  *pgtemp.Cluster
+	targets             []target
+	results             []result
+	idleBytesPerClient  float64
+	commandLine, header string
+	notes               string // appended to the Markdown (see notes.md)
+}
+
+func (b *bench) run() error {
 	ctx := context.Background()
-	dir, err := os.MkdirTemp("", "rlsproxy-bench-")
-	if err != nil {
+	var err error
+	if b.dir, err = os.MkdirTemp("", "rlsproxy-bench-"); err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
-	bin := filepath.Join(dir, "rlsproxy")
+	defer os.RemoveAll(b.dir)
+	if err := os.Chmod(b.dir, 0o755); err != nil {
+		return err
+	}
+	bin := filepath.Join(b.dir, "rlsproxy")
 	fmt.Fprintln(os.Stderr, "building rlsproxy...")
 	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/rlsproxy").CombinedOutput(); err != nil {
 		return fmt.Errorf("go build: %v\n%s", err, out)
 	}
 
 	fmt.Fprintln(os.Stderr, "starting PostgreSQL...")
-	pg, err := pgtemp.Start(ctx, pgtemp.Options{Settings: map[string]string{"max_connections": "300", "shared_buffers": "256MB"}})
+	b.pg, err = pgtemp.Start(ctx, pgtemp.Options{Settings: map[string]string{
+		"max_connections": strconv.Itoa(b.idleClients + 200), "shared_buffers": "256MB"}})
 	if err != nil {
 		return err
 	}
-	defer pg.Stop()
-	if err := pg.Exec(ctx, "postgres", "CREATE DATABASE bench"); err != nil {
+	defer b.pg.Stop()
+	if err := b.pg.Exec(ctx, "postgres", "CREATE DATABASE bench"); err != nil {
 		return err
 	}
-	fmt.Fprintf(os.Stderr, "pgbench -i -s %d...\n", scale)
-	if err := pgbench(pg.Port, "postgres", pg.Password, "bench", "-i", "-q", "-s", strconv.Itoa(scale)); err != nil {
+	fmt.Fprintf(os.Stderr, "pgbench -i -s %d...\n", b.scale)
+	if _, err := pgbench(b.pg.Port, "postgres", b.pg.Password, "-i", "-q", "-s", strconv.Itoa(b.scale)); err != nil {
 		return err
 	}
-	loginPassword := rand.Text()
-	if err := pg.Exec(ctx, "bench", `
+	b.loginPassword = rand.Text()
+	if err := b.pg.Exec(ctx, "bench", `
 		CREATE ROLE authenticated NOLOGIN;
-		CREATE ROLE authenticator LOGIN NOINHERIT PASSWORD `+pgtemp.QuoteLiteral(loginPassword)+`;
+		CREATE ROLE authenticator LOGIN NOINHERIT PASSWORD `+pgtemp.QuoteLiteral(b.loginPassword)+`;
 		GRANT authenticated TO authenticator;
 		GRANT SELECT, INSERT, UPDATE ON pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history TO authenticated, authenticator;`); err != nil {
 		return err
@@ -108,112 +149,311 @@ func run(duration time.Duration, rounds, clients, scale int, only []string) erro
 		return err
 	}
 
-	upstream := pg.URL("authenticator", loginPassword, "bench")
-	targets := []target{{name: "direct", port: pg.Port, password: loginPassword}}
-	for _, guard := range []string{"off", "on"} {
-		port, stop, err := startProxy(bin, upstream, issuer.URL, "--guard", guard)
+	b.targets = []target{{name: "direct", port: b.pg.Port, password: b.loginPassword}}
+	bouncerPort, stopBouncer, err := b.startPgBouncer()
+	if err != nil {
+		return err
+	}
+	defer stopBouncer()
+	b.targets = append(b.targets, target{name: "pgbouncer", port: bouncerPort, password: b.loginPassword})
+	upstream := b.pg.URL("authenticator", b.loginPassword, "bench")
+	for _, guard := range []string{"on", "off"} {
+		port, pid, stop, err := startProxy(bin, upstream, issuer.URL, "--guard", guard)
 		if err != nil {
 			return err
 		}
 		defer stop()
-		targets = append(targets, target{name: "rlsproxy guard " + guard, port: port, password: token})
+		b.targets = append(b.targets, target{name: "rlsproxy guard " + guard, port: port, password: token, pid: pid})
 	}
 
+	common := []string{"-n", "-c", strconv.Itoa(b.clients), "-j", "2", "-T", strconv.Itoa(int(b.duration.Seconds()))}
+	one := []string{"-n", "-c", "1", "-j", "1", "-T", strconv.Itoa(int(b.duration.Seconds()))}
 	workloads := []workload{
-		{"select-prepared", []string{"-S", "-M", "prepared"}},
-		{"select-simple", []string{"-S", "-M", "simple"}},
+		{name: "select-prepared", desc: "pgbench -S -M prepared", metric: "tps", args: append([]string{"-S", "-M", "prepared"}, common...)},
+		{name: "select-simple", desc: "pgbench -S -M simple", metric: "tps", args: append([]string{"-S", "-M", "simple"}, common...)},
+		{name: "tpcb", desc: "pgbench (tpcb-like) -M prepared", metric: "tps", args: append([]string{"-M", "prepared"}, common...)},
+		{name: "connect", desc: "pgbench -S -C (connect per transaction)", metric: "tps", args: append([]string{"-S", "-C"}, common...),
+			targets: []string{"direct", "pgbouncer", "rlsproxy guard on"}},
+		{name: "latency", desc: "pgbench -S -M prepared -c 1: latency", metric: "latency_ms", args: append([]string{"-S", "-M", "prepared"}, one...),
+			targets: []string{"direct", "pgbouncer", "rlsproxy guard on"}},
+		{name: "copy-out", desc: "COPY of 2M rows (~230 MB) TO STDOUT", metric: "MB/s", custom: b.copyOut,
+			targets: []string{"direct", "pgbouncer", "rlsproxy guard on"}},
 	}
-	common := []string{"-n", "-c", strconv.Itoa(clients), "-j", "2", "-T", strconv.Itoa(int(duration.Seconds()))}
-	fmt.Printf("machine: %d cores; PostgreSQL via pgtemp; pgbench scale %d, %d clients, %s per run, %d rounds\n",
-		cpus(), scale, clients, duration, rounds)
-	fmt.Printf("command: go run ./bench -duration %s -rounds %d -clients %d -scale %d -workloads %s\n\n",
-		duration, rounds, clients, scale, strings.Join(only, ","))
-	fmt.Printf("%-16s %-18s %10s %22s %8s\n", "workload", "target", "tps", "spread (min-max)", "/direct")
+	b.commandLine = "go run ./bench " + strings.Join(os.Args[1:], " ")
+	if notes, err := os.ReadFile("bench/notes.md"); err == nil {
+		b.notes = string(notes)
+	}
+	b.header = fmt.Sprintf("machine: %d cores, %s; PostgreSQL %s via pgtemp (SCRAM); PgBouncer %s (session mode); pgbench scale %d, %d clients, %s per run, %d rounds",
+		cpus(), memTotal(), serverVersion(b.pg), bouncerVersion(), b.scale, b.clients, b.duration, b.rounds)
+	fmt.Println(b.header)
+	fmt.Println("command:", b.commandLine)
+	fmt.Println()
 	for _, w := range workloads {
-		if !slices.Contains(only, w.name) {
+		if !slices.Contains(b.only, w.name) {
 			continue
 		}
-		results := map[string][]float64{}
-		for r := 0; r < rounds; r++ {
-			for i := range targets {
-				t := targets[(i+r)%len(targets)] // rotate the order between rounds
-				tps, err := pgbenchTPS(t, append(w.args, common...))
-				if err != nil {
-					return fmt.Errorf("%s against %s: %w", w.name, t.name, err)
-				}
-				results[t.name] = append(results[t.name], tps)
+		if err := b.measure(w); err != nil {
+			return err
+		}
+	}
+	if slices.Contains(b.only, "idle") {
+		if err := b.measureIdle(); err != nil {
+			return err
+		}
+	}
+	return b.write()
+}
+
+func (b *bench) measure(w workload) error {
+	var ts []target
+	for _, t := range b.targets {
+		if w.targets == nil || slices.Contains(w.targets, t.name) {
+			ts = append(ts, t)
+		}
+	}
+	fmt.Fprintf(os.Stderr, "%s...\n", w.name)
+	values := map[string][]float64{}
+	for r := 0; r < b.rounds; r++ {
+		for i := range ts {
+			t := ts[(i+r)%len(ts)] // rotate the order between rounds
+			var v float64
+			var err error
+			if w.custom != nil {
+				v, err = w.custom(t)
+			} else {
+				v, err = pgbenchMetric(t, w.metric, w.args)
 			}
+			if err != nil {
+				return fmt.Errorf("%s against %s: %w", w.name, t.name, err)
+			}
+			values[t.name] = append(values[t.name], v)
 		}
-		direct := median(results["direct"])
-		for _, t := range targets {
-			v := results[t.name]
-			fmt.Printf("%-16s %-18s %10.0f %10.0f-%-11.0f %8.2f\n", w.name, t.name, median(v), slices.Min(v), slices.Max(v), median(v)/direct)
-		}
-		if on, off := median(results["rlsproxy guard on"]), median(results["rlsproxy guard off"]); off > 0 {
-			fmt.Printf("%-16s guard cost: %.1f%% of throughput (guard on %.0f vs off %.0f tps)\n\n", w.name, 100*(1-on/off), on, off)
+	}
+	for _, t := range ts {
+		b.results = append(b.results, result{workload: w.name, target: t.name, values: values[t.name]})
+	}
+	b.printWorkload(w, ts)
+	return nil
+}
+
+func (b *bench) printWorkload(w workload, ts []target) {
+	direct, bouncer := b.median(w.name, "direct"), b.median(w.name, "pgbouncer")
+	fmt.Printf("%s (%s, %s)\n", w.name, w.desc, w.metric)
+	for _, t := range ts {
+		v := b.values(w.name, t.name)
+		m := median(v)
+		spread := fmt.Sprintf("%.4g-%.4g", slices.Min(v), slices.Max(v))
+		fmt.Printf("  %-20s %10.4g  spread %-18s  /direct %5.2f  /pgbouncer %5.2f\n", t.name, m, spread, m/direct, m/bouncer)
+	}
+	if w.metric == "latency_ms" {
+		fmt.Printf("  added latency per round trip: pgbouncer %+.0f µs, rlsproxy %+.0f µs\n",
+			1000*(bouncer-direct), 1000*(b.median(w.name, "rlsproxy guard on")-direct))
+	}
+	if on, off := b.median(w.name, "rlsproxy guard on"), b.median(w.name, "rlsproxy guard off"); on > 0 && off > 0 {
+		fmt.Printf("  guard cost: %.1f%% (guard on %.4g vs off %.4g)\n", 100*(1-on/off), on, off)
+	}
+	fmt.Println()
+}
+
+func (b *bench) values(w, t string) []float64 {
+	for _, r := range b.results {
+		if r.workload == w && r.target == t {
+			return r.values
 		}
 	}
 	return nil
 }
 
-// startProxy runs `rlsproxy serve` on a free port and waits until it accepts.
-func startProxy(bin, upstream, issuer string, extra ...string) (int, func(), error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+func (b *bench) median(w, t string) float64 { return median(b.values(w, t)) }
+
+// copyOut streams a large COPY TO STDOUT through t and returns MB/s.
+func (b *bench) copyOut(t target) (float64, error) {
+	ctx := context.Background()
+	conn, err := pgconn.Connect(ctx, fmt.Sprintf("host=127.0.0.1 port=%d user=authenticator password=%s dbname=bench sslmode=disable", t.port, t.password))
+	if err != nil {
+		return 0, err
+	}
+	defer conn.Close(ctx)
+	cw := &countWriter{}
+	start := time.Now()
+	if _, err := conn.CopyTo(ctx, cw, "COPY (SELECT g, md5(g::text), repeat('x', 60) FROM generate_series(1, 2000000) g) TO STDOUT"); err != nil {
+		return 0, err
+	}
+	return float64(cw.n) / 1e6 / time.Since(start).Seconds(), nil
+}
+
+type countWriter struct{ n int64 }
+
+func (c *countWriter) Write(p []byte) (int, error) { c.n += int64(len(p)); return len(p), nil }
+
+// measureIdle opens idle sessions through the proxy and reads its RSS.
+func (b *bench) measureIdle() error {
+	t := b.targets[slices.IndexFunc(b.targets, func(t target) bool { return t.name == "rlsproxy guard on" })]
+	fmt.Fprintf(os.Stderr, "idle: %d clients...\n", b.idleClients)
+	ctx := context.Background()
+	before, err := rss(t.pid)
+	if err != nil {
+		return err
+	}
+	dsn := fmt.Sprintf("host=127.0.0.1 port=%d user=authenticator password=%s dbname=bench sslmode=disable", t.port, t.password)
+	conns := make([]*pgconn.PgConn, 0, b.idleClients)
+	defer func() {
+		for _, c := range conns {
+			c.Close(ctx)
+		}
+	}()
+	for range b.idleClients {
+		c, err := pgconn.Connect(ctx, dsn)
+		if err != nil {
+			return fmt.Errorf("idle client %d: %w", len(conns)+1, err)
+		}
+		if _, err := c.Exec(ctx, "SELECT 1").ReadAll(); err != nil {
+			return err
+		}
+		conns = append(conns, c)
+	}
+	time.Sleep(2 * time.Second) // let the runtime settle
+	after, err := rss(t.pid)
+	if err != nil {
+		return err
+	}
+	b.idleBytesPerClient = float64(after-before) / float64(b.idleClients)
+	fmt.Printf("idle (%d sessions through rlsproxy): RSS %.1f MiB -> %.1f MiB, %.1f KiB per idle client\n\n",
+		b.idleClients, float64(before)/(1<<20), float64(after)/(1<<20), b.idleBytesPerClient/1024)
+	return nil
+}
+
+// startPgBouncer runs PgBouncer in session mode in front of the cluster, with
+// SCRAM for its clients, as the login role.
+func (b *bench) startPgBouncer() (int, func(), error) {
+	if _, err := exec.LookPath("pgbouncer"); err != nil {
+		if _, err := os.Stat("/usr/sbin/pgbouncer"); err != nil {
+			return 0, nil, errors.New("pgbouncer not found: apt-get install -y pgbouncer")
+		}
+	}
+	port, err := freePort()
 	if err != nil {
 		return 0, nil, err
 	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
-	args := append([]string{"serve", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--upstream", upstream,
-		"--issuer", issuer, "--client-id", auth.DevClientID, "--admin-listen", "", "--log-level", "warn",
-		"--max-client-conns", "5000"}, extra...)
-	cmd := exec.Command(bin, args...)
+	users := filepath.Join(b.dir, "userlist.txt")
+	ini := filepath.Join(b.dir, "pgbouncer.ini")
+	if err := os.WriteFile(users, []byte(fmt.Sprintf("%q %q\n", "authenticator", b.loginPassword)), 0o644); err != nil {
+		return 0, nil, err
+	}
+	conf := fmt.Sprintf(`[databases]
+bench = host=127.0.0.1 port=%d dbname=bench
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = %d
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = %s
+pool_mode = session
+default_pool_size = 100
+max_client_conn = 5000
+log_connections = 0
+log_disconnections = 0
+`, b.pg.Port, port, users)
+	if err := os.WriteFile(ini, []byte(conf), 0o644); err != nil {
+		return 0, nil, err
+	}
+	bin := "pgbouncer"
+	if _, err := exec.LookPath(bin); err != nil {
+		bin = "/usr/sbin/pgbouncer"
+	}
+	cmd := exec.Command(bin, ini)
+	if os.Geteuid() == 0 { // PgBouncer refuses to run as root
+		u, err := user.Lookup("postgres")
+		if err != nil {
+			return 0, nil, err
+		}
+		uid, _ := strconv.Atoi(u.Uid)
+		gid, _ := strconv.Atoi(u.Gid)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}}
+	}
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
 		return 0, nil, err
 	}
 	stop := func() { _ = cmd.Process.Signal(os.Interrupt); _ = cmd.Wait() }
-	for deadline := time.Now().Add(10 * time.Second); ; {
-		c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
-		if err == nil {
-			c.Close()
-			return port, stop, nil
-		}
-		if time.Now().After(deadline) {
-			stop()
-			return 0, nil, errors.New("rlsproxy did not start")
-		}
-		time.Sleep(50 * time.Millisecond)
+	if err := waitPort(port); err != nil {
+		stop()
+		return 0, nil, fmt.Errorf("pgbouncer: %w", err)
 	}
+	return port, stop, nil
 }
 
-var tpsLine = regexp.MustCompile(`tps = ([0-9.]+) \(without initial connection time\)`)
+// startProxy runs `rlsproxy serve` on a free port and waits until it accepts.
+func startProxy(bin, upstream, issuer string, extra ...string) (port, pid int, stop func(), err error) {
+	if port, err = freePort(); err != nil {
+		return 0, 0, nil, err
+	}
+	args := append([]string{"serve", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--upstream", upstream,
+		"--issuer", issuer, "--client-id", auth.DevClientID, "--admin-listen", "", "--log-level", "warn",
+		"--max-client-conns", "5000", "--pool-size", "100"}, extra...)
+	cmd := exec.Command(bin, args...)
+	cmd.Stderr = os.Stderr
+	if env := os.Getenv("BENCH_PROXY_ENV"); env != "" {
+		cmd.Env = append(os.Environ(), strings.Fields(env)...)
+	}
+	if err := cmd.Start(); err != nil {
+		return 0, 0, nil, err
+	}
+	stop = func() { _ = cmd.Process.Signal(os.Interrupt); _ = cmd.Wait() }
+	if err := waitPort(port); err != nil {
+		stop()
+		return 0, 0, nil, fmt.Errorf("rlsproxy: %w", err)
+	}
+	return port, cmd.Process.Pid, stop, nil
+}
 
-func pgbenchTPS(t target, args []string) (float64, error) {
-	out, err := pgbenchOutput(t.port, "authenticator", t.password, "bench", args...)
+var (
+	tpsLine     = regexp.MustCompile(`tps = ([0-9.]+) \(without initial connection time\)`)
+	tpsLineC    = regexp.MustCompile(`tps = ([0-9.]+) \(including reconnection times\)`)
+	latencyLine = regexp.MustCompile(`latency average = ([0-9.]+) ms`)
+)
+
+func pgbenchMetric(t target, metric string, args []string) (float64, error) {
+	out, err := pgbench(t.port, "authenticator", t.password, args...)
 	if err != nil {
 		return 0, err
 	}
-	m := tpsLine.FindStringSubmatch(out)
+	re := tpsLine
+	switch {
+	case metric == "latency_ms":
+		re = latencyLine
+	case slices.Contains(args, "-C"):
+		re = tpsLineC
+	}
+	m := re.FindStringSubmatch(out)
 	if m == nil {
-		return 0, fmt.Errorf("no tps in pgbench output:\n%s", out)
+		return 0, fmt.Errorf("no %s in pgbench output:\n%s", metric, out)
 	}
 	return strconv.ParseFloat(m[1], 64)
 }
 
-func pgbench(port int, user, password, db string, args ...string) error {
-	_, err := pgbenchOutput(port, user, password, db, args...)
-	return err
-}
-
-func pgbenchOutput(port int, user, password, db string, args ...string) (string, error) {
-	cmd := exec.Command("pgbench", append([]string{"-h", "127.0.0.1", "-p", strconv.Itoa(port), "-U", user}, append(args, db)...)...)
+func pgbench(port int, user, password string, args ...string) (string, error) {
+	cmd := exec.Command("pgbench", append([]string{"-h", "127.0.0.1", "-p", strconv.Itoa(port), "-U", user}, append(args, "bench")...)...)
 	cmd.Env = append(os.Environ(), "PGPASSWORD="+password, "PGSSLMODE=disable")
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return "", fmt.Errorf("pgbench %v: %v\n%s", args, err, out)
 	}
 	return string(out), nil
+}
+
+func rss(pid int) (int64, error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if strings.HasPrefix(line, "VmRSS:") {
+			kb, err := strconv.ParseInt(strings.Fields(line)[1], 10, 64)
+			return kb * 1024, err
+		}
+	}
+	return 0, errors.New("no VmRSS")
 }
 
 func median(v []float64) float64 {
@@ -228,6 +468,29 @@ func median(v []float64) float64 {
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+func waitPort(port int) error {
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+		if err == nil {
+			c.Close()
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return errors.New("did not start listening")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 func cpus() int {
 	out, err := exec.Command("nproc").Output()
 	if err != nil {
@@ -235,4 +498,36 @@ func cpus() int {
 	}
 	n, _ := strconv.Atoi(strings.TrimSpace(string(out)))
 	return n
+}
+
+func memTotal() string {
+	data, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return "? GiB"
+	}
+	f := strings.Fields(strings.SplitN(string(data), "\n", 2)[0])
+	kb, _ := strconv.ParseFloat(f[1], 64)
+	return fmt.Sprintf("%.0f GiB", kb/(1<<20))
+}
+
+func serverVersion(pg *pgtemp.Cluster) string {
+	conn, err := pgconn.Connect(context.Background(), pg.SuperDSN("postgres"))
+	if err != nil {
+		return "?"
+	}
+	defer conn.Close(context.Background())
+	return conn.ParameterStatus("server_version")
+}
+
+func bouncerVersion() string {
+	bin := "pgbouncer"
+	if _, err := exec.LookPath(bin); err != nil {
+		bin = "/usr/sbin/pgbouncer"
+	}
+	out, _ := exec.Command(bin, "--version").Output()
+	f := strings.Fields(string(out))
+	if len(f) >= 2 {
+		return f[1]
+	}
+	return "?"
 }

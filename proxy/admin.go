@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"net/http"
+	httppprof "net/http/pprof"
 	"sync"
 	"time"
 
@@ -11,9 +12,16 @@ import (
 )
 
 // AdminHandler serves /metrics, /healthz (the process is alive) and /readyz
-// (keys are loaded and the upstream accepts the service login).
-func (s *Server) AdminHandler(reg *prometheus.Registry) http.Handler {
+// (keys are loaded and the upstream accepts the service login), and with
+// pprof set the Go profiler under /debug/pprof/.
+func (s *Server) AdminHandler(reg *prometheus.Registry, pprof bool) http.Handler {
 	mux := http.NewServeMux()
+	if pprof {
+		mux.HandleFunc("/debug/pprof/", httppprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", httppprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", httppprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", httppprof.Trace)
+	}
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = w.Write([]byte("ok\n"))

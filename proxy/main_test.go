@@ -131,6 +131,6 @@ func counterValue(t *testing.T, p *proxytest.Proxy, name string) float64 {
 // scrapeMetrics renders the proxy's metrics as /metrics serves them.
 func scrapeMetrics(p *proxytest.Proxy) (string, error) {
 	rec := httptest.NewRecorder()
-	p.Server.AdminHandler(p.Registry).ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	p.Server.AdminHandler(p.Registry, false).ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
 	return rec.Body.String(), nil
 }

@@ -83,6 +83,9 @@ type Server struct {
 	cancels *cancelRegistry
 	// authFailures limits failed authentications per client address.
 	authFailures *authLimiter
+	// buffers recycles the read buffers of client connections, so that a
+	// storm of short connections does not churn the heap.
+	buffers sync.Pool
 
 	conns atomic.Int64 // open client connections, startup included
 
@@ -128,8 +131,10 @@ func New(cfg Config) (*Server, error) {
 	if cfg.AuthFailureInterval <= 0 {
 		cfg.AuthFailureInterval = time.Second
 	}
-	return &Server{cfg: cfg, log: cfg.Logger, cancels: newCancelRegistry(), relays: map[*relay]struct{}{},
-		authFailures: newAuthLimiter(cfg.AuthFailureInterval, cfg.AuthFailureBurst)}, nil
+	s := &Server{cfg: cfg, log: cfg.Logger, cancels: newCancelRegistry(), relays: map[*relay]struct{}{},
+		authFailures: newAuthLimiter(cfg.AuthFailureInterval, cfg.AuthFailureBurst)}
+	s.buffers.New = func() any { b := make([]byte, cfg.BufferSize); return &b }
+	return s, nil
 }
 
 // Listen opens a client listener. An address starting with "/" is a
@@ -231,7 +236,14 @@ func (s *Server) handle(ctx context.Context, raw net.Conn) {
 
 	start := s.cfg.Now()
 	_ = raw.SetDeadline(start.Add(s.cfg.StartupTimeout))
-	c := &clientConn{Conn: raw, r: wire.NewReader(raw, s.cfg.BufferSize, s.cfg.BufferSize+s.cfg.MaxTokenBytes), local: isLocal(raw)}
+	buf := s.buffers.Get().(*[]byte)
+	c := &clientConn{Conn: raw, r: wire.NewReaderBuffer(raw, *buf, s.cfg.BufferSize+s.cfg.MaxTokenBytes), local: isLocal(raw)}
+	defer func() {
+		if b := c.r.Buffer(); len(b) == s.cfg.BufferSize { // not grown
+			*buf = b
+			s.buffers.Put(buf)
+		}
+	}()
 	req, cancel, err := readStartup(c, s.cfg.TLS, s.cfg.Policy)
 	if cancel != nil {
 		if s.cancels.cancel(ctx, cancel.pid, cancel.secret) {
@@ -337,7 +349,7 @@ func (s *Server) databaseAllowed(db string) bool {
 func (s *Server) relay(c *clientConn, req *startupRequest, up *session.Upstream, params map[string]string, info sessionInfo, start time.Time) {
 	var guard *sessionGuard
 	if s.cfg.Guard != nil {
-		reinject, err := session.InstallFrames(info.grant, s.cfg.Dialer.Signer, up.PID)
+		reinject, err := up.InstallFrames(info.grant, s.cfg.Dialer.Signer)
 		if err != nil {
 			s.cfg.Pool.Release(context.Background(), up, false)
 			s.reject(c, err, "startup")

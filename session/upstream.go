@@ -2,6 +2,7 @@ package session
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -90,6 +91,25 @@ type Upstream struct {
 
 	key  string    // the pool key: database and startup parameters
 	born time.Time // when the connection was opened
+
+	// installed are the install frames of the current grant, kept to
+	// re-establish the session after a client's reset.
+	installed      []byte
+	installedGrant *Grant
+}
+
+// InstallFrames returns the frames that install g on this connection,
+// computed once per grant.
+func (u *Upstream) InstallFrames(g *Grant, signer *Signer) ([]byte, error) {
+	if u.installedGrant == g && u.installed != nil {
+		return u.installed, nil
+	}
+	frames, err := InstallFrames(g, signer, u.PID)
+	if err != nil {
+		return nil, err
+	}
+	u.installed, u.installedGrant = frames, g
+	return frames, nil
 }
 
 // Open connects to database with the given startup parameters, installs the
@@ -169,14 +189,33 @@ func installParams(g *Grant, signer *Signer, pid uint32) (names, values, role []
 	if signer != nil && g.Claims != "" {
 		n, v = append(n, SignatureSetting), append(v, signer.Sign(pid, g.Claims))
 	}
-	m := pgtype.NewMap()
-	if names, err = m.Encode(pgtype.TextArrayOID, pgtype.BinaryFormatCode, n, nil); err != nil {
-		return nil, nil, nil, err
+	return encodeTextArray(n), encodeTextArray(v), []byte(g.Role), nil
+}
+
+// encodeTextArray writes a one-dimensional text[] in PostgreSQL's binary
+// array format: ndim, has-null flag, element type, then length and lower
+// bound of the dimension, then each element as length and bytes.
+func encodeTextArray(elems []string) []byte {
+	size := 20
+	for _, e := range elems {
+		size += 4 + len(e)
 	}
-	if values, err = m.Encode(pgtype.TextArrayOID, pgtype.BinaryFormatCode, v, nil); err != nil {
-		return nil, nil, nil, err
+	b := make([]byte, 0, size)
+	if len(elems) == 0 {
+		b = binary.BigEndian.AppendUint32(b, 0) // no dimensions
+		b = binary.BigEndian.AppendUint32(b, 0)
+		return binary.BigEndian.AppendUint32(b, pgtype.TextOID)
 	}
-	return names, values, []byte(g.Role), nil
+	b = binary.BigEndian.AppendUint32(b, 1)
+	b = binary.BigEndian.AppendUint32(b, 0)
+	b = binary.BigEndian.AppendUint32(b, pgtype.TextOID)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(elems)))
+	b = binary.BigEndian.AppendUint32(b, 1)
+	for _, e := range elems {
+		b = binary.BigEndian.AppendUint32(b, uint32(len(e)))
+		b = append(b, e...)
+	}
+	return b
 }
 
 // InstallFrames returns the protocol messages that install the grant on

@@ -51,6 +51,7 @@ type serveOptions struct {
 	jwksRefresh                                 time.Duration
 	guard, signingKeyFile                       string
 	tokenCacheSize                              int
+	pprof                                       bool
 	poolSize, maxUpstreamConns                  int
 	poolWait, poolIdle, poolLifetime            time.Duration
 }
@@ -89,6 +90,7 @@ func (o *serveOptions) register(fs *flag.FlagSet) {
 	fs.DurationVar(&o.poolWait, "pool-wait", 5*time.Second, "how long a client waits for an upstream connection at --max-upstream-conns")
 	fs.DurationVar(&o.poolIdle, "pool-idle-timeout", 10*time.Minute, "pooled connections idle for longer are closed")
 	fs.DurationVar(&o.poolLifetime, "pool-max-lifetime", time.Hour, "pooled connections older than this are closed when released")
+	fs.BoolVar(&o.pprof, "pprof", false, "serve the Go profiler at /debug/pprof/ on --admin-listen")
 	fs.IntVar(&o.tokenCacheSize, "token-cache-size", 10000, "verified tokens remembered until they expire, so reconnects skip signature checks; -1: off")
 	fs.StringVar(&o.guard, "guard", "on", "on: refuse SQL that could change the session's identity or run hidden code; off: forward everything")
 	fs.StringVar(&o.signingKeyFile, "signing-key-file", "", "`file` holding the secret (>= 32 bytes) that signs the claims; `rlsproxy sql --signing-key-file` provisions it in the database")

@@ -157,7 +157,7 @@ func runProxy(ctx context.Context, o *serveOptions, log *slog.Logger, ready func
 		if err != nil {
 			return fmt.Errorf("--admin-listen %s: %w", o.adminListen, err)
 		}
-		admin = &http.Server{Handler: srv.AdminHandler(reg), ReadHeaderTimeout: 10 * time.Second}
+		admin = &http.Server{Handler: srv.AdminHandler(reg, o.pprof), ReadHeaderTimeout: 10 * time.Second}
 		go func() {
 			if err := admin.Serve(al); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				errc <- fmt.Errorf("admin listener: %w", err)

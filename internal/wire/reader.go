@@ -30,8 +30,18 @@ type Reader struct {
 // NewReader returns a Reader with a buffer of size bytes; ReadMessage grows it
 // up to maxMessage bytes for a single message.
 func NewReader(rd io.Reader, size, maxMessage int) *Reader {
-	return &Reader{rd: rd, buf: make([]byte, size), max: maxMessage}
+	return NewReaderBuffer(rd, make([]byte, size), maxMessage)
 }
+
+// NewReaderBuffer is NewReader over a buffer of the caller's, which may come
+// from a pool: Buffer returns it when the Reader is done.
+func NewReaderBuffer(rd io.Reader, buf []byte, maxMessage int) *Reader {
+	return &Reader{rd: rd, buf: buf, max: maxMessage}
+}
+
+// Buffer returns the Reader's current buffer (a larger one if a message
+// made it grow).
+func (b *Reader) Buffer() []byte { return b.buf }
 
 // Reset points the Reader at a new source and drops buffered bytes.
 func (b *Reader) Reset(rd io.Reader) { b.rd, b.r, b.w = rd, 0, 0 }
