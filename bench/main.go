@@ -54,8 +54,9 @@ type workload struct {
 }
 
 type result struct {
-	workload, target string
-	values           []float64
+	Workload string    `json:"workload"`
+	Target   string    `json:"target"`
+	Values   []float64 `json:"values"`
 }
 
 func main() {
@@ -67,10 +68,15 @@ func main() {
 	idle := flag.Int("idle-clients", 1000, "idle clients for the memory measurement")
 	markdown := flag.String("markdown", "", "write the results as Markdown to this file (e.g. BENCHMARKS.md)")
 	chart := flag.String("chart", "", "write the chart as SVG to this file (e.g. bench/chart.svg)")
+	replot := flag.String("replot", "", "redraw -chart and -markdown from a results file of an earlier run instead of measuring")
 	flag.Parse()
 	b := &bench{duration: *duration, rounds: *rounds, clients: *clients, scale: *scale, idleClients: *idle,
 		only: strings.Split(*only, ","), markdownFile: *markdown, chartFile: *chart}
-	if err := b.run(); err != nil {
+	run := b.run
+	if *replot != "" {
+		run = func() error { return b.replot(*replot) }
+	}
+	if err := run(); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
@@ -230,7 +236,7 @@ func (b *bench) measure(w workload) error {
 		}
 	}
 	for _, t := range ts {
-		b.results = append(b.results, result{workload: w.name, target: t.name, values: values[t.name]})
+		b.results = append(b.results, result{Workload: w.name, Target: t.name, Values: values[t.name]})
 	}
 	b.printWorkload(w, ts)
 	return nil
@@ -257,8 +263,8 @@ func (b *bench) printWorkload(w workload, ts []target) {
 
 func (b *bench) values(w, t string) []float64 {
 	for _, r := range b.results {
-		if r.workload == w && r.target == t {
-			return r.values
+		if r.Workload == w && r.Target == t {
+			return r.Values
 		}
 	}
 	return nil

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -8,8 +9,48 @@ import (
 	"time"
 )
 
-// write saves the results as Markdown and the chart as SVG.
+// saved is what a run keeps in bench/results.json, so that the chart and
+// the Markdown can be redrawn without measuring again (-replot).
+type saved struct {
+	Header, CommandLine string
+	Results             []result
+	IdleClients         int
+	IdleBytesPerClient  float64
+}
+
+// write saves the results as JSON and Markdown and the chart as SVG.
 func (b *bench) write() error {
+	if b.markdownFile != "" || b.chartFile != "" {
+		js, err := json.MarshalIndent(saved{b.header, b.commandLine, b.results, b.idleClients, b.idleBytesPerClient}, "", "  ")
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join("bench", "results.json"), js, 0o644); err != nil {
+			return err
+		}
+	}
+	return b.render()
+}
+
+// replot redraws from a results file.
+func (b *bench) replot(file string) error {
+	data, err := os.ReadFile(file)
+	if err != nil {
+		return err
+	}
+	var sv saved
+	if err := json.Unmarshal(data, &sv); err != nil {
+		return err
+	}
+	b.header, b.commandLine, b.results, b.idleClients, b.idleBytesPerClient = sv.Header, sv.CommandLine, sv.Results, sv.IdleClients, sv.IdleBytesPerClient
+	if notes, err := os.ReadFile("bench/notes.md"); err == nil {
+		b.notes = string(notes)
+	}
+	return b.render()
+}
+
+// render writes the Markdown and the chart.
+func (b *bench) render() error {
 	if b.chartFile != "" {
 		if err := os.WriteFile(b.chartFile, []byte(b.chart()), 0o644); err != nil {
 			return err
@@ -27,13 +68,13 @@ func (b *bench) write() error {
 	}
 	md.WriteString("| workload | target | median | spread over rounds | / direct | / PgBouncer |\n|---|---|---:|---:|---:|---:|\n")
 	for _, r := range b.results {
-		m := median(r.values)
-		unit := map[bool]string{true: " ms", false: ""}[strings.HasPrefix(r.workload, "latency")]
-		if r.workload == "copy-out" {
+		m := median(r.Values)
+		unit := map[bool]string{true: " ms", false: ""}[strings.HasPrefix(r.Workload, "latency")]
+		if r.Workload == "copy-out" {
 			unit = " MB/s"
 		}
-		fmt.Fprintf(&md, "| %s | %s | %.4g%s | %.4g–%.4g | %.2f | %.2f |\n", r.workload, r.target, m, unit,
-			minOf(r.values), maxOf(r.values), m/b.median(r.workload, "direct"), m/b.median(r.workload, "pgbouncer"))
+		fmt.Fprintf(&md, "| %s | %s | %.4g%s | %.4g–%.4g | %.2f | %.2f |\n", r.Workload, r.Target, m, unit,
+			minOf(r.Values), maxOf(r.Values), m/b.median(r.Workload, "direct"), m/b.median(r.Workload, "pgbouncer"))
 	}
 	if b.idleBytesPerClient > 0 {
 		fmt.Fprintf(&md, "\nIdle sessions: %d clients through rlsproxy cost %.1f KiB of proxy RSS each.\n", b.idleClients, b.idleBytesPerClient/1024)
@@ -51,8 +92,8 @@ func (b *bench) chart() string {
 	order := []string{"direct", "pgbouncer", "rlsproxy guard on", "rlsproxy guard off"}
 	var workloads []string
 	for _, r := range b.results {
-		if len(workloads) == 0 || workloads[len(workloads)-1] != r.workload {
-			workloads = append(workloads, r.workload)
+		if len(workloads) == 0 || workloads[len(workloads)-1] != r.Workload {
+			workloads = append(workloads, r.Workload)
 		}
 	}
 	const barW, gap, h, top, left = 22, 30, 260, 40, 50
@@ -74,9 +115,13 @@ func (b *bench) chart() string {
 			maxRatio = max(maxRatio, ratio(w, t))
 		}
 	}
+	// The axis stops at 2x so the others stay readable next to connect's
+	// order-of-magnitude bar; a bar past it is cut and keeps its label.
+	const axisMax = 2.0
+	maxRatio = min(maxRatio, axisMax)
 	var s strings.Builder
 	fmt.Fprintf(&s, `<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="11">`+"\n", width, h+top+60)
-	fmt.Fprintf(&s, `<text x="%d" y="20" font-size="13">Relative to direct PostgreSQL (higher is better; latency: direct / latency)</text>`+"\n", left)
+	fmt.Fprintf(&s, `<text x="%d" y="20" font-size="13">Relative to direct PostgreSQL (higher is better; latency: direct / latency; axis cut at %.0fx)</text>`+"\n", left, axisMax)
 	y1 := top + h - int(float64(h)/maxRatio)
 	fmt.Fprintf(&s, `<line x1="%d" x2="%d" y1="%d" y2="%d" stroke="#444" stroke-dasharray="4 3"/><text x="4" y="%d">1.0</text>`+"\n", left, left+len(workloads)*groupW, y1, y1, y1+4)
 	for i, w := range workloads {
@@ -86,7 +131,7 @@ func (b *bench) chart() string {
 			if r == 0 {
 				continue
 			}
-			bh := int(float64(h) * r / maxRatio)
+			bh := int(float64(h) * min(r, maxRatio) / maxRatio)
 			fmt.Fprintf(&s, `<rect x="%d" y="%d" width="%d" height="%d" fill="%s"><title>%s %s: %.2f</title></rect>`+"\n",
 				x+j*barW, top+h-bh, barW-2, bh, colors[t], w, t, r)
 			fmt.Fprintf(&s, `<text x="%d" y="%d" font-size="9" text-anchor="middle">%.2f</text>`+"\n", x+j*barW+barW/2, top+h-bh-3, r)
