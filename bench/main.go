@@ -337,7 +337,7 @@ func (b *bench) startPgBouncer() (int, func(), error) {
 			return 0, nil, errors.New("pgbouncer not found: apt-get install -y pgbouncer")
 		}
 	}
-	port, err := freePort()
+	port, err := pgtemp.FreePort()
 	if err != nil {
 		return 0, nil, err
 	}
@@ -391,7 +391,7 @@ log_disconnections = 0
 
 // startProxy runs `rlsproxy serve` on a free port and waits until it accepts.
 func startProxy(bin, upstream, issuer string, extra ...string) (port, pid int, stop func(), err error) {
-	if port, err = freePort(); err != nil {
+	if port, err = pgtemp.FreePort(); err != nil {
 		return 0, 0, nil, err
 	}
 	args := append([]string{"serve", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--upstream", upstream,
@@ -472,15 +472,6 @@ func median(v []float64) float64 {
 		return s[len(s)/2]
 	}
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 func waitPort(port int) error {

@@ -113,7 +113,7 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 		settings[k] = v
 	}
 	for attempt := 0; ; attempt++ {
-		c.Port, err = freePort()
+		c.Port, err = FreePort()
 		if err != nil {
 			os.RemoveAll(dir)
 			return nil, err
@@ -234,7 +234,8 @@ func serverCredential(dir string) (*syscall.Credential, error) {
 	return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}, nil
 }
 
-func freePort() (int, error) {
+// FreePort returns a TCP port free on loopback now.
+func FreePort() (int, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return 0, err
