@@ -87,14 +87,6 @@ func (r *relay) run() string {
 	return r.reason
 }
 
-// unitsOf is the number of ReadyForQuery messages a client frame asks for.
-func unitsOf(typ byte) int64 {
-	if typ == 'Q' || typ == 'S' || typ == 'F' {
-		return 1
-	}
-	return 0
-}
-
 // clientToServer forwards the client's frames upstream.
 func (r *relay) clientToServer() {
 	src := r.clientR
@@ -135,7 +127,7 @@ func (r *relay) clientToServer() {
 					continue
 				}
 			}
-			units += unitsOf(typ)
+			units += wire.Units(typ)
 			n += size
 		}
 		if n > 0 {
@@ -162,7 +154,7 @@ func (r *relay) clientToServer() {
 // or read whole when the guard must see it.
 func (r *relay) forwardLarge(dst io.Writer, typ byte, size int) bool {
 	if r.guard == nil || !inspected(typ) {
-		if r.toServer(nil, nil, unitsOf(typ)) != nil {
+		if r.toServer(nil, nil, wire.Units(typ)) != nil {
 			return false
 		}
 		r.clientMidFrame = true
@@ -191,9 +183,9 @@ func (r *relay) forwardLarge(dst io.Writer, typ byte, size int) bool {
 // for it, and after a reset the frames that re-establish the session.
 func (r *relay) sendChecked(dst io.Writer, frame, substitute []byte, resets bool) error {
 	if substitute != nil {
-		return r.toServer(dst, substitute, unitsOf(substitute[0]))
+		return r.toServer(dst, substitute, wire.Units(substitute[0]))
 	}
-	u := unitsOf(frame[0])
+	u := wire.Units(frame[0])
 	if !resets {
 		return r.toServer(dst, frame, u)
 	}

@@ -268,13 +268,13 @@ func (s *Server) handle(ctx context.Context, raw net.Conn) {
 	}
 
 	sctx, cancelStartup := context.WithDeadline(ctx, start.Add(s.cfg.StartupTimeout))
-	up, params, sess, err := s.authenticate(sctx, c, req)
+	up, sess, err := s.authenticate(sctx, c, req)
 	cancelStartup()
 	if err != nil {
 		s.reject(c, err, "auth")
 		return
 	}
-	s.relay(c, req, up, params, sess, start)
+	s.relay(c, req, up, sess, start)
 }
 
 // sessionInfo describes an authenticated session for logs.
@@ -284,9 +284,8 @@ type sessionInfo struct {
 	grant         *session.Grant
 }
 
-// authenticate asks for the token, verifies it, and opens the upstream
-// session. It returns the upstream with the client's ParameterStatus values.
-func (s *Server) authenticate(ctx context.Context, c *clientConn, req *startupRequest) (*session.Upstream, map[string]string, sessionInfo, error) {
+// authenticate asks for the token, verifies it, and opens the upstream session.
+func (s *Server) authenticate(ctx context.Context, c *clientConn, req *startupRequest) (*session.Upstream, sessionInfo, error) {
 	var info sessionInfo
 	grant, anonymous := (*session.Grant)(nil), false
 	if req.user == "anonymous" {
@@ -294,16 +293,16 @@ func (s *Server) authenticate(ctx context.Context, c *clientConn, req *startupRe
 	}
 	if !anonymous {
 		if ok, wait := s.authFailures.allowed(c.RemoteAddr()); !ok {
-			return nil, nil, info, newClientError(codeRejectedConnection, "rate_limited",
+			return nil, info, newClientError(codeRejectedConnection, "rate_limited",
 				fmt.Sprintf("too many failed authentications from %s: try again in %s", hostOf(c.RemoteAddr()), wait.Round(time.Second)+time.Second))
 		}
 		if !c.tls && !c.local && !s.cfg.InsecurePlaintext {
-			return nil, nil, info, newClientError(codeInvalidAuthorization, "plaintext",
+			return nil, info, newClientError(codeInvalidAuthorization, "plaintext",
 				fmt.Sprintf("rlsproxy does not accept tokens over an unencrypted connection from %s: connect with sslmode=require (the proxy needs --tls-cert and --tls-key), or start the proxy with --insecure-plaintext on a trusted network", hostOf(c.RemoteAddr())))
 		}
 		token, err := readPassword(c, s.cfg.MaxTokenBytes)
 		if err != nil {
-			return nil, nil, info, err
+			return nil, info, err
 		}
 		id, err := s.cfg.Verifier.Verify(ctx, token)
 		if err == nil {
@@ -314,13 +313,13 @@ func (s *Server) authenticate(ctx context.Context, c *clientConn, req *startupRe
 			s.authFailures.failed(c.RemoteAddr())
 		}
 		if err != nil {
-			return nil, nil, info, err
+			return nil, info, err
 		}
 		info.subject, info.expires = id.Subject, id.ExpiresAt
 	}
 	info.role, info.grant = grant.Role, grant
 	if !s.databaseAllowed(req.database) {
-		return nil, nil, info, newClientError(codeInvalidDatabase, "database",
+		return nil, info, newClientError(codeInvalidDatabase, "database",
 			fmt.Sprintf("database %q is not served by this rlsproxy (see --databases)", req.database))
 	}
 
@@ -328,14 +327,14 @@ func (s *Server) authenticate(ctx context.Context, c *clientConn, req *startupRe
 	up, err := s.cfg.Pool.Get(ctx, req.database, req.params, grant)
 	s.cfg.Metrics.upstreamConnect.Observe(time.Since(t0).Seconds())
 	if err != nil {
-		return nil, nil, info, err
+		return nil, info, err
 	}
 	if anonymous {
 		s.cfg.Metrics.auth.WithLabelValues("anonymous").Inc()
 	} else {
 		s.cfg.Metrics.auth.WithLabelValues("ok").Inc()
 	}
-	return up, up.Params, info, nil
+	return up, info, nil
 }
 
 func (s *Server) databaseAllowed(db string) bool {
@@ -346,7 +345,7 @@ func (s *Server) databaseAllowed(db string) bool {
 }
 
 // relay completes the startup for the client and relays the session.
-func (s *Server) relay(c *clientConn, req *startupRequest, up *session.Upstream, params map[string]string, info sessionInfo, start time.Time) {
+func (s *Server) relay(c *clientConn, req *startupRequest, up *session.Upstream, info sessionInfo, start time.Time) {
 	var guard *sessionGuard
 	if s.cfg.Guard != nil {
 		reinject, err := up.InstallFrames(info.grant, s.cfg.Dialer.Signer)
@@ -362,7 +361,7 @@ func (s *Server) relay(c *clientConn, req *startupRequest, up *session.Upstream,
 	defer s.cancels.unregister(key)
 
 	out, _ := (&pgproto3.AuthenticationOk{}).Encode(nil)
-	for k, v := range params {
+	for k, v := range up.Params {
 		out, _ = (&pgproto3.ParameterStatus{Name: k, Value: v}).Encode(out)
 	}
 	out, _ = (&pgproto3.BackendKeyData{ProcessID: key.pid, SecretKey: key.secret[:]}).Encode(out)
@@ -423,18 +422,9 @@ func (s *Server) reject(c *clientConn, err error, stage string) {
 	}
 }
 
-// isProtocolNoise reports failures where PostgreSQL closes the socket without
-// a word: the client went away, stalled past the startup timeout, or sent a
-// startup packet of impossible length.
-func isProtocolNoise(err error) bool {
-	var ce *clientError
-	if errors.As(err, &ce) {
-		return false
-	}
-	var ae *auth.Error
-	var se *session.Error
-	return !errors.As(err, &ae) && !errors.As(err, &se) && !errors.Is(err, session.ErrPoolExhausted)
-}
+// isProtocolNoise reports failures answered, as PostgreSQL does, by closing
+// the socket without a word (see errDropped).
+func isProtocolNoise(err error) bool { return errors.Is(err, errDropped) }
 
 func isLocal(c net.Conn) bool {
 	switch a := c.RemoteAddr().(type) {

@@ -55,10 +55,25 @@ type cancelRequest struct {
 	secret []byte
 }
 
+// errDropped marks failures where PostgreSQL closes the socket without a
+// word: the client went away or stalled, sent a startup packet of impossible
+// length, failed the TLS handshake, or sent plaintext after SSLRequest.
+var errDropped = errors.New("connection dropped")
+
+// dropUnlessSpoken marks err as a silent drop unless it is meant for the client.
+func dropUnlessSpoken(err error) error {
+	var ce *clientError
+	if err == nil || errors.As(err, &ce) {
+		return err
+	}
+	return fmt.Errorf("%w: %w", errDropped, err)
+}
+
 // readStartup runs the startup negotiation up to the StartupMessage: SSL and
 // GSSAPI encryption requests, and CancelRequest. It returns either a
 // startupRequest or a cancelRequest.
-func readStartup(c *clientConn, tlsConfig *tls.Config, p session.Policy) (*startupRequest, *cancelRequest, error) {
+func readStartup(c *clientConn, tlsConfig *tls.Config, p session.Policy) (req *startupRequest, cancel *cancelRequest, err error) {
+	defer func() { err = dropUnlessSpoken(err) }()
 	for {
 		body, err := c.r.ReadStartup(minStartupLen, maxStartupLen)
 		if err != nil {
@@ -226,7 +241,8 @@ func splitOptions(s string) []string {
 }
 
 // readPassword asks for a cleartext password and returns it.
-func readPassword(c *clientConn, maxLen int) (string, error) {
+func readPassword(c *clientConn, maxLen int) (_ string, err error) {
+	defer func() { err = dropUnlessSpoken(err) }()
 	msg, _ := (&pgproto3.AuthenticationCleartextPassword{}).Encode(nil)
 	if _, err := c.Write(msg); err != nil {
 		return "", err

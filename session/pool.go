@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/rlsproxy/rlsproxy/internal/wire"
 )
 
 // Pool keeps upstream connections between client sessions. A connection is
@@ -409,15 +411,15 @@ func (u *Upstream) roundTrip(ctx context.Context, frames []byte, see func(pgprot
 	return firstErr
 }
 
-// countUnits counts the Query and Sync frames, each answered by one
-// ReadyForQuery.
-func countUnits(frames []byte) int {
-	n := 0
-	for len(frames) >= 5 {
-		size := int(uint32(frames[1])<<24|uint32(frames[2])<<16|uint32(frames[3])<<8|uint32(frames[4])) + 1
-		if frames[0] == 'Q' || frames[0] == 'S' {
-			n++
+// countUnits counts the ReadyForQuery messages a run of whole frames asks for.
+func countUnits(frames []byte) int64 {
+	var n int64
+	for len(frames) > 0 {
+		typ, size, ok, err := wire.Header(frames)
+		if !ok || err != nil || size > len(frames) {
+			break
 		}
+		n += wire.Units(typ)
 		frames = frames[size:]
 	}
 	return n

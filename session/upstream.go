@@ -149,10 +149,7 @@ func (d *Dialer) Open(ctx context.Context, database string, params map[string]st
 // one transaction, then checks that current_user is the granted role. With a
 // signer, the claims' signature for conn's backend is set as well.
 func Install(ctx context.Context, conn *pgconn.PgConn, g *Grant, signer *Signer) error {
-	names, values, role, err := installParams(g, signer, conn.PID())
-	if err != nil {
-		return err
-	}
+	names, values, role := installParams(g, signer, conn.PID())
 	b := &pgconn.Batch{}
 	b.ExecParams(installSettingsSQL, [][]byte{names, values}, textArrays, binaryFormats, nil)
 	b.ExecParams(installRoleSQL, [][]byte{role}, []uint32{pgtype.TextOID}, nil, nil)
@@ -180,7 +177,7 @@ var (
 
 // installParams encodes the bind parameters of the install statements: the
 // setting names and values as binary text[] and the role as text.
-func installParams(g *Grant, signer *Signer, pid uint32) (names, values, role []byte, err error) {
+func installParams(g *Grant, signer *Signer, pid uint32) (names, values, role []byte) {
 	n := make([]string, 0, len(g.Settings)+1)
 	v := make([]string, 0, len(g.Settings)+1)
 	for _, s := range g.Settings {
@@ -189,7 +186,7 @@ func installParams(g *Grant, signer *Signer, pid uint32) (names, values, role []
 	if signer != nil && g.Claims != "" {
 		n, v = append(n, SignatureSetting), append(v, signer.Sign(pid, g.Claims))
 	}
-	return encodeTextArray(n), encodeTextArray(v), []byte(g.Role), nil
+	return encodeTextArray(n), encodeTextArray(v), []byte(g.Role)
 }
 
 // encodeTextArray writes a one-dimensional text[] in PostgreSQL's binary
@@ -224,11 +221,9 @@ func encodeTextArray(elems []string) []byte {
 // statement. They use the unnamed statement and portal, which a simple
 // Query has already discarded.
 func InstallFrames(g *Grant, signer *Signer, pid uint32) ([]byte, error) {
-	names, values, role, err := installParams(g, signer, pid)
-	if err != nil {
-		return nil, err
-	}
+	names, values, role := installParams(g, signer, pid)
 	var out []byte
+	var err error
 	for _, m := range []pgproto3.FrontendMessage{
 		// Back to the login role first: a client's RESET of one setting
 		// leaves the mapped role in place, which (hardened) may not call
