@@ -41,7 +41,7 @@ type target struct {
 	name     string
 	port     int
 	password string
-	pid      int // of the proxy process, for memory
+	pid      int // of the middleman's process (PgBouncer, rlsproxy): CPU and memory
 }
 
 // A workload is a pgbench run, or a custom measurement.
@@ -57,6 +57,10 @@ type result struct {
 	Workload string    `json:"workload"`
 	Target   string    `json:"target"`
 	Values   []float64 `json:"values"`
+	// CPUPerTx is the middleman's CPU time (user+system) per transaction,
+	// in µs, for each round: what relaying costs, apart from the noise of
+	// the machine's other tenants.
+	CPUPerTx []float64 `json:"cpu_us_per_tx,omitempty"`
 }
 
 func main() {
@@ -156,12 +160,12 @@ func (b *bench) run() error {
 	}
 
 	b.targets = []target{{name: "direct", port: b.pg.Port, password: b.loginPassword}}
-	bouncerPort, stopBouncer, err := b.startPgBouncer()
+	bouncerPort, bouncerPID, stopBouncer, err := b.startPgBouncer()
 	if err != nil {
 		return err
 	}
 	defer stopBouncer()
-	b.targets = append(b.targets, target{name: "pgbouncer", port: bouncerPort, password: b.loginPassword})
+	b.targets = append(b.targets, target{name: "pgbouncer", port: bouncerPort, password: b.loginPassword, pid: bouncerPID})
 	upstream := b.pg.URL("authenticator", b.loginPassword, "bench")
 	for _, guard := range []string{"on", "off"} {
 		port, pid, stop, err := startProxy(bin, upstream, issuer.URL, "--guard", guard)
@@ -218,7 +222,7 @@ func (b *bench) measure(w workload) error {
 		}
 	}
 	fmt.Fprintf(os.Stderr, "%s...\n", w.name)
-	values := map[string][]float64{}
+	values, cpu := map[string][]float64{}, map[string][]float64{}
 	for r := 0; r < b.rounds; r++ {
 		for i := range ts {
 			t := ts[(i+r)%len(ts)] // rotate the order between rounds
@@ -227,7 +231,11 @@ func (b *bench) measure(w workload) error {
 			if w.custom != nil {
 				v, err = w.custom(t)
 			} else {
-				v, err = pgbenchMetric(t, w.metric, w.args)
+				var perTx float64
+				v, perTx, err = pgbenchMetric(t, w.metric, w.args)
+				if perTx > 0 {
+					cpu[t.name] = append(cpu[t.name], perTx)
+				}
 			}
 			if err != nil {
 				return fmt.Errorf("%s against %s: %w", w.name, t.name, err)
@@ -236,7 +244,7 @@ func (b *bench) measure(w workload) error {
 		}
 	}
 	for _, t := range ts {
-		b.results = append(b.results, result{Workload: w.name, Target: t.name, Values: values[t.name]})
+		b.results = append(b.results, result{Workload: w.name, Target: t.name, Values: values[t.name], CPUPerTx: cpu[t.name]})
 	}
 	b.printWorkload(w, ts)
 	return nil
@@ -249,7 +257,11 @@ func (b *bench) printWorkload(w workload, ts []target) {
 		v := b.values(w.name, t.name)
 		m := median(v)
 		spread := fmt.Sprintf("%.4g-%.4g", slices.Min(v), slices.Max(v))
-		fmt.Printf("  %-20s %10.4g  spread %-18s  /direct %5.2f  /pgbouncer %5.2f\n", t.name, m, spread, m/direct, m/bouncer)
+		fmt.Printf("  %-20s %10.4g  spread %-18s  /direct %5.2f  /pgbouncer %5.2f", t.name, m, spread, m/direct, m/bouncer)
+		if c := b.cpuPerTx(w.name, t.name); len(c) > 0 {
+			fmt.Printf("  CPU %.1f µs/tx", median(c))
+		}
+		fmt.Println()
 	}
 	if w.metric == "latency_ms" {
 		fmt.Printf("  added latency per round trip: pgbouncer %+.0f µs, rlsproxy %+.0f µs\n",
@@ -265,6 +277,15 @@ func (b *bench) values(w, t string) []float64 {
 	for _, r := range b.results {
 		if r.Workload == w && r.Target == t {
 			return r.Values
+		}
+	}
+	return nil
+}
+
+func (b *bench) cpuPerTx(w, t string) []float64 {
+	for _, r := range b.results {
+		if r.Workload == w && r.Target == t {
+			return r.CPUPerTx
 		}
 	}
 	return nil
@@ -331,20 +352,19 @@ func (b *bench) measureIdle() error {
 
 // startPgBouncer runs PgBouncer in session mode in front of the cluster, with
 // SCRAM for its clients, as the login role.
-func (b *bench) startPgBouncer() (int, func(), error) {
+func (b *bench) startPgBouncer() (port, pid int, stop func(), err error) {
 	if _, err := exec.LookPath("pgbouncer"); err != nil {
 		if _, err := os.Stat("/usr/sbin/pgbouncer"); err != nil {
-			return 0, nil, errors.New("pgbouncer not found: apt-get install -y pgbouncer")
+			return 0, 0, nil, errors.New("pgbouncer not found: apt-get install -y pgbouncer")
 		}
 	}
-	port, err := pgtemp.FreePort()
-	if err != nil {
-		return 0, nil, err
+	if port, err = pgtemp.FreePort(); err != nil {
+		return 0, 0, nil, err
 	}
 	users := filepath.Join(b.dir, "userlist.txt")
 	ini := filepath.Join(b.dir, "pgbouncer.ini")
 	if err := os.WriteFile(users, []byte(fmt.Sprintf("%q %q\n", "authenticator", b.loginPassword)), 0o644); err != nil {
-		return 0, nil, err
+		return 0, 0, nil, err
 	}
 	conf := fmt.Sprintf(`[databases]
 bench = host=127.0.0.1 port=%d dbname=bench
@@ -361,7 +381,7 @@ log_connections = 0
 log_disconnections = 0
 `, b.pg.Port, port, users)
 	if err := os.WriteFile(ini, []byte(conf), 0o644); err != nil {
-		return 0, nil, err
+		return 0, 0, nil, err
 	}
 	bin := "pgbouncer"
 	if _, err := exec.LookPath(bin); err != nil {
@@ -371,7 +391,7 @@ log_disconnections = 0
 	if os.Geteuid() == 0 { // PgBouncer refuses to run as root
 		u, err := user.Lookup("postgres")
 		if err != nil {
-			return 0, nil, err
+			return 0, 0, nil, err
 		}
 		uid, _ := strconv.Atoi(u.Uid)
 		gid, _ := strconv.Atoi(u.Gid)
@@ -379,14 +399,14 @@ log_disconnections = 0
 	}
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
-		return 0, nil, err
+		return 0, 0, nil, err
 	}
-	stop := func() { _ = cmd.Process.Signal(os.Interrupt); _ = cmd.Wait() }
+	stop = func() { _ = cmd.Process.Signal(os.Interrupt); _ = cmd.Wait() }
 	if err := waitPort(port); err != nil {
 		stop()
-		return 0, nil, fmt.Errorf("pgbouncer: %w", err)
+		return 0, 0, nil, fmt.Errorf("pgbouncer: %w", err)
 	}
-	return port, stop, nil
+	return port, cmd.Process.Pid, stop, nil
 }
 
 // startProxy runs `rlsproxy serve` on a free port and waits until it accepts.
@@ -417,12 +437,24 @@ var (
 	tpsLine     = regexp.MustCompile(`tps = ([0-9.]+) \(without initial connection time\)`)
 	tpsLineC    = regexp.MustCompile(`tps = ([0-9.]+) \(including reconnection times\)`)
 	latencyLine = regexp.MustCompile(`latency average = ([0-9.]+) ms`)
+	txLine      = regexp.MustCompile(`number of transactions actually processed: ([0-9]+)`)
 )
 
-func pgbenchMetric(t target, metric string, args []string) (float64, error) {
+// pgbenchMetric runs pgbench against t and returns the metric and, for a
+// target with a middleman process, its CPU time per transaction in µs.
+func pgbenchMetric(t target, metric string, args []string) (value, cpuPerTx float64, err error) {
+	before, _ := cpuTime(t.pid)
 	out, err := pgbench(t.port, "authenticator", t.password, args...)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
+	}
+	if t.pid != 0 {
+		after, err := cpuTime(t.pid)
+		if m := txLine.FindStringSubmatch(out); err == nil && m != nil {
+			if n, _ := strconv.ParseFloat(m[1], 64); n > 0 {
+				cpuPerTx = float64((after - before).Microseconds()) / n
+			}
+		}
 	}
 	re := tpsLine
 	switch {
@@ -433,9 +465,30 @@ func pgbenchMetric(t target, metric string, args []string) (float64, error) {
 	}
 	m := re.FindStringSubmatch(out)
 	if m == nil {
-		return 0, fmt.Errorf("no %s in pgbench output:\n%s", metric, out)
+		return 0, 0, fmt.Errorf("no %s in pgbench output:\n%s", metric, out)
 	}
-	return strconv.ParseFloat(m[1], 64)
+	value, err = strconv.ParseFloat(m[1], 64)
+	return value, cpuPerTx, err
+}
+
+// cpuTime reads a process's user+system CPU time from /proc/<pid>/stat.
+func cpuTime(pid int) (time.Duration, error) {
+	if pid == 0 {
+		return 0, nil
+	}
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// The command name (field 2) may hold spaces; fields count from its ')'.
+	f := strings.Fields(string(data[strings.LastIndexByte(string(data), ')')+1:]))
+	if len(f) < 13 {
+		return 0, errors.New("short /proc stat")
+	}
+	utime, _ := strconv.ParseInt(f[11], 10, 64)
+	stime, _ := strconv.ParseInt(f[12], 10, 64)
+	const ticksPerSecond = 100 // USER_HZ on Linux
+	return time.Duration(utime+stime) * time.Second / ticksPerSecond, nil
 }
 
 func pgbench(port int, user, password string, args ...string) (string, error) {

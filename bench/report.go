@@ -66,15 +66,19 @@ func (b *bench) render() error {
 		rel, _ := filepath.Rel(filepath.Dir(b.markdownFile), b.chartFile)
 		fmt.Fprintf(&md, "![rlsproxy relative to direct PostgreSQL and PgBouncer](%s)\n\n", filepath.ToSlash(rel))
 	}
-	md.WriteString("| workload | target | median | spread over rounds | / direct | / PgBouncer |\n|---|---|---:|---:|---:|---:|\n")
+	md.WriteString("| workload | target | median | spread over rounds | / direct | / PgBouncer | middleman CPU µs/tx |\n|---|---|---:|---:|---:|---:|---:|\n")
 	for _, r := range b.results {
 		m := median(r.Values)
 		unit := map[bool]string{true: " ms", false: ""}[strings.HasPrefix(r.Workload, "latency")]
 		if r.Workload == "copy-out" {
 			unit = " MB/s"
 		}
-		fmt.Fprintf(&md, "| %s | %s | %.4g%s | %.4g–%.4g | %.2f | %.2f |\n", r.Workload, r.Target, m, unit,
-			minOf(r.Values), maxOf(r.Values), m/b.median(r.Workload, "direct"), m/b.median(r.Workload, "pgbouncer"))
+		cpu := ""
+		if len(r.CPUPerTx) > 0 {
+			cpu = fmt.Sprintf("%.1f", median(r.CPUPerTx))
+		}
+		fmt.Fprintf(&md, "| %s | %s | %.4g%s | %.4g–%.4g | %.2f | %.2f | %s |\n", r.Workload, r.Target, m, unit,
+			minOf(r.Values), maxOf(r.Values), m/b.median(r.Workload, "direct"), m/b.median(r.Workload, "pgbouncer"), cpu)
 	}
 	if b.idleBytesPerClient > 0 {
 		fmt.Fprintf(&md, "\nIdle sessions: %d clients through rlsproxy cost %.1f KiB of proxy RSS each.\n", b.idleClients, b.idleBytesPerClient/1024)
