@@ -72,10 +72,11 @@ func main() {
 	idle := flag.Int("idle-clients", 1000, "idle clients for the memory measurement")
 	markdown := flag.String("markdown", "", "write the results as Markdown to this file (e.g. BENCHMARKS.md)")
 	chart := flag.String("chart", "", "write the chart as SVG to this file (e.g. bench/chart.svg)")
+	goroutines := flag.Bool("goroutine-relay", false, "also measure rlsproxy relaying with a goroutine pair per session (--relay-loops -1), as before the event loops")
 	replot := flag.String("replot", "", "redraw -chart and -markdown from a results file of an earlier run instead of measuring")
 	flag.Parse()
 	b := &bench{duration: *duration, rounds: *rounds, clients: *clients, scale: *scale, idleClients: *idle,
-		only: strings.Split(*only, ","), markdownFile: *markdown, chartFile: *chart}
+		only: strings.Split(*only, ","), markdownFile: *markdown, chartFile: *chart, goroutineRelay: *goroutines}
 	run := b.run
 	if *replot != "" {
 		run = func() error { return b.replot(*replot) }
@@ -92,6 +93,7 @@ type bench struct {
 	scale, idleClients  int
 	only                []string
 	markdownFile        string
+	goroutineRelay      bool
 	chartFile           string
 	dir, loginPassword  string
 	pg                  *pgtemp.Cluster
@@ -174,6 +176,14 @@ func (b *bench) run() error {
 		}
 		defer stop()
 		b.targets = append(b.targets, target{name: "rlsproxy guard " + guard, port: port, password: token, pid: pid})
+	}
+	if b.goroutineRelay {
+		port, pid, stop, err := startProxy(bin, upstream, issuer.URL, "--relay-loops", "-1")
+		if err != nil {
+			return err
+		}
+		defer stop()
+		b.targets = append(b.targets, target{name: "rlsproxy goroutines", port: port, password: token, pid: pid})
 	}
 
 	common := []string{"-n", "-c", strconv.Itoa(b.clients), "-j", "2", "-T", strconv.Itoa(int(b.duration.Seconds()))}

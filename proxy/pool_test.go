@@ -69,8 +69,16 @@ func assertNoTraces(t *testing.T, conn *pgx.Conn, sub string) {
 // Two users alternate on one pooled upstream connection: each sees only
 // itself, never the other's role, claims, prepared statements, temporary
 // tables, advisory locks or LISTENs.
+// Both relay drivers hand the connection back: the event loop takes the
+// socket off the Go runtime for the session and returns it as a net.Conn.
 func TestPoolIsolation(t *testing.T) {
-	p := proxytest.Start(t, pg, proxytest.Pooled(1, 1))
+	for _, d := range relayDrivers {
+		t.Run(d.name, func(t *testing.T) { testPoolIsolation(t, d.opt) })
+	}
+}
+
+func testPoolIsolation(t *testing.T, driver proxytest.Option) {
+	p := proxytest.Start(t, pg, proxytest.Pooled(1, 1), driver)
 	ctx := context.Background()
 	pid := 0
 	for i, sub := range []string{"user1", "user2", "user1", "user2"} {

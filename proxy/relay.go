@@ -1,13 +1,9 @@
 package proxy
 
 import (
-	"errors"
 	"fmt"
-	"io"
-	"net"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/rlsproxy/rlsproxy/internal/wire"
 	"github.com/rlsproxy/rlsproxy/session"
@@ -24,28 +20,31 @@ const (
 	endReinjectFailed  = "reinject_failed"
 )
 
-// relay pipes frames between an authenticated client and its upstream session.
+// relay is what the proxy does with the frames of an authenticated session:
+// which bytes read from one side are written to the other, and when the
+// session ends. It does no I/O itself. A driver reads, hands the bytes to
+// fromClient or fromServer, writes the segments they return, and finishes
+// the session once it has ended: the event loop (relay_loop_linux.go) for
+// plaintext sessions, a pair of goroutines (relay_conn.go) otherwise.
 //
-// Each direction runs in its own goroutine and reads into its own buffer. A
-// read is scanned for whole frames; everything scanned is written on in one
-// write, so a pipeline of small messages costs one syscall each way. Frames
-// are passed on as bytes: only their type byte is looked at, and only the few
-// types the relay must act on are read further (Query, Parse and
+// Frames are passed on as bytes: only their type byte is looked at, and only
+// the few types the relay must act on are read further (Query, Parse and
 // FunctionCall by the guard; ReadyForQuery and ErrorResponse on the way
-// back). A frame larger than the buffer is streamed through in pieces.
+// back). Frames up to the read buffer's size are handled whole; a larger one
+// is streamed through as it arrives, or, when the guard must read it,
+// gathered whole first.
 //
 // Work is counted in units: each Query, Sync and FunctionCall the server
 // receives is answered by exactly one ReadyForQuery. The counts tell when
 // the server is idle (token expiry) and which answers belong to the proxy's
 // own re-injected statements.
 type relay struct {
-	client  net.Conn
-	clientR *wire.Reader
 	up      *session.Upstream
 	metrics *Metrics
 	guard   *sessionGuard // nil with --guard off
 
-	clientMu sync.Mutex // serialises writes to the client
+	// Frames up to these sizes are handled whole: the drivers' read buffers.
+	clientBuf, serverBuf int
 
 	// pending counts the ReadyForQuery messages the server still owes.
 	pending atomic.Int64
@@ -53,159 +52,140 @@ type relay struct {
 	// expiredErr is what the client is told when its token expires.
 	expiredErr *clientError
 
-	sent int64 // units written upstream; client-to-server goroutine only
-	recv int64 // ReadyForQuery received; server-to-client goroutine only
+	// Client-to-server state, touched only by the code reading the client.
+	sent       int64  // units sent upstream
+	clientPass int    // bytes of a large frame still to pass through
+	frame      []byte // a large frame the guard must read, being gathered
+	frameSize  int
 
-	// Whether the upstream connection may be reused after the session: the
-	// client never left a frame half-sent, and the server side stopped
-	// between frames. Each is written by one goroutine, read after both end.
+	// Server-to-client state, touched only by the code reading the server.
+	recv       int64 // ReadyForQuery received
+	dropping   bool  // the current unit is the proxy's own: its answers are dropped
+	serverPass int   // bytes of a large frame still to pass through
+	serverDrop int   // bytes of a large frame still to drop
+
+	// Set by the driver once the session has ended: whether the client left
+	// a frame half-sent upstream, and whether the server side stopped
+	// between frames.
 	clientMidFrame bool
 	serverBoundary bool
 
 	endOnce sync.Once
+	ended   atomic.Bool
 	reason  string
-	ended   chan struct{}
+	fatal   *clientError // told to the client as the session ends, if set
+	stopMu  sync.Mutex
+	stop    func() // wakes the driver to finish the session (setStop)
 
 	bytesUp, bytesDown atomic.Int64
 }
 
-var errStopped = errors.New("relay stopped")
-
-func newRelay(c *clientConn, up *session.Upstream, m *Metrics, g *sessionGuard) *relay {
-	return &relay{client: c.Conn, clientR: c.r, up: up, metrics: m, guard: g, ended: make(chan struct{})}
+func newRelay(up *session.Upstream, m *Metrics, g *sessionGuard) *relay {
+	return &relay{up: up, metrics: m, guard: g}
 }
 
-// run relays until the session ends and returns why it ended.
-func (r *relay) run() string {
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		r.serverToClient()
-	}()
-	r.clientToServer()
-	<-done
-	return r.reason
-}
-
-// clientToServer forwards the client's frames upstream.
-func (r *relay) clientToServer() {
-	src := r.clientR
-	dst := countingWriter{w: r.up.Conn, n: &r.bytesUp, c: r.metrics.bytesUp}
-	for {
-		buf := src.Buffered()
-		start, n := 0, 0 // buf[start:n] is scanned and not yet written
-		units := int64(0)
-		large := 0
-		for {
-			typ, size, ok, err := wire.Header(buf[n:])
-			if err != nil {
-				r.end(endProtocolError, newClientError(codeProtocolViolation, "protocol", "invalid frame from client: "+err.Error()))
-				return
+// fromClient takes bytes read from the client, appends to out the segments
+// to write upstream, and returns how many bytes of in it consumed: the rest
+// is an incomplete frame, to be offered again with more bytes after it.
+// Segments may point into in; they must be written before in is reused.
+func (r *relay) fromClient(in []byte, out [][]byte) (int, [][]byte) {
+	n, start := 0, 0 // in[start:n] is scanned and not yet in out
+	units := int64(0)
+	count := func(u int64) { units += u; r.sent += u }
+	for n < len(in) && !r.ended.Load() {
+		if r.clientPass > 0 {
+			k := min(r.clientPass, len(in)-n)
+			r.clientPass -= k
+			n += k
+			continue
+		}
+		if r.frame != nil {
+			k := min(r.frameSize-len(r.frame), len(in)-n)
+			r.frame = append(r.frame, in[n:n+k]...)
+			n += k
+			start = n
+			if len(r.frame) == r.frameSize {
+				frame := r.frame
+				r.frame = nil
+				sub, resets := r.guard.check(frame[0], frame)
+				out = r.checked(out, frame, sub, resets, count)
 			}
-			if !ok {
-				break
-			}
-			if n+size > len(buf) {
-				if size > src.Size() {
-					large = size
-				}
-				break
-			}
-			if typ == 'X' {
-				if r.toServer(dst, buf[start:n], units) == nil {
-					r.end(endClientTerminate, nil)
-				}
-				return
+			continue
+		}
+		typ, size, ok, err := wire.Header(in[n:])
+		if err != nil {
+			r.end(endProtocolError, newClientError(codeProtocolViolation, "protocol", "invalid frame from client: "+err.Error()))
+			break
+		}
+		if !ok {
+			break
+		}
+		if size > len(in)-n {
+			if size <= r.clientBuf {
+				break // the rest will fit: wait for it
 			}
 			if r.guard != nil && inspected(typ) {
-				if sub, resets := r.guard.check(typ, buf[n:n+size]); sub != nil || resets {
-					if r.toServer(dst, buf[start:n], units) != nil || r.sendChecked(dst, buf[n:n+size], sub, resets) != nil {
-						return
-					}
-					n += size
-					start, units = n, 0
-					continue
+				if size > maxInspected {
+					r.end(endProtocolError, newClientError(codeProtocolViolation, "protocol",
+						fmt.Sprintf("message of %d bytes is larger than rlsproxy's guard reads (%d)", size, maxInspected)))
+					break
 				}
+				out = appendSegment(out, in[start:n])
+				start = n
+				r.frame, r.frameSize = make([]byte, 0, size), size
+				continue
 			}
-			units += wire.Units(typ)
-			n += size
-		}
-		if n > 0 {
-			if r.toServer(dst, buf[start:n], units) != nil {
-				return
-			}
-			src.Discard(n)
+			count(wire.Units(typ))
+			r.clientPass = size
 			continue
 		}
-		if large > 0 {
-			if !r.forwardLarge(dst, buf[0], large) {
-				return
+		if typ == 'X' {
+			// Not passed on: the upstream connection outlives the client.
+			r.end(endClientTerminate, nil)
+			break
+		}
+		if r.guard != nil && inspected(typ) {
+			if sub, resets := r.guard.check(typ, in[n:n+size]); sub != nil || resets {
+				out = appendSegment(out, in[start:n])
+				out = r.checked(out, in[n:n+size], sub, resets, count)
+				n += size
+				start = n
+				continue
 			}
-			continue
 		}
-		if err := src.Fill(); err != nil {
-			r.end(endClientClosed, nil)
-			return
-		}
+		count(wire.Units(typ))
+		n += size
 	}
+	out = appendSegment(out, in[start:n])
+	if !r.admit(units) {
+		return n, out[:0]
+	}
+	return n, out
 }
 
-// forwardLarge passes on a client frame too large for the buffer: streamed,
-// or read whole when the guard must see it.
-func (r *relay) forwardLarge(dst io.Writer, typ byte, size int) bool {
-	if r.guard == nil || !inspected(typ) {
-		if r.toServer(nil, nil, wire.Units(typ)) != nil {
-			return false
-		}
-		r.clientMidFrame = true
-		if err := r.clientR.CopyN(dst, size); err != nil {
-			r.end(endClientClosed, nil)
-			return false
-		}
-		r.clientMidFrame = false
-		return true
-	}
-	if size > maxInspected {
-		r.end(endProtocolError, newClientError(codeProtocolViolation, "protocol",
-			fmt.Sprintf("message of %d bytes is larger than rlsproxy's guard reads (%d)", size, maxInspected)))
-		return false
-	}
-	frame := make([]byte, size)
-	if err := r.clientR.ReadFull(frame); err != nil {
-		r.end(endClientClosed, nil)
-		return false
-	}
-	sub, resets := r.guard.check(typ, frame)
-	return r.sendChecked(dst, frame, sub, resets) == nil
-}
-
-// sendChecked writes an inspected frame, or the substitute the guard made
-// for it, and after a reset the frames that re-establish the session.
-func (r *relay) sendChecked(dst io.Writer, frame, substitute []byte, resets bool) error {
+// checked appends an inspected frame, or the substitute the guard made for
+// it, and after a reset the frames that re-establish the session.
+func (r *relay) checked(out [][]byte, frame, substitute []byte, resets bool, count func(int64)) [][]byte {
 	if substitute != nil {
-		return r.toServer(dst, substitute, wire.Units(substitute[0]))
+		count(wire.Units(substitute[0]))
+		return append(out, substitute)
 	}
 	u := wire.Units(frame[0])
-	if !resets {
-		return r.toServer(dst, frame, u)
+	out = append(out, frame)
+	if resets {
+		// Registered before the frame is written, so the answers are known to
+		// be the proxy's before they can arrive.
+		r.guard.expectInjected(r.sent + u + 1)
+		out = append(out, r.guard.reinject)
+		u++
 	}
-	// Registered before the frame is written, so the answers are known to be
-	// the proxy's before they can arrive.
-	r.guard.expectInjected(r.sent + u + 1)
-	if err := r.toServer(dst, frame, u); err != nil {
-		return err
-	}
-	return r.toServer(dst, r.guard.reinject, 1)
+	count(u)
+	return out
 }
 
-// toServer writes a batch of whole client frames holding units
-// ReadyForQuery-producing messages. Once the token has expired nothing more
-// is forwarded; the session ends when the server is idle. A nil dst only
-// accounts for units.
-func (r *relay) toServer(dst io.Writer, b []byte, units int64) error {
-	if len(b) == 0 && units == 0 {
-		return nil
-	}
+// admit accounts for units about to be sent upstream. Once the token has
+// expired nothing more is sent: the session ends when the server is idle.
+func (r *relay) admit(units int64) bool {
 	if units > 0 {
 		r.pending.Add(units)
 	}
@@ -213,117 +193,94 @@ func (r *relay) toServer(dst io.Writer, b []byte, units int64) error {
 		if r.pending.Add(-units) == 0 {
 			r.end(endTokenExpired, r.expiredErr)
 		}
-		return errStopped
+		return false
 	}
-	r.sent += units
-	if dst == nil {
-		return nil
-	}
-	if _, err := dst.Write(b); err != nil {
-		r.end(endServerClosed, newClientError(codeConnectionFailure, "upstream", "rlsproxy: lost the upstream connection: "+err.Error()))
-		return err
-	}
-	return nil
+	return true
 }
 
-// serverToClient forwards the server's frames to the client.
-func (r *relay) serverToClient() {
-	src := r.up.Reader
-	dst := countingWriter{w: lockedWriter{mu: &r.clientMu, w: r.client}, n: &r.bytesDown, c: r.metrics.bytesDown}
-	dropping := false // the current unit is the proxy's own: its answers are dropped
-	for {
-		buf := src.Buffered()
-		start, n := 0, 0 // buf[start:n] is scanned and not yet written
-		ready := int64(0)
-		large := 0
-		for {
-			typ, size, ok, err := wire.Header(buf[n:])
-			if err != nil {
-				r.end(endProtocolError, newClientError(codeProtocolViolation, "protocol", "invalid frame from upstream: "+err.Error()))
-				return
-			}
-			if !ok {
-				break
-			}
-			if n+size > len(buf) {
-				if size > src.Size() {
-					large = size
-				}
-				break
-			}
-			var replace []byte
-			skip := false
-			switch {
-			case dropping && (typ == 'A' || typ == 'S'):
-				// Notifications and parameter changes are the client's.
-			case dropping && typ == 'E':
-				r.end(endReinjectFailed, newClientError(codeConnectionFailure, "reinject",
-					"rlsproxy could not re-establish the session's role and claims after a reset; reconnect"))
-				return
-			case dropping:
-				skip = true
-			case typ == 'E' && r.guard != nil:
-				replace = r.guard.rewrite(buf[n : n+size])
-			}
-			if typ == 'Z' {
-				ready++
-				r.recv++
-				r.up.TxStatus = buf[n+5]
-				dropping = r.guard != nil && r.guard.isInjected(r.recv+1)
-			}
-			if skip || replace != nil {
-				if n > start {
-					if _, err := dst.Write(buf[start:n]); err != nil {
-						r.end(endClientClosed, nil)
-						return
-					}
-				}
-				if replace != nil {
-					if _, err := dst.Write(replace); err != nil {
-						r.end(endClientClosed, nil)
-						return
-					}
-				}
-				start = n + size
+// fromServer is fromClient's counterpart for bytes read from the server.
+func (r *relay) fromServer(in []byte, out [][]byte) (int, [][]byte) {
+	n, start := 0, 0 // in[start:n] is scanned and not yet in out
+	ready := int64(0)
+	for n < len(in) && !r.ended.Load() {
+		if r.serverPass > 0 {
+			k := min(r.serverPass, len(in)-n)
+			r.serverPass -= k
+			n += k
+			continue
+		}
+		if r.serverDrop > 0 {
+			k := min(r.serverDrop, len(in)-n)
+			out = appendSegment(out, in[start:n])
+			r.serverDrop -= k
+			n += k
+			start = n
+			continue
+		}
+		typ, size, ok, err := wire.Header(in[n:])
+		if err != nil {
+			r.end(endProtocolError, newClientError(codeProtocolViolation, "protocol", "invalid frame from upstream: "+err.Error()))
+			break
+		}
+		if !ok {
+			break
+		}
+		whole := size <= len(in)-n
+		if !whole && size <= r.serverBuf {
+			break // the rest will fit: wait for it
+		}
+		var replace []byte
+		drop := false
+		switch {
+		case r.dropping && (typ == 'A' || typ == 'S'):
+			// Notifications and parameter changes are the client's.
+		case r.dropping && typ == 'E':
+			r.end(endReinjectFailed, newClientError(codeConnectionFailure, "reinject",
+				"rlsproxy could not re-establish the session's role and claims after a reset; reconnect"))
+			return n, out
+		case r.dropping:
+			drop = true
+		case typ == 'E' && r.guard != nil && whole:
+			replace = r.guard.rewrite(in[n : n+size])
+		}
+		if typ == 'Z' && whole {
+			ready++
+			r.recv++
+			r.up.TxStatus = in[n+5]
+			r.dropping = r.guard != nil && r.guard.isInjected(r.recv+1)
+		}
+		switch {
+		case !whole && drop:
+			out = appendSegment(out, in[start:n])
+			start = n
+			r.serverDrop = size
+		case !whole:
+			r.serverPass = size
+		case drop || replace != nil:
+			out = appendSegment(out, in[start:n])
+			if replace != nil {
+				out = append(out, replace)
 			}
 			n += size
-		}
-		if n > start {
-			if _, err := dst.Write(buf[start:n]); err != nil {
-				r.end(endClientClosed, nil)
-				return
-			}
-		}
-		if n > 0 {
-			src.Discard(n)
-			if ready > 0 {
-				r.pending.Add(-ready)
-				if r.expired.Load() {
-					// The statement that was running when the token
-					// expired has finished.
-					r.end(endTokenExpired, r.expiredErr)
-					return
-				}
-			}
-			continue
-		}
-		if large > 0 {
-			if err := src.CopyN(dst, large); err != nil {
-				r.end(endServerClosed, nil)
-				return
-			}
-			continue
-		}
-		if err := src.Fill(); err != nil {
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				// end() stopped this read: nothing of a frame was taken.
-				r.serverBoundary = len(src.Buffered()) == 0
-			}
-			r.end(endServerClosed, newClientError(codeConnectionFailure, "upstream", "rlsproxy: the upstream server closed the connection"))
-			return
+			start = n
+		default:
+			n += size
 		}
 	}
+	out = appendSegment(out, in[start:n])
+	if ready > 0 && r.pending.Add(-ready) == 0 && r.expired.Load() {
+		// The statement that was running when the token expired has
+		// finished; its answers are in out, written before the session ends.
+		r.end(endTokenExpired, r.expiredErr)
+	}
+	return n, out
+}
+
+func appendSegment(out [][]byte, b []byte) [][]byte {
+	if len(b) == 0 {
+		return out
+	}
+	return append(out, b)
 }
 
 // reusable reports whether the upstream connection can go back to the pool:
@@ -348,44 +305,38 @@ func (r *relay) expire(e *clientError) {
 	}
 }
 
-// end stops the relay once: it tells the client why (if fatal is set), closes
-// the client, and unblocks the goroutine reading upstream.
+// end records, once, why the session ended and what the client is told,
+// and wakes the driver to finish it.
 func (r *relay) end(reason string, fatal *clientError) {
 	r.endOnce.Do(func() {
-		r.reason = reason
-		if fatal != nil {
-			r.clientMu.Lock()
-			_ = r.client.SetWriteDeadline(time.Now().Add(time.Second))
-			_, _ = r.client.Write(encodeError(nil, "FATAL", fatal))
-			r.clientMu.Unlock()
+		r.reason, r.fatal = reason, fatal
+		r.ended.Store(true)
+		r.stopMu.Lock()
+		defer r.stopMu.Unlock()
+		if r.stop != nil {
+			r.stop()
 		}
-		_ = r.client.Close()
-		_ = r.up.Conn.SetReadDeadline(time.Now())
-		close(r.ended)
 	})
 }
 
-type lockedWriter struct {
-	mu *sync.Mutex
-	w  io.Writer
+// setStop installs the driver's wake-up. A session that ended before its
+// driver started is seen by the driver's first look at ended.
+func (r *relay) setStop(stop func()) {
+	r.stopMu.Lock()
+	r.stop = stop
+	r.stopMu.Unlock()
 }
 
-func (l lockedWriter) Write(b []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.w.Write(b)
-}
-
-// countingWriter counts the bytes relayed in one direction.
-type countingWriter struct {
-	w io.Writer
-	n *atomic.Int64
-	c interface{ Add(float64) }
-}
-
-func (c countingWriter) Write(b []byte) (int, error) {
-	n, err := c.w.Write(b)
-	c.n.Add(int64(n))
-	c.c.Add(float64(n))
-	return n, err
+// count adds relayed bytes to the session's and the metrics' totals.
+func (r *relay) count(up bool, n int) {
+	if n == 0 {
+		return
+	}
+	if up {
+		r.bytesUp.Add(int64(n))
+		r.metrics.bytesUp.Add(float64(n))
+		return
+	}
+	r.bytesDown.Add(int64(n))
+	r.metrics.bytesDown.Add(float64(n))
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -15,9 +16,26 @@ import (
 	"github.com/rlsproxy/rlsproxy/internal/proxytest"
 )
 
-// Every protocol feature a driver uses passes through the relay unchanged.
+// relayDrivers are the two ways a session is relayed: on an event loop
+// (plaintext sessions) and with a goroutine per direction (TLS).
+var relayDrivers = []struct {
+	name string
+	opt  proxytest.Option
+}{
+	{"loop", proxytest.RelayLoops(1)},
+	{"goroutines", proxytest.GoroutineRelay},
+}
+
+// Every protocol feature a driver uses passes through the relay unchanged,
+// whichever way the session is relayed.
 func TestProtocolFeatures(t *testing.T) {
-	p := proxytest.Start(t, pg)
+	for _, d := range relayDrivers {
+		t.Run(d.name, func(t *testing.T) { testProtocolFeatures(t, d.opt) })
+	}
+}
+
+func testProtocolFeatures(t *testing.T, driver proxytest.Option) {
+	p := proxytest.Start(t, pg, driver)
 	ctx := context.Background()
 	conn := connect(t, p, "user1", p.Token(t, "user1"))
 
@@ -261,4 +279,70 @@ func TestCancel(t *testing.T) {
 	if got := queryStrings(t, conn, "SELECT 'alive'"); got[0] != "alive" {
 		t.Fatal(got)
 	}
+}
+
+// A client that stops reading a large result holds back only its own
+// session: the loop stops reading that session's server instead of
+// buffering the result, another session on the same loop carries on, and
+// the slow client gets every row once it reads again.
+func TestSlowClientDoesNotStallLoop(t *testing.T) {
+	for _, d := range relayDrivers {
+		t.Run(d.name, func(t *testing.T) {
+			p := proxytest.Start(t, pg, d.opt)
+			ctx := context.Background()
+			slow, err := pgconn.Connect(ctx, p.DSN("user1", p.Token(t, "user1")))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer slow.Close(ctx)
+			const rows, width = 100000, 1000 // ~100 MB
+			heapBefore := heapInUse()
+			// pgconn reads the result only when asked: until then the client's
+			// socket fills and the proxy's writes to it block.
+			result := slow.Exec(ctx, fmt.Sprintf("SELECT repeat('x', %d) FROM generate_series(1, %d)", width, rows))
+
+			fast := connect(t, p, "user2", p.Token(t, "user2"))
+			qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			defer cancel()
+			for i := range 200 {
+				var n int
+				if err := fast.QueryRow(qctx, "SELECT $1::int", i).Scan(&n); err != nil || n != i {
+					t.Fatalf("other session, query %d while the slow client stalls: %d %v", i, n, err)
+				}
+			}
+			time.Sleep(time.Second) // time enough to read the whole result from the server
+			if relayed := counterValue(t, p, "rlsproxy_relayed_bytes_total"); relayed > 40<<20 {
+				t.Fatalf("%.0f bytes relayed to a client that reads nothing", relayed)
+			}
+			if grown := heapInUse() - heapBefore; grown > 32<<20 {
+				t.Fatalf("the heap grew by %d MiB while the client read nothing: the proxy is buffering the result", grown>>20)
+			}
+
+			got := 0
+			for result.NextResult() {
+				rr := result.ResultReader()
+				for rr.NextRow() {
+					if len(rr.Values()[0]) != width {
+						t.Fatalf("row %d is %d bytes", got, len(rr.Values()[0]))
+					}
+					got++
+				}
+				if _, err := rr.Close(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := result.Close(); err != nil || got != rows {
+				t.Fatalf("slow client got %d rows, err %v", got, err)
+			}
+		})
+	}
+}
+
+// heapInUse is the live heap after a collection: the test shares its
+// process with the proxy.
+func heapInUse() int64 {
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return int64(m.HeapAlloc)
 }

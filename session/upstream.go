@@ -91,6 +91,9 @@ type Upstream struct {
 
 	key  string    // the pool key: database and startup parameters
 	born time.Time // when the connection was opened
+	// addr is the server's address, for cancel requests: Conn may be
+	// replaced while a session is relayed (proxy/relay_loop_linux.go).
+	addr net.Addr
 
 	// installed are the install frames of the current grant, kept to
 	// re-establish the session after a client's reset.
@@ -137,6 +140,7 @@ func (d *Dialer) Open(ctx context.Context, database string, params map[string]st
 	}
 	return &Upstream{
 		Conn:      hc.Conn,
+		addr:      hc.Conn.RemoteAddr(),
 		Reader:    wire.NewReader(hc.Conn, d.BufferSize, d.MaxMessage),
 		PID:       hc.PID,
 		SecretKey: hc.SecretKey,
@@ -249,9 +253,8 @@ func InstallFrames(g *Grant, signer *Signer, pid uint32) ([]byte, error) {
 // Cancel asks the server to cancel the query running on this session, over a
 // new connection to the same address, as libpq does.
 func (u *Upstream) Cancel(ctx context.Context) error {
-	addr := u.Conn.RemoteAddr()
 	var d net.Dialer
-	c, err := d.DialContext(ctx, addr.Network(), addr.String())
+	c, err := d.DialContext(ctx, u.addr.Network(), u.addr.String())
 	if err != nil {
 		return err
 	}

@@ -53,6 +53,7 @@ type serveOptions struct {
 	tokenCacheSize                              int
 	pprof                                       bool
 	poolSize, maxUpstreamConns                  int
+	relayLoops                                  int
 	poolWait, poolIdle, poolLifetime            time.Duration
 }
 
@@ -85,6 +86,7 @@ func (o *serveOptions) register(fs *flag.FlagSet) {
 	fs.DurationVar(&o.startupTimeout, "startup-timeout", 30*time.Second, "time a client has from connecting to a ready session")
 	fs.DurationVar(&o.shutdownTimeout, "shutdown-timeout", 30*time.Second, "on SIGTERM, time sessions have to finish before they are ended")
 	fs.DurationVar(&o.jwksRefresh, "jwks-refresh", time.Hour, "how often the issuer's keys are refetched")
+	fs.IntVar(&o.relayLoops, "relay-loops", 0, "event loops relaying plaintext sessions; 0: one per two CPUs; -1: none, a goroutine pair per session (as TLS sessions always are)")
 	fs.IntVar(&o.poolSize, "pool-size", 20, "upstream connections kept per database between client sessions (reset and proved clean); 0: no pooling")
 	fs.IntVar(&o.maxUpstreamConns, "max-upstream-conns", 0, "upstream connections open at once; beyond it clients wait --pool-wait, then get 53300; 0: no bound")
 	fs.DurationVar(&o.poolWait, "pool-wait", 5*time.Second, "how long a client waits for an upstream connection at --max-upstream-conns")

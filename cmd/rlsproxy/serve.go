@@ -127,7 +127,8 @@ func runProxy(ctx context.Context, o *serveOptions, log *slog.Logger, ready func
 		Verifier: verifier, Policy: policy, Dialer: dialer, Pool: pool, Guard: guard,
 		Databases: splitList(o.databases), TLS: tlsConfig, InsecurePlaintext: o.insecurePlaintext,
 		MaxClientConns: o.maxClientConns, StartupTimeout: o.startupTimeout, TerminateOnExpiry: terminate, ExpiryLeeway: o.leeway,
-		Logger: log, Metrics: metrics,
+		RelayLoops: o.relayLoops,
+		Logger:     log, Metrics: metrics,
 	})
 	if err != nil {
 		return err

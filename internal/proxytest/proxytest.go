@@ -99,6 +99,13 @@ func Pooled(size, maxConns int) Option {
 // GuardOff turns the SQL guard off.
 func GuardOff(c *proxy.Config) { c.Guard = nil }
 
+// GoroutineRelay relays every session with a goroutine per direction, as
+// TLS sessions are, instead of on the event loops.
+func GoroutineRelay(c *proxy.Config) { c.RelayLoops = -1 }
+
+// RelayLoops sets the number of event loops.
+func RelayLoops(n int) Option { return func(c *proxy.Config) { c.RelayLoops = n } }
+
 // DefaultPolicy is the policy the tests start from.
 func DefaultPolicy() session.Policy {
 	return session.Policy{

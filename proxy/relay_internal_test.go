@@ -1,0 +1,80 @@
+package proxy
+
+import (
+	"bytes"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/rlsproxy/rlsproxy/session"
+)
+
+// However the bytes arrive, the relay passes frames on unchanged and counts
+// every unit: drivers offer it what they read, in pieces of any size, and
+// keep what it leaves for the next read.
+func TestRelaySplitsAnywhere(t *testing.T) {
+	var client, server []byte
+	var units int64
+	for i := range 50 {
+		size := []int{0, 10, 100, 1000}[i%4]
+		big := string(bytes.Repeat([]byte{'q'}, size))
+		for _, m := range []pgproto3.FrontendMessage{
+			&pgproto3.Query{String: "SELECT '" + big + "'"},
+			&pgproto3.Parse{Query: "SELECT $1"}, &pgproto3.Bind{Parameters: [][]byte{[]byte(big)}},
+			&pgproto3.Execute{}, &pgproto3.Sync{},
+		} {
+			client, _ = m.Encode(client)
+		}
+		units += 2
+		for _, m := range []pgproto3.BackendMessage{
+			&pgproto3.RowDescription{Fields: []pgproto3.FieldDescription{{Name: []byte("c")}}},
+			&pgproto3.DataRow{Values: [][]byte{[]byte(big)}}, &pgproto3.CommandComplete{CommandTag: []byte("SELECT 1")},
+			&pgproto3.ReadyForQuery{TxStatus: 'I'}, &pgproto3.ParseComplete{}, &pgproto3.BindComplete{},
+			&pgproto3.DataRow{Values: [][]byte{[]byte(big)}}, &pgproto3.ReadyForQuery{TxStatus: 'T'},
+		} {
+			server, _ = m.Encode(server)
+		}
+	}
+	for _, buf := range []int{16, 64, 1 << 16} { // frames larger than buf are streamed
+		for _, chunk := range []int{1, 3, 7, 100, 4096} {
+			r := newRelay(&session.Upstream{}, nil, nil)
+			r.clientBuf, r.serverBuf = buf, buf
+			if got := feedAll(t, r.fromClient, client, buf, chunk); !bytes.Equal(got, client) {
+				t.Fatalf("buf %d chunk %d: client bytes changed in relay", buf, chunk)
+			}
+			if got := r.pending.Load(); got != units {
+				t.Fatalf("buf %d chunk %d: %d units counted, want %d", buf, chunk, got, units)
+			}
+			if got := feedAll(t, r.fromServer, server, buf, chunk); !bytes.Equal(got, server) {
+				t.Fatalf("buf %d chunk %d: server bytes changed in relay", buf, chunk)
+			}
+			if got := r.pending.Load(); got != 0 || r.up.TxStatus != 'T' {
+				t.Fatalf("buf %d chunk %d: %d units pending after every ReadyForQuery, status %c", buf, chunk, got, r.up.TxStatus)
+			}
+		}
+	}
+}
+
+// feedAll offers stream to feed as a driver would: reads of random size up
+// to chunk bytes appended to what feed left over.
+func feedAll(t *testing.T, feed func([]byte, [][]byte) (int, [][]byte), stream []byte, buf, chunk int) []byte {
+	t.Helper()
+	var out, held []byte
+	rng := rand.New(rand.NewPCG(uint64(buf), uint64(chunk)))
+	for len(stream) > 0 || len(held) > 0 {
+		room := max(1, buf-len(held))
+		k := min(len(stream), 1+rng.IntN(min(chunk, room)))
+		held = append(held, stream[:k]...)
+		stream = stream[k:]
+		n, segs := feed(held, nil)
+		for _, s := range segs {
+			out = append(out, s...)
+		}
+		held = append(held[:0], held[n:]...)
+		if k == 0 && n == 0 {
+			t.Fatalf("%d bytes left that the relay will not take", len(held))
+		}
+	}
+	return out
+}
