@@ -52,6 +52,13 @@ type relay struct {
 	// expiredErr is what the client is told when its token expires.
 	expiredErr *clientError
 
+	// handOffOver, when set, is the largest frame the guard reads that the
+	// driver takes: the relay stops before a larger one and sets handOff,
+	// for the event loop to give the session its own goroutines (a long
+	// parse there would hold up the loop's other sessions).
+	handOffOver int
+	handOff     bool
+
 	// Client-to-server state, touched only by the code reading the client.
 	sent       int64  // units sent upstream
 	clientPass int    // bytes of a large frame still to pass through
@@ -118,6 +125,10 @@ func (r *relay) fromClient(in []byte, out [][]byte) (int, [][]byte) {
 			break
 		}
 		if !ok {
+			break
+		}
+		if r.handOffOver > 0 && r.guard != nil && inspected(typ) && size > r.handOffOver {
+			r.handOff = true
 			break
 		}
 		if size > len(in)-n {

@@ -38,6 +38,12 @@ type relayLoops struct {
 // sessions with an incomplete frame or a backlog, so idle sessions hold none.
 const relayBuffer = 64 << 10
 
+// handOffOver is the largest Query, Parse or FunctionCall the guard reads on
+// a loop. A parse costs up to ~2 ms per KB of SQL; a session sending a larger
+// message is handed to goroutines of its own (relay_conn.go) for the rest
+// of its life, so that the loop's other sessions never wait on it.
+const handOffOver = 4 << 10
+
 func newRelayLoops(n int) (*relayLoops, error) {
 	ls := &relayLoops{}
 	for range n {
@@ -87,12 +93,16 @@ func (ls *relayLoops) run(r *relay, client net.Conn, clientR *wire.Reader) bool 
 	s.client = loopSide{s: s, fd: cfd, client: true, peer: &s.server, in: clone(clientR.Buffered())}
 	s.server = loopSide{s: s, fd: sfd, peer: &s.client, in: clone(r.up.Reader.Buffered())}
 	r.clientBuf, r.serverBuf = relayBuffer, relayBuffer
+	r.handOffOver = handOffOver
 	r.setStop(func() { l.post(func() { l.finish(s) }) })
 	if !l.post(func() { l.add(s) }) {
 		r.end(endShutdown, nil)
 		close(s.done)
 	}
 	<-s.done
+	if s.handedOff {
+		return ls.handOff(r, s, cfd, sfd, clientR)
+	}
 
 	// Back on the Go runtime: the client is told why the session ended and
 	// closed; the upstream connection becomes a net.Conn for the pool.
@@ -120,6 +130,38 @@ func (ls *relayLoops) run(r *relay, client net.Conn, clientR *wire.Reader) bool 
 	return true
 }
 
+// handOff carries on relaying a session the loop gave up (see handOffOver)
+// with a goroutine per direction: what the loop had read and not yet
+// written goes first.
+func (ls *relayLoops) handOff(r *relay, s *loopSession, cfd, sfd int, clientR *wire.Reader) bool {
+	r.handOffOver, r.handOff = 0, false
+	client, err := fdConn(cfd)
+	if err != nil {
+		_ = unix.Close(sfd)
+		r.end(endClientClosed, nil)
+		r.up.Conn, r.serverBoundary = closedConn{}, false
+		return true
+	}
+	up, err := fdConn(sfd)
+	if err != nil {
+		_ = client.Close()
+		r.end(endServerClosed, upstreamLost(err))
+		r.up.Conn, r.serverBoundary = closedConn{}, false
+		return true
+	}
+	r.up.Conn = up
+	if _, err := up.Write(s.serverPend); err != nil {
+		r.end(endServerClosed, upstreamLost(err))
+	}
+	if _, err := client.Write(s.clientPend); err != nil {
+		r.end(endClientClosed, nil)
+	}
+	clientR.ResetBuffered(client, s.clientIn)
+	r.up.Reader.ResetBuffered(up, s.serverIn)
+	r.runConns(client, clientR)
+	return true
+}
+
 // relayLoop is one event loop.
 type relayLoop struct {
 	epfd, wakefd int
@@ -141,8 +183,13 @@ type loopSession struct {
 	r              *relay
 	client, server loopSide
 	finished       bool
-	clientPend     []byte // bytes for the client the loop could not write
-	done           chan struct{}
+	// What the loop leaves when it finishes the session: bytes for either
+	// side it could not write yet, and, when handedOff, bytes read from
+	// either side and not yet relayed.
+	clientPend, serverPend []byte
+	clientIn, serverIn     []byte
+	handedOff              bool
+	done                   chan struct{}
 }
 
 // loopSide is one socket of a session.
@@ -222,19 +269,22 @@ func (l *relayLoop) run() {
 				l.flush(x)
 			}
 			switch {
-			case x.s.r.ended.Load():
+			case x.s.over():
 			case x.events&unix.EPOLLIN != 0 && ev.Events&(unix.EPOLLIN|unix.EPOLLHUP|unix.EPOLLERR) != 0:
 				l.readable(x)
 			case ev.Events&(unix.EPOLLHUP|unix.EPOLLERR) != 0:
 				// Paused for a backlog, and the socket is gone.
 				l.lost(x, io.EOF)
 			}
-			if x.s.r.ended.Load() {
+			if x.s.over() {
 				l.finish(x.s)
 			}
 		}
 	}
 }
+
+// over reports a session the loop is done with: ended, or to be handed off.
+func (s *loopSession) over() bool { return s.r.ended.Load() || s.r.handOff }
 
 // commands runs what was posted; false means stop.
 func (l *relayLoop) commands() bool {
@@ -268,13 +318,13 @@ func (l *relayLoop) add(s *loopSession) {
 		l.sides[int32(x.fd)] = x
 	}
 	for _, x := range []*loopSide{&s.client, &s.server} {
-		if len(x.in) > 0 && !s.r.ended.Load() {
+		if len(x.in) > 0 && !s.over() {
 			in := x.in
 			x.in = nil
 			l.process(x, in)
 		}
 	}
-	if s.r.ended.Load() {
+	if s.over() {
 		l.finish(s)
 	}
 }
@@ -425,15 +475,18 @@ func (l *relayLoop) finish(s *loopSession) {
 	r := s.r
 	r.clientMidFrame = r.clientPass > 0 || len(s.server.pend) > 0
 	r.serverBoundary = len(s.server.in) == 0 && r.serverPass == 0 && r.serverDrop == 0
-	if len(s.client.pend) > 0 {
-		s.clientPend = append([]byte(nil), s.client.pend...)
+	s.clientPend = clone(s.client.pend)
+	s.handedOff = r.handOff && !r.ended.Load()
+	if s.handedOff {
+		s.serverPend = clone(s.server.pend)
+		s.clientIn, s.serverIn = clone(s.client.in), clone(s.server.in)
 	}
 	for _, x := range []*loopSide{&s.client, &s.server} {
 		l.release(x.in)
 		l.release(x.pend)
 		x.in, x.pend = nil, nil
 	}
-	if !r.ended.Load() {
+	if !s.handedOff && !r.ended.Load() {
 		r.end(endShutdown, newClientError(codeAdminShutdown, "shutdown", "terminating connection because rlsproxy is shutting down"))
 	}
 	close(s.done)
@@ -530,6 +583,7 @@ func fdConn(fd int) (net.Conn, error) {
 	return net.FileConn(f)
 }
 
+// clone copies b into a buffer the loop does not reuse.
 func clone(b []byte) []byte {
 	if len(b) == 0 {
 		return nil

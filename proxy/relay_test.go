@@ -346,3 +346,67 @@ func heapInUse() int64 {
 	runtime.ReadMemStats(&m)
 	return int64(m.HeapAlloc)
 }
+
+// A message the guard must parse at length moves its session off the event
+// loop, to goroutines of its own: the loop's other sessions carry on while
+// it is judged, and the session itself carries on after.
+func TestLongGuardParseDoesNotStallLoop(t *testing.T) {
+	p := proxytest.Start(t, pg, proxytest.RelayLoops(1))
+	ctx := context.Background()
+	slow := connect(t, p, "user1", p.Token(t, "user1"))
+	fast := connect(t, p, "user2", p.Token(t, "user2"))
+
+	// set_config makes the guard parse the statement (and refuse it); the
+	// VALUES list makes the parse take a while.
+	var b strings.Builder
+	b.WriteString("SELECT count(set_config('app.x', 'y', false)) FROM (VALUES ")
+	for i := range 200000 {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		fmt.Fprintf(&b, "(%d, 'value %d')", i, i)
+	}
+	b.WriteString(") v(a, b)")
+	type result struct {
+		took time.Duration
+		err  error
+	}
+	done := make(chan result, 1)
+	go func() {
+		start := time.Now()
+		var n int
+		err := slow.QueryRow(ctx, b.String()).Scan(&n)
+		done <- result{time.Since(start), err}
+	}()
+
+	const bound = 300 * time.Millisecond
+	var worst time.Duration
+	queries := 0
+	for {
+		select {
+		case res := <-done:
+			if res.err == nil || !strings.Contains(res.err.Error(), "set_config is not allowed") {
+				t.Fatalf("the long statement was not refused: %v", res.err)
+			}
+			if res.took < 2*bound {
+				t.Fatalf("the long statement took only %v: too short to tell a stall from a wait", res.took)
+			}
+			if worst > bound || queries == 0 {
+				t.Fatalf("another session's query waited %v (%d queries) while a %v statement was judged", worst, queries, res.took)
+			}
+			t.Logf("%d queries of another session, the slowest %v, while a statement of %d KB took %v", queries, worst, b.Len()>>10, res.took)
+			if got := queryStrings(t, slow, "SELECT current_setting('jwt.claims.sub')"); got[0] != "user1" {
+				t.Fatalf("after the hand-off the session is %v", got)
+			}
+			return
+		default:
+		}
+		start := time.Now()
+		var n int
+		if err := fast.QueryRow(ctx, "SELECT $1::int", queries).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		worst = max(worst, time.Since(start))
+		queries++
+	}
+}

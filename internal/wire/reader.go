@@ -46,6 +46,15 @@ func (b *Reader) Buffer() []byte { return b.buf }
 // Reset points the Reader at a new source and drops buffered bytes.
 func (b *Reader) Reset(rd io.Reader) { b.rd, b.r, b.w = rd, 0, 0 }
 
+// ResetBuffered points the Reader at a new source with buffered as its
+// unread bytes, as if read from it; the buffer grows to hold them.
+func (b *Reader) ResetBuffered(rd io.Reader, buffered []byte) {
+	if len(buffered) > len(b.buf) {
+		b.buf = make([]byte, len(buffered))
+	}
+	b.rd, b.r, b.w = rd, 0, copy(b.buf, buffered)
+}
+
 // Buffered returns the unread bytes.
 func (b *Reader) Buffered() []byte { return b.buf[b.r:b.w] }
 
