@@ -29,26 +29,34 @@ const maxInspected = 64 << 20
 // transaction state.
 //
 // After a message that resets role or settings (RESET ALL, DISCARD ALL),
-// the proxy sends the install statements right behind it, before any later
-// client message, and drops their answers.
+// the proxy sends the install statements right behind it and holds back the
+// client's later messages until their answers have come back, proved to be
+// the install's by a per-session mark and free of errors; they are dropped.
 type sessionGuard struct {
 	g        *session.Guard
-	reinject []byte // install frames, ending with Sync
+	reinject []byte // a statement returning injected, then the install frames, ending with Sync
+	injected []byte // "rlsproxy_reinjected_<random>": marks the answers to reinject
 	marker   []byte // "rlsproxy_guard_<random>_"
 	metrics  *Metrics
 
-	mu       sync.Mutex
-	seq      int64
-	refused  map[int64]*clientError
-	injected []int64 // unit numbers whose answers are dropped, ascending
-	pending  atomic.Int32
+	mu      sync.Mutex
+	seq     int64
+	refused map[int64]*clientError
+	units   []int64 // unit numbers whose answers are dropped, ascending
+	pending atomic.Int32
 }
 
-func newSessionGuard(g *session.Guard, reinject []byte, m *Metrics) *sessionGuard {
+func newSessionGuard(g *session.Guard, install []byte, m *Metrics) *sessionGuard {
 	var nonce [8]byte
 	_, _ = rand.Read(nonce[:])
+	injected := "rlsproxy_reinjected_" + hex.EncodeToString(nonce[:])
+	var reinject []byte
+	for _, msg := range []pgproto3.FrontendMessage{&pgproto3.Parse{Query: "SELECT '" + injected + "'"}, &pgproto3.Bind{}, &pgproto3.Execute{}} {
+		reinject, _ = msg.Encode(reinject)
+	}
+	_, _ = rand.Read(nonce[:])
 	return &sessionGuard{
-		g: g, reinject: reinject, metrics: m,
+		g: g, reinject: append(reinject, install...), injected: []byte(injected), metrics: m,
 		marker:  []byte("rlsproxy_guard_" + hex.EncodeToString(nonce[:]) + "_"),
 		refused: map[int64]*clientError{},
 	}
@@ -97,7 +105,7 @@ func (s *sessionGuard) check(typ byte, frame []byte) (substitute []byte, resets 
 // expectInjected records that unit number n is the proxy's own.
 func (s *sessionGuard) expectInjected(n int64) {
 	s.mu.Lock()
-	s.injected = append(s.injected, n)
+	s.units = append(s.units, n)
 	s.mu.Unlock()
 	s.pending.Add(1)
 }
@@ -109,13 +117,17 @@ func (s *sessionGuard) isInjected(n int64) bool {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if len(s.injected) > 0 && s.injected[0] == n {
-		s.injected = s.injected[1:]
+	if len(s.units) > 0 && s.units[0] == n {
+		s.units = s.units[1:]
 		s.pending.Add(-1)
 		return true
 	}
 	return false
 }
+
+// marks reports whether a DataRow carries the mark of the proxy's own
+// re-injected statements.
+func (s *sessionGuard) marks(frame []byte) bool { return bytes.Contains(frame, s.injected) }
 
 // rewrite returns the guard's ErrorResponse for a server error caused by a
 // substituted message, or nil for any other error.

@@ -35,9 +35,15 @@ const (
 // gathered whole first.
 //
 // Work is counted in units: each Query, Sync and FunctionCall the server
-// receives is answered by exactly one ReadyForQuery. The counts tell when
-// the server is idle (token expiry) and which answers belong to the proxy's
-// own re-injected statements.
+// receives is answered by exactly one ReadyForQuery, except where PostgreSQL
+// ignores them, which track follows (a Sync during COPY FROM STDIN). The
+// counts tell when the server is idle (token expiry) and which answers
+// belong to the proxy's own re-injected statements. Where the count cannot
+// be known (a Query inside an unfinished extended-query batch, which
+// PostgreSQL skips after an error), the session ends. The re-injected
+// answers are checked for their mark besides, and the client is held back
+// until they are in, so a count gone wrong ends the session rather than let
+// a client statement run under the login role.
 type relay struct {
 	up      *session.Upstream
 	metrics *Metrics
@@ -64,10 +70,24 @@ type relay struct {
 	clientPass int    // bytes of a large frame still to pass through
 	frame      []byte // a large frame the guard must read, being gathered
 	frameSize  int
+	batchOpen  bool  // extended-query messages sent since the last Sync
+	copyIn     bool  // the client is sending COPY data
+	syncs      int64 // Syncs counted since the last Query or Execute
+	ignored    int64 // of those, found to be ignored by the server (see track)
+	// upstreamDirty records that the server may hold part of a frame: a
+	// write upstream failed part-way, or the rest of a streamed frame was
+	// dropped. The connection is then not reused.
+	upstreamDirty bool
+
+	// holding is set from a reset's re-injection until its answers are in:
+	// the client's later messages wait (see sessionGuard).
+	holding atomic.Bool
 
 	// Server-to-client state, touched only by the code reading the server.
 	recv       int64 // ReadyForQuery received
 	dropping   bool  // the current unit is the proxy's own: its answers are dropped
+	marked     bool  // the dropped unit carried the re-injection's mark
+	released   bool  // holding was cleared: the driver resumes the client side
 	serverPass int   // bytes of a large frame still to pass through
 	serverDrop int   // bytes of a large frame still to drop
 
@@ -99,7 +119,8 @@ func (r *relay) fromClient(in []byte, out [][]byte) (int, [][]byte) {
 	n, start := 0, 0 // in[start:n] is scanned and not yet in out
 	units := int64(0)
 	count := func(u int64) { units += u; r.sent += u }
-	for n < len(in) && !r.ended.Load() {
+	passing := r.clientPass > 0
+	for n < len(in) && !r.ended.Load() && !r.holding.Load() {
 		if r.clientPass > 0 {
 			k := min(r.clientPass, len(in)-n)
 			r.clientPass -= k
@@ -141,18 +162,29 @@ func (r *relay) fromClient(in []byte, out [][]byte) (int, [][]byte) {
 						fmt.Sprintf("message of %d bytes is larger than rlsproxy's guard reads (%d)", size, maxInspected)))
 					break
 				}
+				if _, ok := r.track(typ); !ok {
+					break
+				}
 				out = appendSegment(out, in[start:n])
 				start = n
 				r.frame, r.frameSize = make([]byte, 0, size), size
 				continue
 			}
-			count(wire.Units(typ))
+			u, ok := r.track(typ)
+			if !ok {
+				break
+			}
+			count(u)
 			r.clientPass = size
 			continue
 		}
 		if typ == 'X' {
 			// Not passed on: the upstream connection outlives the client.
 			r.end(endClientTerminate, nil)
+			break
+		}
+		u, ok := r.track(typ)
+		if !ok {
 			break
 		}
 		if r.guard != nil && inspected(typ) {
@@ -164,14 +196,74 @@ func (r *relay) fromClient(in []byte, out [][]byte) (int, [][]byte) {
 				continue
 			}
 		}
-		count(wire.Units(typ))
+		count(u)
 		n += size
 	}
 	out = appendSegment(out, in[start:n])
-	if !r.admit(units) {
+	ok := r.admit(units)
+	if r.ignored > 0 {
+		// Counted earlier, never to be answered. (If this call was refused
+		// for expiry, some may be taken off twice: the count then runs low,
+		// which only ends the expired session sooner and keeps its
+		// connection out of the pool.)
+		if r.pending.Add(-r.ignored) <= 0 && r.expired.Load() {
+			r.end(endTokenExpired, r.expiredErr)
+		}
+		r.ignored = 0
+	}
+	if !ok {
+		if passing || r.clientPass > 0 {
+			r.upstreamDirty = true
+		}
 		return n, out[:0]
 	}
 	return n, out
+}
+
+// track follows the client's side of the protocol, one frame at a time, as
+// far as the unit count needs, and returns the units the frame is answered
+// with. It reports false, having ended the session, for a sequence whose
+// answers cannot be counted.
+func (r *relay) track(typ byte) (units int64, ok bool) {
+	switch typ {
+	case 'P', 'B', 'D', 'C':
+		r.batchOpen = true
+	case 'E':
+		r.batchOpen = true
+		r.syncs = 0
+	case 'S':
+		r.batchOpen = false
+		if r.copyIn {
+			return 0, true // PostgreSQL ignores Sync during COPY FROM STDIN
+		}
+		r.syncs++
+		return 1, true
+	case 'Q', 'F':
+		if r.batchOpen {
+			// After an error PostgreSQL skips every message up to Sync, this
+			// one too: whether it is answered cannot be known here.
+			r.end(endProtocolError, newClientError(codeProtocolViolation, "protocol",
+				"rlsproxy does not relay a Query or FunctionCall inside an unfinished extended-query batch: send Sync first"))
+			return 0, false
+		}
+		r.copyIn = false
+		r.syncs = 0
+		return 1, true
+	case 'd', 'c', 'f':
+		if !r.copyIn {
+			// The server is in COPY FROM STDIN, begun by the last Query or
+			// Execute, so it ignored the Syncs sent since (libpq sends one
+			// right behind an Execute, and another after CopyDone).
+			r.copyIn = true
+			r.sent -= r.syncs
+			r.ignored += r.syncs
+			r.syncs = 0
+		}
+		if typ != 'd' {
+			r.copyIn = false
+		}
+	}
+	return 0, true
 }
 
 // checked appends an inspected frame, or the substitute the guard made for
@@ -185,10 +277,12 @@ func (r *relay) checked(out [][]byte, frame, substitute []byte, resets bool, cou
 	out = append(out, frame)
 	if resets {
 		// Registered before the frame is written, so the answers are known to
-		// be the proxy's before they can arrive.
+		// be the proxy's before they can arrive. Nothing more of the client's
+		// goes upstream until they are in.
 		r.guard.expectInjected(r.sent + u + 1)
 		out = append(out, r.guard.reinject)
 		u++
+		r.holding.Store(true)
 	}
 	count(u)
 	return out
@@ -246,18 +340,34 @@ func (r *relay) fromServer(in []byte, out [][]byte) (int, [][]byte) {
 		case r.dropping && (typ == 'A' || typ == 'S'):
 			// Notifications and parameter changes are the client's.
 		case r.dropping && typ == 'E':
-			r.end(endReinjectFailed, newClientError(codeConnectionFailure, "reinject",
-				"rlsproxy could not re-establish the session's role and claims after a reset; reconnect"))
+			r.end(endReinjectFailed, errReinject)
 			return n, out
 		case r.dropping:
 			drop = true
+			if typ == 'D' && whole && r.guard.marks(in[n:n+size]) {
+				r.marked = true
+			}
 		case typ == 'E' && r.guard != nil && whole:
 			replace = r.guard.rewrite(in[n : n+size])
+		case typ == 'D' && r.guard != nil && r.holding.Load() && r.guard.marks(in[n:min(n+size, len(in))]):
+			// The re-injection's answers, taken for the client's: the count
+			// of units has gone wrong.
+			r.end(endReinjectFailed, errReinject)
+			return n, out
 		}
 		if typ == 'Z' && whole {
 			ready++
 			r.recv++
 			r.up.TxStatus = in[n+5]
+			if r.dropping {
+				if !r.marked {
+					r.end(endReinjectFailed, errReinject)
+					return n, out
+				}
+				r.marked = false
+				r.holding.Store(false)
+				r.released = true
+			}
 			r.dropping = r.guard != nil && r.guard.isInjected(r.recv+1)
 		}
 		switch {
@@ -287,6 +397,11 @@ func (r *relay) fromServer(in []byte, out [][]byte) (int, [][]byte) {
 	return n, out
 }
 
+// errReinject ends a session whose role and claims could not be shown to be
+// back after a reset.
+var errReinject = newClientError(codeConnectionFailure, "reinject",
+	"rlsproxy could not re-establish the session's role and claims after a reset; reconnect")
+
 func appendSegment(out [][]byte, b []byte) [][]byte {
 	if len(b) == 0 {
 		return out
@@ -303,7 +418,7 @@ func (r *relay) reusable() bool {
 	default:
 		return false
 	}
-	return r.pending.Load() == 0 && !r.clientMidFrame && r.serverBoundary
+	return r.pending.Load() == 0 && !r.clientMidFrame && !r.upstreamDirty && r.serverBoundary
 }
 
 // expire is called when the session's token expires: the session ends now if
@@ -330,12 +445,15 @@ func (r *relay) end(reason string, fatal *clientError) {
 	})
 }
 
-// setStop installs the driver's wake-up. A session that ended before its
-// driver started is seen by the driver's first look at ended.
+// setStop installs the driver's wake-up, and calls it at once if the
+// session has ended already.
 func (r *relay) setStop(stop func()) {
 	r.stopMu.Lock()
+	defer r.stopMu.Unlock()
 	r.stop = stop
-	r.stopMu.Unlock()
+	if r.ended.Load() {
+		stop()
+	}
 }
 
 // count adds relayed bytes to the session's and the metrics' totals.

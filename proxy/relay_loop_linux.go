@@ -88,7 +88,7 @@ func (ls *relayLoops) run(r *relay, client net.Conn, clientR *wire.Reader) bool 
 	_ = client.Close()
 	_ = r.up.Conn.Close()
 
-	l := ls.loops[int(ls.next.Add(1))%len(ls.loops)]
+	l := ls.loops[ls.next.Add(1)%uint32(len(ls.loops))]
 	s := &loopSession{r: r, done: make(chan struct{})}
 	s.client = loopSide{s: s, fd: cfd, client: true, peer: &s.server, in: clone(clientR.Buffered())}
 	s.server = loopSide{s: s, fd: sfd, peer: &s.client, in: clone(r.up.Reader.Buffered())}
@@ -150,15 +150,9 @@ func (ls *relayLoops) handOff(r *relay, s *loopSession, cfd, sfd int, clientR *w
 		return true
 	}
 	r.up.Conn = up
-	if _, err := up.Write(s.serverPend); err != nil {
-		r.end(endServerClosed, upstreamLost(err))
-	}
-	if _, err := client.Write(s.clientPend); err != nil {
-		r.end(endClientClosed, nil)
-	}
 	clientR.ResetBuffered(client, s.clientIn)
 	r.up.Reader.ResetBuffered(up, s.serverIn)
-	r.runConns(client, clientR)
+	r.runConns(client, clientR, s.clientPend, s.serverPend)
 	return true
 }
 
@@ -172,6 +166,7 @@ type relayLoop struct {
 
 	// Used by the loop goroutine only.
 	sides   map[int32]*loopSide
+	gen     int32 // tells a socket from an earlier one with the same number
 	scratch []byte
 	out     [][]byte
 	iov     []unix.Iovec
@@ -198,9 +193,10 @@ type loopSide struct {
 	fd     int
 	client bool // bytes read here go through fromClient
 	peer   *loopSide
-	in     []byte // read and not yet consumed: an incomplete frame
+	in     []byte // read and not yet consumed: an incomplete frame (or frames held back)
 	pend   []byte // to be written here once the socket takes more
 	events uint32 // the epoll interest registered
+	gen    int32
 }
 
 func newRelayLoop() (*relayLoop, error) {
@@ -233,16 +229,19 @@ func (l *relayLoop) post(f func()) bool {
 		l.done = true
 	}
 	l.queue = append(l.queue, f)
-	l.mu.Unlock()
+	// Written under the lock, which run holds to close the descriptor.
 	one := [8]byte{1}
 	_, _ = unix.Write(l.wakefd, one[:])
+	l.mu.Unlock()
 	return true
 }
 
 func (l *relayLoop) run() {
 	defer func() {
+		l.mu.Lock()
 		_ = unix.Close(l.epfd)
 		_ = unix.Close(l.wakefd)
+		l.mu.Unlock()
 	}()
 	events := make([]unix.EpollEvent, 128)
 	for {
@@ -262,8 +261,8 @@ func (l *relayLoop) run() {
 				continue
 			}
 			x := l.sides[ev.Fd]
-			if x == nil || x.s.finished {
-				continue // finished earlier in this batch
+			if x == nil || x.gen != ev.Pad || x.s.finished {
+				continue // finished earlier in this batch, or its number reused since
 			}
 			if ev.Events&unix.EPOLLOUT != 0 {
 				l.flush(x)
@@ -273,13 +272,40 @@ func (l *relayLoop) run() {
 			case x.events&unix.EPOLLIN != 0 && ev.Events&(unix.EPOLLIN|unix.EPOLLHUP|unix.EPOLLERR) != 0:
 				l.readable(x)
 			case ev.Events&(unix.EPOLLHUP|unix.EPOLLERR) != 0:
-				// Paused for a backlog, and the socket is gone.
+				// Paused, and the socket is gone.
 				l.lost(x, io.EOF)
 			}
-			if x.s.over() {
-				l.finish(x.s)
-			}
+			l.settle(x.s)
 		}
+	}
+}
+
+// settle brings a session up to date after its sockets were served: the
+// client side resumed once a re-injection is in, the sockets watched for
+// what each side now waits on, the session finished if it is over.
+func (l *relayLoop) settle(s *loopSession) {
+	if s.r.released && !s.over() {
+		s.r.released = false
+		if len(s.client.in) > 0 {
+			l.process(&s.client, s.client.in)
+		}
+	}
+	if s.over() {
+		l.finish(s)
+		return
+	}
+	// A side is read while its peer has no backlog (and the client side
+	// while the relay is not holding it back); it is written while it has
+	// a backlog of its own.
+	for _, x := range []*loopSide{&s.client, &s.server} {
+		events := uint32(0)
+		if len(x.peer.pend) == 0 && (!x.client || !s.r.holding.Load()) {
+			events |= unix.EPOLLIN
+		}
+		if len(x.pend) > 0 {
+			events |= unix.EPOLLOUT
+		}
+		l.watch(x, events)
 	}
 }
 
@@ -309,8 +335,9 @@ func (l *relayLoop) commands() bool {
 // add registers a session and relays what was buffered during startup.
 func (l *relayLoop) add(s *loopSession) {
 	for _, x := range []*loopSide{&s.client, &s.server} {
-		x.events = unix.EPOLLIN
-		if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, x.fd, &unix.EpollEvent{Events: x.events, Fd: int32(x.fd)}); err != nil {
+		l.gen++
+		x.events, x.gen = unix.EPOLLIN, l.gen
+		if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, x.fd, &unix.EpollEvent{Events: x.events, Fd: int32(x.fd), Pad: x.gen}); err != nil {
 			s.r.end(endServerClosed, newClientError(codeConnectionFailure, "relay", "rlsproxy: relay: "+err.Error()))
 			l.finish(s)
 			return
@@ -324,9 +351,7 @@ func (l *relayLoop) add(s *loopSession) {
 			l.process(x, in)
 		}
 	}
-	if s.over() {
-		l.finish(s)
-	}
+	l.settle(s)
 }
 
 // readable reads once from x and relays what it can.
@@ -379,8 +404,8 @@ func (l *relayLoop) process(x *loopSide, in []byte) {
 	}
 }
 
-// send writes segments to y, keeping what the socket does not take and
-// pausing y's peer until it has been written.
+// send writes segments to y, keeping what the socket does not take (settle
+// then pauses y's peer until it has been written).
 func (l *relayLoop) send(y *loopSide, segs [][]byte) {
 	if len(segs) == 0 {
 		return
@@ -411,13 +436,9 @@ func (l *relayLoop) send(y *loopSide, segs [][]byte) {
 		y.pend = append(y.pend, b[w:]...)
 		w = 0
 	}
-	if y.pend != nil {
-		l.watch(y, y.events|unix.EPOLLOUT)
-		l.watch(y.peer, y.peer.events&^unix.EPOLLIN)
-	}
 }
 
-// flush writes y's backlog and, once it is gone, resumes y's peer.
+// flush writes y's backlog.
 func (l *relayLoop) flush(y *loopSide) {
 	if len(y.pend) == 0 {
 		return
@@ -437,8 +458,6 @@ func (l *relayLoop) flush(y *loopSide) {
 	}
 	l.release(y.pend)
 	y.pend = nil
-	l.watch(y, y.events&^unix.EPOLLOUT)
-	l.watch(y.peer, y.peer.events|unix.EPOLLIN)
 }
 
 // lost ends the session after a failed read or write on x.
@@ -455,7 +474,7 @@ func (l *relayLoop) watch(x *loopSide, events uint32) {
 		return
 	}
 	x.events = events
-	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_MOD, x.fd, &unix.EpollEvent{Events: events, Fd: int32(x.fd)}); err != nil {
+	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_MOD, x.fd, &unix.EpollEvent{Events: events, Fd: int32(x.fd), Pad: x.gen}); err != nil {
 		x.s.r.end(endServerClosed, newClientError(codeConnectionFailure, "relay", "rlsproxy: relay: "+err.Error()))
 	}
 }

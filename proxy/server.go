@@ -379,7 +379,10 @@ func (s *Server) relay(c *clientConn, req *startupRequest, up *session.Upstream,
 	}
 	r := newRelay(up, s.cfg.Metrics, guard)
 	key := s.cancels.register(up)
-	defer s.cancels.unregister(key)
+	// Unregistered before the connection goes back to the pool, so that a
+	// late CancelRequest cannot reach the next client's statement.
+	unregister := sync.OnceFunc(func() { s.cancels.unregister(key) })
+	defer unregister()
 
 	out, _ := (&pgproto3.AuthenticationOk{}).Encode(nil)
 	for k, v := range up.Params {
@@ -391,6 +394,7 @@ func (s *Server) relay(c *clientConn, req *startupRequest, up *session.Upstream,
 	s.mu.Lock()
 	if s.closing {
 		s.mu.Unlock()
+		unregister()
 		s.cfg.Pool.Release(context.Background(), up, true)
 		s.reject(c, newClientError(codeAdminShutdown, "shutdown", "terminating connection because rlsproxy is shutting down"), "startup")
 		return
@@ -404,6 +408,7 @@ func (s *Server) relay(c *clientConn, req *startupRequest, up *session.Upstream,
 	}()
 
 	if _, err := c.Write(out); err != nil {
+		unregister()
 		s.cfg.Pool.Release(context.Background(), up, true)
 		return
 	}
@@ -421,10 +426,11 @@ func (s *Server) relay(c *clientConn, req *startupRequest, up *session.Upstream,
 	}
 
 	if !s.loops.run(r, c.Conn, c.r) {
-		r.runConns(c.Conn, c.r)
+		r.runConns(c.Conn, c.r, nil, nil)
 	}
 	reason := r.reason
 	rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	unregister()
 	s.cfg.Pool.Release(rctx, up, r.reusable())
 	cancel()
 	s.cfg.Metrics.sessionsEnded.WithLabelValues(reason).Inc()

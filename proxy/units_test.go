@@ -1,0 +1,163 @@
+package proxy_test
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/rlsproxy/rlsproxy/internal/demo"
+	"github.com/rlsproxy/rlsproxy/internal/proxytest"
+)
+
+// The relay counts the ReadyForQuery messages the server owes, to tell the
+// proxy's re-injected answers (after a reset) from the client's. These
+// tests speak the protocol by hand to reach the sequences where PostgreSQL
+// answers fewer than one per Query and Sync.
+
+// rawSession logs in as sub through the proxy and reads up to ReadyForQuery.
+func rawSession(t *testing.T, p *proxytest.Proxy, sub string) *rawClient {
+	t.Helper()
+	c := dialRaw(t, p.Addr)
+	_, _ = c.Write(startupPacket(3<<16, "user", sub, "database", demo.Database))
+	c.receive(t)
+	c.send(t, &pgproto3.PasswordMessage{Password: p.Token(t, sub)})
+	for {
+		if _, ok := c.receive(t).(*pgproto3.ReadyForQuery); ok {
+			return c
+		}
+	}
+}
+
+// untilReady reads answers up to the n-th ReadyForQuery, as short strings.
+func untilReady(t *testing.T, c *rawClient, n int) []string {
+	t.Helper()
+	var seq []string
+	for n > 0 {
+		switch m := c.receive(t).(type) {
+		case *pgproto3.ErrorResponse:
+			seq = append(seq, "E:"+m.Code)
+			if m.Severity == "FATAL" {
+				return seq
+			}
+		case *pgproto3.ReadyForQuery:
+			seq = append(seq, "Z")
+			n--
+		case *pgproto3.DataRow:
+			var vals []string
+			for _, v := range m.Values {
+				vals = append(vals, string(v))
+			}
+			seq = append(seq, "D:"+strings.Join(vals, ","))
+		case *pgproto3.CommandComplete:
+			seq = append(seq, "C:"+string(m.CommandTag))
+		case *pgproto3.CopyInResponse:
+			seq = append(seq, "G")
+		case *pgproto3.RowDescription:
+			seq = append(seq, "T")
+		default:
+			seq = append(seq, "?")
+		}
+	}
+	return seq
+}
+
+// After an error, PostgreSQL skips a Query sent before the batch's Sync, so
+// whether the Query is answered cannot be counted: the session ends rather
+// than let a later reset's re-injected answers reach the client and the
+// client's be dropped.
+func TestQueryInsideExtendedBatchEndsSession(t *testing.T) {
+	p := proxytest.Start(t, pg)
+	c := rawSession(t, p, "user1")
+	c.send(t,
+		&pgproto3.Parse{Query: "SELEC 1"}, // fails in PostgreSQL
+		&pgproto3.Query{String: "SELECT 1"},
+		&pgproto3.Sync{},
+		&pgproto3.Query{String: "RESET ROLE"},
+		&pgproto3.Query{String: "SELECT current_user, current_setting('jwt.claims.sub', true)"},
+	)
+	seq := strings.Join(untilReady(t, c, 4), " ")
+	if !strings.HasSuffix(seq, "E:08P01") {
+		t.Fatalf("got %s; want the session ended with 08P01", seq)
+	}
+	if strings.Contains(seq, "rlsproxy_reinjected") || strings.Contains(seq, "D:authenticator") {
+		t.Fatalf("re-injected answers or the login role reached the client: %s", seq)
+	}
+}
+
+// libpq runs COPY FROM STDIN in the extended protocol as Parse, Bind,
+// Execute, Sync, then the data, CopyDone and another Sync; PostgreSQL
+// ignores the first Sync. The count follows, so a reset afterwards is
+// re-established and answered as usual, and the connection is pooled.
+func TestExtendedCopyKeepsCount(t *testing.T) {
+	p := proxytest.Start(t, pg, proxytest.Pooled(1, 1))
+	c := rawSession(t, p, "user1")
+	c.send(t, &pgproto3.Query{String: "CREATE TEMP TABLE t (v text); SELECT pg_backend_pid()"})
+	pid := untilReady(t, c, 1)[2] // C T D C Z
+	c.send(t,
+		&pgproto3.Parse{Query: "COPY t FROM STDIN"}, &pgproto3.Bind{}, &pgproto3.Execute{}, &pgproto3.Sync{})
+	if got := untilCopyIn(t, c); got != "G" {
+		t.Fatalf("COPY: %s", got)
+	}
+	c.send(t, &pgproto3.CopyData{Data: []byte("a\nb\n")}, &pgproto3.CopyDone{}, &pgproto3.Sync{})
+	if got := strings.Join(untilReady(t, c, 1), " "); got != "C:COPY 2 Z" {
+		t.Fatalf("after COPY: %s", got)
+	}
+	c.send(t,
+		&pgproto3.Query{String: "DISCARD ALL"},
+		&pgproto3.Query{String: "SELECT current_user, current_setting('jwt.claims.sub')"})
+	if got := strings.Join(untilReady(t, c, 2), " "); got != "C:DISCARD ALL Z T D:authenticated,user1 C:SELECT 1 Z" {
+		t.Fatalf("after DISCARD ALL: %s", got)
+	}
+	c.send(t, &pgproto3.Terminate{})
+	c2 := rawSession(t, p, "user2")
+	c2.send(t, &pgproto3.Query{String: "SELECT pg_backend_pid()"})
+	if got := untilReady(t, c2, 1)[1]; got != pid {
+		t.Fatalf("the next session ran on backend %s, not the pooled %s", got, pid)
+	}
+}
+
+func untilCopyIn(t *testing.T, c *rawClient) string {
+	t.Helper()
+	for {
+		switch m := c.receive(t).(type) {
+		case *pgproto3.CopyInResponse:
+			return "G"
+		case *pgproto3.ErrorResponse:
+			return "E:" + m.Code + " " + m.Message
+		case *pgproto3.ParseComplete, *pgproto3.BindComplete:
+		default:
+			return "?"
+		}
+	}
+}
+
+// Should the count go wrong all the same (here a stray CopyData, which
+// PostgreSQL ignores outside COPY, makes the relay take back a Sync), the
+// session ends at the next reset and the re-injected answers never reach
+// the client: answers the relay would drop as its re-injection's lack the
+// re-injection's mark (pipelined: the count runs early), or the marked
+// answers come while the relay counts the client's (the count runs late).
+func TestWrongCountEndsSessionAtReset(t *testing.T) {
+	for _, pipelined := range []bool{true, false} {
+		p := proxytest.Start(t, pg)
+		c := rawSession(t, p, "user1")
+		c.send(t, &pgproto3.Parse{Query: "SELECT 1"}, &pgproto3.Bind{}, &pgproto3.Execute{}, &pgproto3.Sync{})
+		n := 1
+		if !pipelined {
+			untilReady(t, c, 1)
+			n = 0
+		}
+		c.send(t, &pgproto3.CopyData{Data: []byte("stray")})
+		c.send(t,
+			&pgproto3.Query{String: "DISCARD ALL"},
+			&pgproto3.Query{String: "SELECT current_user"})
+		seq := strings.Join(untilReady(t, c, n+2), " ")
+		if !strings.HasSuffix(seq, "E:08006") {
+			t.Fatalf("pipelined %v: got %s; want the session ended with 08006", pipelined, seq)
+		}
+		if strings.Contains(seq, "D:authenticator") || strings.Contains(seq, "rlsproxy_reinjected") {
+			t.Fatalf("pipelined %v: the login role or re-injected answers reached the client: %s", pipelined, seq)
+		}
+	}
+}
