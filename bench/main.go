@@ -195,9 +195,9 @@ func (b *bench) run() error {
 		{name: "connect", desc: "pgbench -S -C (connect per transaction)", metric: "tps", args: append([]string{"-S", "-C"}, common...),
 			targets: []string{"direct", "pgbouncer", "rlsproxy guard on"}},
 		{name: "latency", desc: "pgbench -S -M prepared -c 1: latency", metric: "latency_ms", args: append([]string{"-S", "-M", "prepared"}, one...),
-			targets: []string{"direct", "pgbouncer", "rlsproxy guard on"}},
+			targets: []string{"direct", "pgbouncer", "rlsproxy guard on", "rlsproxy goroutines"}},
 		{name: "copy-out", desc: "COPY of 2M rows (~230 MB) TO STDOUT", metric: "MB/s", custom: b.copyOut,
-			targets: []string{"direct", "pgbouncer", "rlsproxy guard on"}},
+			targets: []string{"direct", "pgbouncer", "rlsproxy guard on", "rlsproxy goroutines"}},
 	}
 	b.commandLine = "go run ./bench " + strings.Join(os.Args[1:], " ")
 	if notes, err := os.ReadFile("bench/notes.md"); err == nil {
