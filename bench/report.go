@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 )
@@ -92,8 +93,14 @@ func (b *bench) render() error {
 // chart draws one group of bars per workload: each target's result relative
 // to direct PostgreSQL, higher is better (for latency, direct / latency).
 func (b *bench) chart() string {
-	colors := map[string]string{"direct": "#888888", "pgbouncer": "#e0a030", "rlsproxy guard on": "#2a7ab8", "rlsproxy guard off": "#7fb8e0"}
-	order := []string{"direct", "pgbouncer", "rlsproxy guard on", "rlsproxy guard off"}
+	colors := map[string]string{"direct": "#888888", "pgbouncer": "#e0a030", "rlsproxy guard on": "#2a7ab8",
+		"rlsproxy guard off": "#7fb8e0", "rlsproxy goroutines": "#b9a6d6"}
+	var order []string // the targets measured, in this order
+	for _, t := range []string{"direct", "pgbouncer", "rlsproxy guard on", "rlsproxy guard off", "rlsproxy goroutines"} {
+		if slices.ContainsFunc(b.results, func(r result) bool { return r.Target == t }) {
+			order = append(order, t)
+		}
+	}
 	var workloads []string
 	for _, r := range b.results {
 		if len(workloads) == 0 || workloads[len(workloads)-1] != r.Workload {
