@@ -27,7 +27,7 @@ fuzz: ## a short run of every fuzz target
 	$(GO) test -run '^$$' -fuzz '^FuzzVerify$$' -fuzztime 10s ./auth
 	$(GO) test -run '^$$' -fuzz '^FuzzGuard$$' -fuzztime 10s ./session
 
-bench: ## pgbench: direct vs PgBouncer vs rlsproxy; rewrites BENCHMARKS.md and bench/chart.svg (~15 min)
+bench: ## pgbench: direct vs PgBouncer vs rlsproxy; rewrites BENCHMARKS.md and bench/chart.svg (~18 min)
 	./scripts/deps.sh test
 	command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || apt-get install -y -qq pgbouncer
-	$(GO) run ./bench -markdown BENCHMARKS.md -chart bench/chart.svg
+	$(GO) run ./bench -markdown BENCHMARKS.md -chart bench/chart.svg -goroutine-relay

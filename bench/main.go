@@ -7,7 +7,8 @@
 //	go run ./bench -workloads select-prepared,select-simple -duration 10s
 //
 // It prints a table (median tps, spread over rounds, ratios to direct and to
-// PgBouncer), the proxy's memory per idle client, and, with -out, writes the
+// PgBouncer, and PgBouncer's and rlsproxy's CPU time per transaction), the
+// proxy's memory per idle client, and, with -markdown and -chart, writes the
 // table as Markdown and a chart as SVG.
 package main
 

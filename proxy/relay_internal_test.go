@@ -78,3 +78,39 @@ func feedAll(t *testing.T, feed func([]byte, [][]byte) (int, [][]byte), stream [
 	}
 	return out
 }
+
+// BenchmarkRelayTransaction measures the relay's own work for one pgbench
+// -S transaction (Bind, Execute, Sync; BindComplete, DataRow,
+// CommandComplete, ReadyForQuery), prepared and as a simple Query, with the
+// guard on and off: what the guard adds per transaction, apart from I/O.
+//
+//	go test -run '^$' -bench RelayTransaction -benchmem ./proxy/
+func BenchmarkRelayTransaction(b *testing.B) {
+	const sql = "SELECT abalance FROM pgbench_accounts WHERE aid = 42"
+	var prepared, simple, answer []byte
+	for _, m := range []pgproto3.FrontendMessage{&pgproto3.Bind{PreparedStatement: "P0_1", Parameters: [][]byte{[]byte("42")}},
+		&pgproto3.Execute{}, &pgproto3.Sync{}} {
+		prepared, _ = m.Encode(prepared)
+	}
+	simple, _ = (&pgproto3.Query{String: sql}).Encode(nil)
+	for _, m := range []pgproto3.BackendMessage{&pgproto3.BindComplete{}, &pgproto3.DataRow{Values: [][]byte{[]byte("0")}},
+		&pgproto3.CommandComplete{CommandTag: []byte("SELECT 1")}, &pgproto3.ReadyForQuery{TxStatus: 'I'}} {
+		answer, _ = m.Encode(answer)
+	}
+	guard := newSessionGuard(session.NewGuard(session.Policy{ClaimsSetting: "request.jwt.claims", ClaimPrefix: "jwt.claims."}, 100), nil, nil)
+	for _, tc := range []struct {
+		name  string
+		query []byte
+		g     *sessionGuard
+	}{{"prepared/guard-off", prepared, nil}, {"prepared/guard-on", prepared, guard}, {"simple/guard-off", simple, nil}, {"simple/guard-on", simple, guard}} {
+		b.Run(tc.name, func(b *testing.B) {
+			r := newRelay(&session.Upstream{}, nil, tc.g)
+			r.clientBuf, r.serverBuf = 1<<16, 1<<16
+			out := make([][]byte, 0, 8)
+			for b.Loop() {
+				_, out = r.fromClient(tc.query, out[:0])
+				_, out = r.fromServer(answer, out[:0])
+			}
+		})
+	}
+}
