@@ -236,7 +236,13 @@ func (b *bench) measure(w workload) error {
 	values, cpu := map[string][]float64{}, map[string][]float64{}
 	for r := 0; r < b.rounds; r++ {
 		for i := range ts {
-			t := ts[(i+r)%len(ts)] // rotate the order between rounds
+			// Rotate the order between rounds, and run it backwards every
+			// other round, so that no target always follows another.
+			j := (i + r) % len(ts)
+			if r%2 == 1 {
+				j = len(ts) - 1 - j
+			}
+			t := ts[j]
 			var v float64
 			var err error
 			if w.custom != nil {
