@@ -27,15 +27,7 @@ func TestClientAndUseRules(t *testing.T) {
 	}
 	// claims of a token at now, with extra claims (nil deletes).
 	claims := func(extra map[string]any) jwt.MapClaims {
-		c := jwt.MapClaims{"iss": ti.URL, "sub": "user-1", "iat": now.Unix(), "exp": now.Add(time.Hour).Unix()}
-		for k, v := range extra {
-			if v == nil {
-				delete(c, k)
-			} else {
-				c[k] = v
-			}
-		}
-		return c
+		return withClaims(map[string]any{"iss": ti.URL, "sub": "user-1", "iat": now.Unix(), "exp": now.Add(time.Hour).Unix()}, extra)
 	}
 	access := map[string]any{"token_use": "access", "client_id": DevClientID}
 	id := map[string]any{"token_use": "id", "aud": DevClientID}
@@ -172,15 +164,7 @@ func TestRulesCheck(t *testing.T) {
 	now := time.Date(2026, 5, 1, 0, 0, 0, 0, time.UTC)
 	rules := Rules{Issuer: "https://issuer.example.com", TokenUse: "access"}
 	base := func(extra map[string]any) map[string]any {
-		c := map[string]any{"iss": "https://issuer.example.com", "sub": "u", "exp": json.Number("1777597200")} // now + 1h
-		for k, v := range extra {
-			if v == nil {
-				delete(c, k)
-			} else {
-				c[k] = v
-			}
-		}
-		return c
+		return withClaims(map[string]any{"iss": "https://issuer.example.com", "sub": "u", "exp": json.Number("1777597200")}, extra) // now + 1h
 	}
 	tests := []struct {
 		name   string
@@ -253,4 +237,17 @@ func TestNewNotAllowed(t *testing.T) {
 	if !errors.As(err, &e) || e.Kind != NotAllowed || e.Reason != "no_role" || err.Error() != "token maps to no database role" {
 		t.Errorf("NewNotAllowed gave %#v", err)
 	}
+}
+
+// withClaims sets extra's claims on c and returns it; a nil value deletes
+// the claim.
+func withClaims(c, extra map[string]any) map[string]any {
+	for k, v := range extra {
+		if v == nil {
+			delete(c, k)
+		} else {
+			c[k] = v
+		}
+	}
+	return c
 }

@@ -275,7 +275,7 @@ func (b *bench) printWorkload(w workload, ts []target) {
 		m := median(v)
 		spread := fmt.Sprintf("%.4g-%.4g", slices.Min(v), slices.Max(v))
 		fmt.Printf("  %-20s %10.4g  spread %-18s  /direct %5.2f  /pgbouncer %5.2f", t.name, m, spread, m/direct, m/bouncer)
-		if c := b.cpuPerTx(w.name, t.name); len(c) > 0 {
+		if c := b.result(w.name, t.name).CPUPerTx; len(c) > 0 {
 			fmt.Printf("  CPU %.1f µs/tx", median(c))
 		}
 		fmt.Println()
@@ -290,23 +290,17 @@ func (b *bench) printWorkload(w workload, ts []target) {
 	fmt.Println()
 }
 
-func (b *bench) values(w, t string) []float64 {
+// result returns the result of workload w against target t (empty if not measured).
+func (b *bench) result(w, t string) result {
 	for _, r := range b.results {
 		if r.Workload == w && r.Target == t {
-			return r.Values
+			return r
 		}
 	}
-	return nil
+	return result{}
 }
 
-func (b *bench) cpuPerTx(w, t string) []float64 {
-	for _, r := range b.results {
-		if r.Workload == w && r.Target == t {
-			return r.CPUPerTx
-		}
-	}
-	return nil
-}
+func (b *bench) values(w, t string) []float64 { return b.result(w, t).Values }
 
 func (b *bench) median(w, t string) float64 { return median(b.values(w, t)) }
 

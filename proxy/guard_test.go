@@ -10,7 +10,6 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 
-	"github.com/rlsproxy/rlsproxy/internal/demo"
 	"github.com/rlsproxy/rlsproxy/internal/proxytest"
 )
 
@@ -197,15 +196,7 @@ func TestGuardTransactionState(t *testing.T) {
 func TestGuardExtendedProtocolDiscardsUntilSync(t *testing.T) {
 	p := proxytest.Start(t, pg)
 	run := func(badSQL string) []string {
-		c := dialRaw(t, p.Addr)
-		_, _ = c.Write(startupPacket(3<<16, "user", "user1", "database", demo.Database))
-		c.receive(t)
-		c.send(t, &pgproto3.PasswordMessage{Password: p.Token(t, "user1")})
-		for {
-			if _, ok := c.receive(t).(*pgproto3.ReadyForQuery); ok {
-				break
-			}
-		}
+		c := rawSession(t, p, "user1")
 		c.send(t,
 			&pgproto3.Parse{Name: "s1", Query: badSQL},
 			&pgproto3.Bind{PreparedStatement: "s1"},

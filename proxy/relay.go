@@ -1,7 +1,9 @@
 package proxy
 
 import (
+	"errors"
 	"fmt"
+	"io"
 	"sync"
 	"sync/atomic"
 
@@ -395,6 +397,32 @@ func (r *relay) fromServer(in []byte, out [][]byte) (int, [][]byte) {
 		r.end(endTokenExpired, r.expiredErr)
 	}
 	return n, out
+}
+
+// lost ends the session after a failed read or write on the client side or
+// the server side. An error from the goroutine driver's own stop deadlines
+// means the session had ended already.
+func (r *relay) lost(clientSide bool, err error) {
+	if isStop(err) {
+		return
+	}
+	if clientSide {
+		r.end(endClientClosed, nil)
+		return
+	}
+	if err == nil {
+		err = io.ErrShortWrite
+	}
+	r.end(endServerClosed, upstreamLost(err))
+}
+
+// upstreamLost is what the client is told when the upstream connection fails.
+func upstreamLost(err error) *clientError {
+	msg := "rlsproxy: lost the upstream connection: " + err.Error()
+	if errors.Is(err, io.EOF) {
+		msg = "rlsproxy: the upstream server closed the connection"
+	}
+	return newClientError(codeConnectionFailure, "upstream", msg)
 }
 
 // errReinject ends a session whose role and claims could not be shown to be

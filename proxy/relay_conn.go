@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"errors"
-	"io"
 	"net"
 	"time"
 
@@ -74,10 +73,8 @@ func (r *relay) pump(src *wire.Reader, dst net.Conn, fromClient bool, first []by
 		}
 		if fromClient {
 			r.upstreamDirty = true
-			r.lostServer(err)
-		} else {
-			r.lostClient(err)
 		}
+		r.lost(!fromClient, err)
 	}
 	write([][]byte{first})
 	var out [][]byte
@@ -101,11 +98,7 @@ func (r *relay) pump(src *wire.Reader, dst net.Conn, fromClient bool, first []by
 			continue
 		}
 		if err := src.Fill(); err != nil {
-			if fromClient {
-				r.lostClient(err)
-			} else {
-				r.lostServer(err)
-			}
+			r.lost(fromClient, err)
 			break
 		}
 	}
@@ -116,36 +109,8 @@ func (r *relay) pump(src *wire.Reader, dst net.Conn, fromClient bool, first []by
 	}
 }
 
-// lostClient ends the session after a failed read or write on the client.
-func (r *relay) lostClient(err error) {
-	if isStop(err) {
-		return // the session had ended already
-	}
-	r.end(endClientClosed, nil)
-}
-
-// lostServer ends the session after a failed read or write upstream.
-func (r *relay) lostServer(err error) {
-	if isStop(err) {
-		return
-	}
-	if err == nil {
-		err = io.ErrShortWrite
-	}
-	r.end(endServerClosed, upstreamLost(err))
-}
-
-// isStop reports an I/O error caused by stop's deadlines.
+// isStop reports an I/O error caused by stop's deadlines (see relay.lost).
 func isStop(err error) bool {
 	var ne net.Error
 	return errors.As(err, &ne) && ne.Timeout()
-}
-
-// upstreamLost is what the client is told when the upstream connection fails.
-func upstreamLost(err error) *clientError {
-	msg := "rlsproxy: lost the upstream connection: " + err.Error()
-	if errors.Is(err, io.EOF) {
-		msg = "rlsproxy: the upstream server closed the connection"
-	}
-	return newClientError(codeConnectionFailure, "upstream", msg)
 }

@@ -3,6 +3,7 @@
 package proxy
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -90,8 +91,8 @@ func (ls *relayLoops) run(r *relay, client net.Conn, clientR *wire.Reader) bool 
 
 	l := ls.loops[ls.next.Add(1)%uint32(len(ls.loops))]
 	s := &loopSession{r: r, done: make(chan struct{})}
-	s.client = loopSide{s: s, fd: cfd, client: true, peer: &s.server, in: clone(clientR.Buffered())}
-	s.server = loopSide{s: s, fd: sfd, peer: &s.client, in: clone(r.up.Reader.Buffered())}
+	s.client = loopSide{s: s, fd: cfd, client: true, peer: &s.server, in: bytes.Clone(clientR.Buffered())}
+	s.server = loopSide{s: s, fd: sfd, peer: &s.client, in: bytes.Clone(r.up.Reader.Buffered())}
 	r.clientBuf, r.serverBuf = relayBuffer, relayBuffer
 	r.handOffOver = handOffOver
 	r.setStop(func() { l.post(func() { l.finish(s) }) })
@@ -273,7 +274,7 @@ func (l *relayLoop) run() {
 				l.readable(x)
 			case ev.Events&(unix.EPOLLHUP|unix.EPOLLERR) != 0:
 				// Paused, and the socket is gone.
-				l.lost(x, io.EOF)
+				x.s.r.lost(x.client, io.EOF)
 			}
 			l.settle(x.s)
 		}
@@ -345,9 +346,9 @@ func (l *relayLoop) add(s *loopSession) {
 		l.sides[int32(x.fd)] = x
 	}
 	for _, x := range []*loopSide{&s.client, &s.server} {
-		if len(x.in) > 0 && !s.over() {
-			in := x.in
-			x.in = nil
+		in := x.in // buffered during startup: relayed, not read into
+		x.in = nil
+		if len(in) > 0 && !s.over() {
 			l.process(x, in)
 		}
 	}
@@ -374,7 +375,7 @@ func (l *relayLoop) readable(x *loopSide) {
 		if err == nil {
 			err = io.EOF
 		}
-		l.lost(x, err)
+		x.s.r.lost(x.client, err)
 		return
 	}
 	l.process(x, buf[:off+n])
@@ -421,7 +422,7 @@ func (l *relayLoop) send(y *loopSide, segs [][]byte) {
 		w, err = 0, nil
 	}
 	if err != nil {
-		l.lost(y, err)
+		y.s.r.lost(y.client, err)
 		return
 	}
 	y.s.r.count(!y.client, w)
@@ -448,7 +449,7 @@ func (l *relayLoop) flush(y *loopSide) {
 		return
 	}
 	if err != nil {
-		l.lost(y, err)
+		y.s.r.lost(y.client, err)
 		return
 	}
 	y.s.r.count(!y.client, w)
@@ -458,15 +459,6 @@ func (l *relayLoop) flush(y *loopSide) {
 	}
 	l.release(y.pend)
 	y.pend = nil
-}
-
-// lost ends the session after a failed read or write on x.
-func (l *relayLoop) lost(x *loopSide, err error) {
-	if x.client {
-		x.s.r.end(endClientClosed, nil)
-		return
-	}
-	x.s.r.end(endServerClosed, upstreamLost(err))
 }
 
 func (l *relayLoop) watch(x *loopSide, events uint32) {
@@ -494,11 +486,11 @@ func (l *relayLoop) finish(s *loopSession) {
 	r := s.r
 	r.clientMidFrame = r.clientPass > 0 || len(s.server.pend) > 0
 	r.serverBoundary = len(s.server.in) == 0 && r.serverPass == 0 && r.serverDrop == 0
-	s.clientPend = clone(s.client.pend)
+	s.clientPend = bytes.Clone(s.client.pend)
 	s.handedOff = r.handOff && !r.ended.Load()
 	if s.handedOff {
-		s.serverPend = clone(s.server.pend)
-		s.clientIn, s.serverIn = clone(s.client.in), clone(s.server.in)
+		s.serverPend = bytes.Clone(s.server.pend)
+		s.clientIn, s.serverIn = bytes.Clone(s.client.in), bytes.Clone(s.server.in)
 	}
 	for _, x := range []*loopSide{&s.client, &s.server} {
 		l.release(x.in)
@@ -600,14 +592,6 @@ func fdConn(fd int) (net.Conn, error) {
 	f := os.NewFile(uintptr(fd), "relay")
 	defer f.Close()
 	return net.FileConn(f)
-}
-
-// clone copies b into a buffer the loop does not reuse.
-func clone(b []byte) []byte {
-	if len(b) == 0 {
-		return nil
-	}
-	return append(make([]byte, 0, max(len(b), relayBuffer)), b...)
 }
 
 // closedConn stands for an upstream connection that could not be taken

@@ -85,6 +85,20 @@ func (c *rawClient) receive(t *testing.T) pgproto3.BackendMessage {
 	return m
 }
 
+// rawSession logs in as sub through the proxy and reads up to ReadyForQuery.
+func rawSession(t *testing.T, p *proxytest.Proxy, sub string) *rawClient {
+	t.Helper()
+	c := dialRaw(t, p.Addr)
+	_, _ = c.Write(startupPacket(3<<16, "user", sub, "database", demo.Database))
+	c.receive(t)
+	c.send(t, &pgproto3.PasswordMessage{Password: p.Token(t, sub)})
+	for {
+		if _, ok := c.receive(t).(*pgproto3.ReadyForQuery); ok {
+			return c
+		}
+	}
+}
+
 // startupPacket builds a StartupMessage with any protocol version.
 func startupPacket(version uint32, params ...string) []byte {
 	body := binary.BigEndian.AppendUint32(nil, version)

@@ -6,7 +6,6 @@ import (
 
 	"github.com/jackc/pgx/v5/pgproto3"
 
-	"github.com/rlsproxy/rlsproxy/internal/demo"
 	"github.com/rlsproxy/rlsproxy/internal/proxytest"
 )
 
@@ -14,20 +13,6 @@ import (
 // proxy's re-injected answers (after a reset) from the client's. These
 // tests speak the protocol by hand to reach the sequences where PostgreSQL
 // answers fewer than one per Query and Sync.
-
-// rawSession logs in as sub through the proxy and reads up to ReadyForQuery.
-func rawSession(t *testing.T, p *proxytest.Proxy, sub string) *rawClient {
-	t.Helper()
-	c := dialRaw(t, p.Addr)
-	_, _ = c.Write(startupPacket(3<<16, "user", sub, "database", demo.Database))
-	c.receive(t)
-	c.send(t, &pgproto3.PasswordMessage{Password: p.Token(t, sub)})
-	for {
-		if _, ok := c.receive(t).(*pgproto3.ReadyForQuery); ok {
-			return c
-		}
-	}
-}
 
 // untilReady reads answers up to the n-th ReadyForQuery, as short strings.
 func untilReady(t *testing.T, c *rawClient, n int) []string {
@@ -82,6 +67,36 @@ func TestQueryInsideExtendedBatchEndsSession(t *testing.T) {
 	}
 	if strings.Contains(seq, "rlsproxy_reinjected") || strings.Contains(seq, "D:authenticator") {
 		t.Fatalf("re-injected answers or the login role reached the client: %s", seq)
+	}
+}
+
+// The look-alike that must pass: the same Query once the batch is closed
+// by its Sync, after a failing Parse.
+func TestQueryAfterExtendedBatchPasses(t *testing.T) {
+	p := proxytest.Start(t, pg)
+	c := rawSession(t, p, "user1")
+	c.send(t,
+		&pgproto3.Parse{Query: "SELEC 1"},
+		&pgproto3.Sync{},
+		&pgproto3.Query{String: "SELECT current_user"},
+	)
+	if got := strings.Join(untilReady(t, c, 2), " "); got != "E:42601 Z T D:authenticated C:SELECT 1 Z" {
+		t.Fatalf("got %s", got)
+	}
+}
+
+// A client's own rows may hold text like the re-injection's mark (not its
+// per-session random part): answered while the relay waits for a reset's
+// re-injection, they reach the client and the session carries on.
+func TestMarkLookAlikePasses(t *testing.T) {
+	p := proxytest.Start(t, pg)
+	c := rawSession(t, p, "user1")
+	c.send(t,
+		&pgproto3.Query{String: "SELECT 'rlsproxy_reinjected_0123456789abcdef'; RESET ALL"},
+		&pgproto3.Query{String: "SELECT current_user"})
+	want := "T D:rlsproxy_reinjected_0123456789abcdef C:SELECT 1 C:RESET Z T D:authenticated C:SELECT 1 Z"
+	if got := strings.Join(untilReady(t, c, 2), " "); got != want {
+		t.Fatalf("got %s, want %s", got, want)
 	}
 }
 
