@@ -24,6 +24,7 @@ const (
 	codeInvalidDatabase       = "3D000"
 	codeFeatureNotSupported   = "0A000"
 	codeRejectedConnection    = "08004"
+	codeProgramLimitExceeded  = "54000"
 )
 
 // clientError is an error the client should read, with its SQLSTATE.

@@ -19,43 +19,43 @@ const (
 	endTokenExpired    = "token_expired"
 	endShutdown        = "shutdown"
 	endProtocolError   = "protocol_error"
-	endReinjectFailed  = "reinject_failed"
+	endServerConfused  = "upstream_protocol_error"
+	endUnsafeSetting   = "unsafe_setting"
 )
 
 // relay is what the proxy does with the frames of an authenticated session:
 // which bytes read from one side are written to the other, and when the
 // session ends. It does no I/O itself. A driver reads, hands the bytes to
-// fromClient or fromServer, writes the segments they return, and finishes
-// the session once it has ended: the event loop (relay_loop_linux.go) for
-// plaintext sessions, a pair of goroutines (relay_conn.go) otherwise.
+// fromClient or fromServer, writes the segments they return (and, after
+// fromServer, the proxy's own frames takeInject returns, upstream), and
+// finishes the session once it has ended: the event loop
+// (relay_loop_linux.go) for plaintext sessions, a pair of goroutines
+// (relay_conn.go) otherwise.
 //
 // Frames are passed on as bytes: only their type byte is looked at, and only
 // the few types the relay must act on are read further (Query, Parse and
-// FunctionCall by the guard; ReadyForQuery and ErrorResponse on the way
-// back). Frames up to the read buffer's size are handled whole; a larger one
-// is streamed through as it arrives, or, when the guard must read it,
-// gathered whole first.
+// FunctionCall by the guard; ErrorResponse, ReadyForQuery, ParameterStatus
+// and the answers to the proxy's own statements on the way back). Frames up
+// to the read buffer's size are handled whole; a larger one is streamed
+// through as it arrives, or, when the guard must read it, gathered whole
+// first.
 //
-// Work is counted in units: each Query, Sync and FunctionCall the server
-// receives is answered by exactly one ReadyForQuery, except where PostgreSQL
-// ignores them, which track follows (a Sync during COPY FROM STDIN). The
-// counts tell when the server is idle (token expiry) and which answers
-// belong to the proxy's own re-injected statements. Where the count cannot
-// be known (a Query inside an unfinished extended-query batch, which
-// PostgreSQL skips after an error), the session ends. The re-injected
-// answers are checked for their mark besides, and the client is held back
-// until they are in, so a count gone wrong ends the session rather than let
-// a client statement run under the login role.
+// What the server owes is the ledger's (ledger.go), kept from the server's
+// own answers. After a client's reset (DISCARD ALL, RESET ROLE, ...) the
+// client's next messages wait in the proxy until the reset is answered and
+// the proxy's own batch that re-establishes role and claims is answered and
+// proved; anything else ends the session, so no client statement runs as
+// the login role.
 type relay struct {
 	up      *session.Upstream
+	grant   *session.Grant
 	metrics *Metrics
 	guard   *sessionGuard // nil with --guard off
+	ledger  *ledger
 
 	// Frames up to these sizes are handled whole: the drivers' read buffers.
 	clientBuf, serverBuf int
 
-	// pending counts the ReadyForQuery messages the server still owes.
-	pending atomic.Int64
 	expired atomic.Bool
 	// expiredErr is what the client is told when its token expires.
 	expiredErr *clientError
@@ -68,30 +68,25 @@ type relay struct {
 	handOff     bool
 
 	// Client-to-server state, touched only by the code reading the client.
-	sent       int64  // units sent upstream
 	clientPass int    // bytes of a large frame still to pass through
+	clientDrop int    // bytes of a refused frame still to drop
 	frame      []byte // a large frame the guard must read, being gathered
 	frameSize  int
-	batchOpen  bool  // extended-query messages sent since the last Sync
-	copyIn     bool  // the client is sending COPY data
-	syncs      int64 // Syncs counted since the last Query or Execute
-	ignored    int64 // of those, found to be ignored by the server (see track)
 	// upstreamDirty records that the server may hold part of a frame: a
 	// write upstream failed part-way, or the rest of a streamed frame was
 	// dropped. The connection is then not reused.
 	upstreamDirty bool
 
-	// holding is set from a reset's re-injection until its answers are in:
-	// the client's later messages wait (see sessionGuard).
-	holding atomic.Bool
+	// The client side waits while holding (a reset is being re-established)
+	// or full (the ledger is): the server side sets released when it may
+	// go on.
+	holding, full atomic.Bool
 
 	// Server-to-client state, touched only by the code reading the server.
-	recv       int64 // ReadyForQuery received
-	dropping   bool  // the current unit is the proxy's own: its answers are dropped
-	marked     bool  // the dropped unit carried the re-injection's mark
-	released   bool  // holding was cleared: the driver resumes the client side
-	serverPass int   // bytes of a large frame still to pass through
-	serverDrop int   // bytes of a large frame still to drop
+	released   bool   // the client side may go on: the driver resumes it
+	inject     []byte // the proxy's own frames, to be written upstream
+	serverPass int    // bytes of a large frame still to pass through
+	serverDrop int    // bytes of a large frame still to drop
 
 	// Set by the driver once the session has ended: whether the client left
 	// a frame half-sent upstream, and whether the server side stopped
@@ -109,9 +104,12 @@ type relay struct {
 	bytesUp, bytesDown atomic.Int64
 }
 
-func newRelay(up *session.Upstream, m *Metrics, g *sessionGuard) *relay {
-	return &relay{up: up, metrics: m, guard: g}
+func newRelay(up *session.Upstream, g *session.Grant, m *Metrics, sg *sessionGuard) *relay {
+	return &relay{up: up, grant: g, metrics: m, guard: sg, ledger: newLedger()}
 }
+
+// paused reports whether the client side must wait.
+func (r *relay) paused() bool { return r.holding.Load() || r.full.Load() }
 
 // fromClient takes bytes read from the client, appends to out the segments
 // to write upstream, and returns how many bytes of in it consumed: the rest
@@ -119,14 +117,19 @@ func newRelay(up *session.Upstream, m *Metrics, g *sessionGuard) *relay {
 // Segments may point into in; they must be written before in is reused.
 func (r *relay) fromClient(in []byte, out [][]byte) (int, [][]byte) {
 	n, start := 0, 0 // in[start:n] is scanned and not yet in out
-	units := int64(0)
-	count := func(u int64) { units += u; r.sent += u }
-	passing := r.clientPass > 0
-	for n < len(in) && !r.ended.Load() && !r.holding.Load() {
+	for n < len(in) && !r.ended.Load() && !r.paused() {
 		if r.clientPass > 0 {
 			k := min(r.clientPass, len(in)-n)
 			r.clientPass -= k
 			n += k
+			continue
+		}
+		if r.clientDrop > 0 {
+			k := min(r.clientDrop, len(in)-n)
+			out = appendSegment(out, in[start:n])
+			r.clientDrop -= k
+			n += k
+			start = n
 			continue
 		}
 		if r.frame != nil {
@@ -137,8 +140,7 @@ func (r *relay) fromClient(in []byte, out [][]byte) (int, [][]byte) {
 			if len(r.frame) == r.frameSize {
 				frame := r.frame
 				r.frame = nil
-				sub, resets := r.guard.check(frame[0], frame)
-				out = r.checked(out, frame, sub, resets, count)
+				out = r.inspected(out, frame)
 			}
 			continue
 		}
@@ -150,7 +152,28 @@ func (r *relay) fromClient(in []byte, out [][]byte) (int, [][]byte) {
 		if !ok {
 			break
 		}
-		if r.handOffOver > 0 && r.guard != nil && inspected(typ) && size > r.handOffOver {
+		if typ == 'X' {
+			// Not passed on: the upstream connection outlives the client.
+			r.end(endClientTerminate, nil)
+			break
+		}
+		if !frontendMessage(typ) {
+			// PostgreSQL ends the connection too; the ledger need not know.
+			r.end(endProtocolError, newClientError(codeProtocolViolation, "protocol", fmt.Sprintf("invalid frontend message type %d", typ)))
+			break
+		}
+		if r.expired.Load() {
+			// Nothing more goes upstream: the session ends once the server
+			// has answered what it was sent.
+			if r.ledger.quiet() {
+				r.end(endTokenExpired, r.expiredErr)
+			}
+			n = len(in)
+			start = n
+			break
+		}
+		inspect := r.guard != nil && inspected(typ)
+		if r.handOffOver > 0 && inspect && size > r.handOffOver {
 			r.handOff = true
 			break
 		}
@@ -158,157 +181,83 @@ func (r *relay) fromClient(in []byte, out [][]byte) (int, [][]byte) {
 			if size <= r.clientBuf {
 				break // the rest will fit: wait for it
 			}
-			if r.guard != nil && inspected(typ) {
-				if size > maxInspected {
-					r.end(endProtocolError, newClientError(codeProtocolViolation, "protocol",
-						fmt.Sprintf("message of %d bytes is larger than rlsproxy's guard reads (%d)", size, maxInspected)))
-					break
-				}
-				if _, ok := r.track(typ); !ok {
-					break
-				}
+			if inspect {
 				out = appendSegment(out, in[start:n])
+				if size > maxInspected {
+					// Never held: its bytes are dropped as they come, and
+					// the server fails a substitute in its place.
+					substitute, refusal := r.guard.oversized(typ, size)
+					r.ledger.sentRefused(substitute[0], refusal)
+					out = append(out, substitute)
+					start = n
+					r.clientDrop = size
+					continue
+				}
 				start = n
 				r.frame, r.frameSize = make([]byte, 0, size), size
 				continue
 			}
-			u, ok := r.track(typ)
-			if !ok {
-				break
-			}
-			count(u)
+			r.sent(typ)
 			r.clientPass = size
 			continue
 		}
-		if typ == 'X' {
-			// Not passed on: the upstream connection outlives the client.
-			r.end(endClientTerminate, nil)
-			break
+		if inspect {
+			out = appendSegment(out, in[start:n])
+			out = r.inspected(out, in[n:n+size])
+			n += size
+			start = n
+			continue
 		}
-		u, ok := r.track(typ)
-		if !ok {
-			break
-		}
-		if r.guard != nil && inspected(typ) {
-			if sub, resets := r.guard.check(typ, in[n:n+size]); sub != nil || resets {
-				out = appendSegment(out, in[start:n])
-				out = r.checked(out, in[n:n+size], sub, resets, count)
-				n += size
-				start = n
-				continue
-			}
-		}
-		count(u)
+		r.sent(typ)
 		n += size
 	}
-	out = appendSegment(out, in[start:n])
-	ok := r.admit(units)
-	if r.ignored > 0 {
-		// Counted earlier, never to be answered. (If this call was refused
-		// for expiry, some may be taken off twice: the count then runs low,
-		// which only ends the expired session sooner and keeps its
-		// connection out of the pool.)
-		if r.pending.Add(-r.ignored) <= 0 && r.expired.Load() {
-			r.end(endTokenExpired, r.expiredErr)
-		}
-		r.ignored = 0
-	}
-	if !ok {
-		if passing || r.clientPass > 0 {
-			r.upstreamDirty = true
-		}
-		return n, out[:0]
-	}
-	return n, out
+	return n, appendSegment(out, in[start:n])
 }
 
-// track follows the client's side of the protocol, one frame at a time, as
-// far as the unit count needs, and returns the units the frame is answered
-// with. It reports false, having ended the session, for a sequence whose
-// answers cannot be counted.
-func (r *relay) track(typ byte) (units int64, ok bool) {
+// sent records a client message in the ledger, and pauses the client side
+// when the ledger is full.
+func (r *relay) sent(typ byte) {
+	r.ledger.sent(typ)
+	if r.ledger.full() {
+		r.full.Store(true)
+	}
+}
+
+// inspected appends a frame the guard reads, or the substitute it makes for
+// a refused one, and records it in the ledger. After a reset the client side
+// waits for the session to be re-established.
+func (r *relay) inspected(out [][]byte, frame []byte) [][]byte {
+	substitute, refusal, resets := r.guard.check(frame[0], frame)
+	switch {
+	case substitute != nil:
+		r.ledger.sentRefused(substitute[0], refusal)
+		frame = substitute
+	case resets:
+		if r.ledger.sentReset() {
+			r.holding.Store(true)
+		}
+	default:
+		r.ledger.sent(frame[0])
+	}
+	if r.ledger.full() {
+		r.full.Store(true)
+	}
+	return append(out, frame)
+}
+
+// frontendMessage reports the message types a client may send after
+// startup (Terminate aside).
+func frontendMessage(typ byte) bool {
 	switch typ {
-	case 'P', 'B', 'D', 'C':
-		r.batchOpen = true
-	case 'E':
-		r.batchOpen = true
-		r.syncs = 0
-	case 'S':
-		r.batchOpen = false
-		if r.copyIn {
-			return 0, true // PostgreSQL ignores Sync during COPY FROM STDIN
-		}
-		r.syncs++
-		return 1, true
-	case 'Q', 'F':
-		if r.batchOpen {
-			// After an error PostgreSQL skips every message up to Sync, this
-			// one too: whether it is answered cannot be known here.
-			r.end(endProtocolError, newClientError(codeProtocolViolation, "protocol",
-				"rlsproxy does not relay a Query or FunctionCall inside an unfinished extended-query batch: send Sync first"))
-			return 0, false
-		}
-		r.copyIn = false
-		r.syncs = 0
-		return 1, true
-	case 'd', 'c', 'f':
-		if !r.copyIn {
-			// The server is in COPY FROM STDIN, begun by the last Query or
-			// Execute, so it ignored the Syncs sent since (libpq sends one
-			// right behind an Execute, and another after CopyDone).
-			r.copyIn = true
-			r.sent -= r.syncs
-			r.ignored += r.syncs
-			r.syncs = 0
-		}
-		if typ != 'd' {
-			r.copyIn = false
-		}
+	case 'Q', 'P', 'B', 'D', 'E', 'C', 'S', 'H', 'F', 'd', 'c', 'f':
+		return true
 	}
-	return 0, true
-}
-
-// checked appends an inspected frame, or the substitute the guard made for
-// it, and after a reset the frames that re-establish the session.
-func (r *relay) checked(out [][]byte, frame, substitute []byte, resets bool, count func(int64)) [][]byte {
-	if substitute != nil {
-		count(wire.Units(substitute[0]))
-		return append(out, substitute)
-	}
-	u := wire.Units(frame[0])
-	out = append(out, frame)
-	if resets {
-		// Registered before the frame is written, so the answers are known to
-		// be the proxy's before they can arrive. Nothing more of the client's
-		// goes upstream until they are in.
-		r.guard.expectInjected(r.sent + u + 1)
-		out = append(out, r.guard.reinject)
-		u++
-		r.holding.Store(true)
-	}
-	count(u)
-	return out
-}
-
-// admit accounts for units about to be sent upstream. Once the token has
-// expired nothing more is sent: the session ends when the server is idle.
-func (r *relay) admit(units int64) bool {
-	if units > 0 {
-		r.pending.Add(units)
-	}
-	if r.expired.Load() {
-		if r.pending.Add(-units) == 0 {
-			r.end(endTokenExpired, r.expiredErr)
-		}
-		return false
-	}
-	return true
+	return false
 }
 
 // fromServer is fromClient's counterpart for bytes read from the server.
 func (r *relay) fromServer(in []byte, out [][]byte) (int, [][]byte) {
 	n, start := 0, 0 // in[start:n] is scanned and not yet in out
-	ready := int64(0)
 	for n < len(in) && !r.ended.Load() {
 		if r.serverPass > 0 {
 			k := min(r.serverPass, len(in)-n)
@@ -336,67 +285,84 @@ func (r *relay) fromServer(in []byte, out [][]byte) (int, [][]byte) {
 		if !whole && size <= r.serverBuf {
 			break // the rest will fit: wait for it
 		}
-		var replace []byte
-		drop := false
-		switch {
-		case r.dropping && (typ == 'A' || typ == 'S'):
-			// Notifications and parameter changes are the client's.
-		case r.dropping && typ == 'E':
-			r.end(endReinjectFailed, errReinject)
-			return n, out
-		case r.dropping:
-			drop = true
-			if typ == 'D' && whole && r.guard.marks(in[n:n+size]) {
-				r.marked = true
+		body := in[n+wire.HeaderLen : min(n+size, len(in))]
+		if typ == 'S' && whole && r.guard != nil {
+			if ce := r.guard.parameterStatus(body); ce != nil {
+				// What the server reports is what it lexes the next
+				// statement with: nothing more of the client's is sent.
+				r.end(endUnsafeSetting, ce)
+				break
 			}
-		case typ == 'E' && r.guard != nil && whole:
-			replace = r.guard.rewrite(in[n : n+size])
-		case typ == 'D' && r.guard != nil && r.holding.Load() && r.guard.marks(in[n:min(n+size, len(in))]):
-			// The re-injection's answers, taken for the client's: the count
-			// of units has gone wrong.
-			r.end(endReinjectFailed, errReinject)
-			return n, out
 		}
-		if typ == 'Z' && whole {
-			ready++
-			r.recv++
-			r.up.TxStatus = in[n+5]
-			if r.dropping {
-				if !r.marked {
-					r.end(endReinjectFailed, errReinject)
-					return n, out
-				}
-				r.marked = false
-				r.holding.Store(false)
-				r.released = true
-			}
-			r.dropping = r.guard != nil && r.guard.isInjected(r.recv+1)
+		route, refusal, ev, err := r.ledger.received(typ, body, whole)
+		if err != nil {
+			r.end(endServerConfused, newClientError(codeConnectionFailure, "upstream_protocol",
+				"rlsproxy: the upstream's answers no longer follow the protocol ("+err.Error()+"); reconnect"))
+			break
 		}
 		switch {
-		case !whole && drop:
-			out = appendSegment(out, in[start:n])
-			start = n
-			r.serverDrop = size
-		case !whole:
+		case route == toClient && whole:
+			n += size
+		case route == toClient:
 			r.serverPass = size
-		case drop || replace != nil:
+		case route == replace:
 			out = appendSegment(out, in[start:n])
-			if replace != nil {
-				out = append(out, replace)
+			out = append(out, encodeError(nil, "ERROR", refusal))
+			if whole {
+				n += size
+				start = n
+			} else {
+				start = n
+				r.serverDrop = size
 			}
+		case whole: // drop
+			out = appendSegment(out, in[start:n])
 			n += size
 			start = n
 		default:
-			n += size
+			out = appendSegment(out, in[start:n])
+			start = n
+			r.serverDrop = size
+		}
+		switch ev {
+		case resetDone:
+			if status := r.ledger.txStatus(); status != 'E' {
+				b := r.up.InstallBatch(r.grant, status)
+				r.ledger.sentOwn(b)
+				r.inject = append(r.inject, b.Frames...)
+				break
+			}
+			// A failed transaction block: the reset, if it ran at all,
+			// was undone with it, and nothing runs until ROLLBACK.
+			r.resume()
+		case resetSkipped, ownDone:
+			r.resume()
+		}
+		if r.full.Load() && !r.ledger.full() {
+			r.full.Store(false)
+			r.released = !r.holding.Load()
 		}
 	}
 	out = appendSegment(out, in[start:n])
-	if ready > 0 && r.pending.Add(-ready) == 0 && r.expired.Load() {
+	if r.expired.Load() && r.ledger.quiet() {
 		// The statement that was running when the token expired has
 		// finished; its answers are in out, written before the session ends.
 		r.end(endTokenExpired, r.expiredErr)
 	}
 	return n, out
+}
+
+// resume lets the client side go on after a reset.
+func (r *relay) resume() {
+	r.holding.Store(false)
+	r.released = !r.full.Load()
+}
+
+// takeInject returns the proxy's own frames to write upstream, if any.
+func (r *relay) takeInject() []byte {
+	b := r.inject
+	r.inject = nil
+	return b
 }
 
 // lost ends the session after a failed read or write on the client side or
@@ -425,11 +391,6 @@ func upstreamLost(err error) *clientError {
 	return newClientError(codeConnectionFailure, "upstream", msg)
 }
 
-// errReinject ends a session whose role and claims could not be shown to be
-// back after a reset.
-var errReinject = newClientError(codeConnectionFailure, "reinject",
-	"rlsproxy could not re-establish the session's role and claims after a reset; reconnect")
-
 func appendSegment(out [][]byte, b []byte) [][]byte {
 	if len(b) == 0 {
 		return out
@@ -446,7 +407,7 @@ func (r *relay) reusable() bool {
 	default:
 		return false
 	}
-	return r.pending.Load() == 0 && !r.clientMidFrame && !r.upstreamDirty && r.serverBoundary
+	return r.ledger.reusable() && !r.clientMidFrame && !r.upstreamDirty && r.serverBoundary && len(r.inject) == 0
 }
 
 // expire is called when the session's token expires: the session ends now if
@@ -454,7 +415,7 @@ func (r *relay) reusable() bool {
 func (r *relay) expire(e *clientError) {
 	r.expiredErr = e
 	r.expired.Store(true)
-	if r.pending.Load() == 0 {
+	if r.ledger.quiet() {
 		r.end(endTokenExpired, e)
 	}
 }

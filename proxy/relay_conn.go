@@ -83,6 +83,14 @@ func (r *relay) pump(src *wire.Reader, dst net.Conn, fromClient bool, first []by
 		n, out = feed(src.Buffered(), out[:0])
 		write(out)
 		src.Discard(n)
+		if own := r.takeInject(); own != nil {
+			// The client side waits (the relay holds it), so this is the
+			// only writer upstream.
+			if _, err := r.up.Conn.Write(own); err != nil {
+				r.upstreamDirty = true
+				r.lost(false, err)
+			}
+		}
 		if r.ended.Load() {
 			break
 		}
@@ -93,7 +101,7 @@ func (r *relay) pump(src *wire.Reader, dst net.Conn, fromClient bool, first []by
 			default:
 			}
 		}
-		if fromClient && r.holding.Load() {
+		if fromClient && r.paused() {
 			<-resume
 			continue
 		}

@@ -73,7 +73,7 @@ func newDriverSession(t *testing.T, guard *sessionGuard, serverRcvbuf int) *driv
 	s.client, s.proxyCli = socketPair(t, 0)
 	s.proxyUp, s.server = socketPair(t, serverRcvbuf)
 	up := &session.Upstream{Conn: s.proxyUp, Reader: wire.NewReader(s.proxyUp, 32<<10, 64<<20), TxStatus: 'I'}
-	s.r = newRelay(up, NewMetrics(prometheus.NewRegistry()), guard)
+	s.r = newRelay(up, nil, NewMetrics(prometheus.NewRegistry()), guard)
 	s.clientR = wire.NewReader(s.proxyCli, 32<<10, 64<<20)
 	return s
 }
@@ -163,7 +163,7 @@ func TestDriverAnswersBeforeExpiry(t *testing.T) {
 // upstream, and the rest of it is dropped: the server holds half a frame,
 // so the connection must not go back to the pool.
 func TestDriverExpiryMidStreamNotReusable(t *testing.T) {
-	r := newRelay(&session.Upstream{}, NewMetrics(prometheus.NewRegistry()), nil)
+	r := newRelay(&session.Upstream{}, nil, NewMetrics(prometheus.NewRegistry()), nil)
 	r.clientBuf, r.serverBuf = 64, 64
 	var upstream []byte
 	feed := func(b []byte) {
@@ -203,7 +203,7 @@ func TestDriverHandOffWithServerBacklog(t *testing.T) {
 	for _, driver := range driverNames {
 		t.Run(driver, func(t *testing.T) {
 			g := newSessionGuard(session.NewGuard(session.Policy{ClaimsSetting: "request.jwt.claims", ClaimPrefix: "jwt.claims."}, 100),
-				encode(t, &pgproto3.Sync{}), NewMetrics(prometheus.NewRegistry()))
+				NewMetrics(prometheus.NewRegistry()))
 			s := newDriverSession(t, g, 4096)
 			_ = s.proxyUp.SetWriteBuffer(4096)
 
@@ -228,10 +228,11 @@ func TestDriverHandOffWithServerBacklog(t *testing.T) {
 					}
 				}
 			}()
-			// The client has pipelined ~60 KB of small messages and then a
-			// Query over handOffOver (4 KB), all in the socket before the
-			// relay starts, so the loop reads them in one read.
-			var pipeline []byte
+			// The client has sent the Query whose result that is, pipelined
+			// ~60 KB of small messages and then a Query over handOffOver
+			// (4 KB), all in the socket before the relay starts, so the loop
+			// reads them in one read.
+			pipeline, _ := (&pgproto3.Query{String: "SELECT repeat('r', 8000) FROM generate_series(1, 1e9)"}).Encode(nil)
 			for range 60 {
 				pipeline, _ = (&pgproto3.Bind{Parameters: [][]byte{bytes.Repeat([]byte{'b'}, 980)}}).Encode(pipeline)
 			}

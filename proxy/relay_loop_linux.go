@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/rlsproxy/rlsproxy/internal/wire"
+	"github.com/rlsproxy/rlsproxy/session"
 )
 
 // relayLoops relays plaintext sessions on a few event loops, each a
@@ -40,10 +41,10 @@ type relayLoops struct {
 const relayBuffer = 64 << 10
 
 // handOffOver is the largest Query, Parse or FunctionCall the guard reads on
-// a loop. A parse costs up to ~2 ms per KB of SQL; a session sending a larger
-// message is handed to goroutines of its own (relay_conn.go) for the rest
-// of its life, so that the loop's other sessions never wait on it.
-const handOffOver = 4 << 10
+// a loop: the longest it parses in process. A session sending a larger
+// message is handed to goroutines of its own (relay_conn.go) for the rest of
+// its life, so that the loop's other sessions never wait on a long parse.
+const handOffOver = session.MaxInProcessParse
 
 func newRelayLoops(n int) (*relayLoops, error) {
 	ls := &relayLoops{}
@@ -300,7 +301,7 @@ func (l *relayLoop) settle(s *loopSession) {
 	// a backlog of its own.
 	for _, x := range []*loopSide{&s.client, &s.server} {
 		events := uint32(0)
-		if len(x.peer.pend) == 0 && (!x.client || !s.r.holding.Load()) {
+		if len(x.peer.pend) == 0 && (!x.client || !s.r.paused()) {
 			events |= unix.EPOLLIN
 		}
 		if len(x.pend) > 0 {
@@ -393,6 +394,9 @@ func (l *relayLoop) process(x *loopSide, in []byte) {
 	}
 	l.send(x.peer, l.out)
 	clear(l.out)
+	if own := r.takeInject(); own != nil {
+		l.send(x, [][]byte{own})
+	}
 	rest := in[used:]
 	switch {
 	case len(rest) == 0:

@@ -287,6 +287,14 @@ func (s *Server) handle(ctx context.Context, raw net.Conn) {
 		s.reject(c, newClientError(codeTooManyConnections, "too_many_clients", "sorry, too many clients already"), "startup")
 		return
 	}
+	if s.cfg.Guard != nil {
+		for _, e := range req.encodings {
+			if err := session.LexableEncoding(e); err != nil {
+				s.reject(c, newClientError(codeInsufficientPrivilege, "client_encoding", err.Error()), "startup")
+				return
+			}
+		}
+	}
 
 	sctx, cancelStartup := context.WithDeadline(ctx, start.Add(s.cfg.StartupTimeout))
 	up, sess, err := s.authenticate(sctx, c, req)
@@ -369,15 +377,18 @@ func (s *Server) databaseAllowed(db string) bool {
 func (s *Server) relay(c *clientConn, req *startupRequest, up *session.Upstream, info sessionInfo, start time.Time) {
 	var guard *sessionGuard
 	if s.cfg.Guard != nil {
-		reinject, err := up.InstallFrames(info.grant, s.cfg.Dialer.Signer)
-		if err != nil {
-			s.cfg.Pool.Release(context.Background(), up, false)
-			s.reject(c, err, "startup")
-			return
+		guard = newSessionGuard(s.cfg.Guard, s.cfg.Metrics)
+		// The settings the server reads statements with, as it reports
+		// them at connect: they include role and database defaults.
+		for _, name := range []string{"client_encoding", "standard_conforming_strings"} {
+			if ce := guard.lexing(name, up.Params[name]); ce != nil {
+				s.cfg.Pool.Release(context.Background(), up, false)
+				s.reject(c, ce, "startup")
+				return
+			}
 		}
-		guard = newSessionGuard(s.cfg.Guard, reinject, s.cfg.Metrics)
 	}
-	r := newRelay(up, s.cfg.Metrics, guard)
+	r := newRelay(up, info.grant, s.cfg.Metrics, guard)
 	key := s.cancels.register(up)
 	// Unregistered before the connection goes back to the pool, so that a
 	// late CancelRequest cannot reach the next client's statement.
@@ -429,6 +440,7 @@ func (s *Server) relay(c *clientConn, req *startupRequest, up *session.Upstream,
 		r.runConns(c.Conn, c.r, nil, nil)
 	}
 	reason := r.reason
+	up.TxStatus = r.ledger.txStatus()
 	rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	unregister()
 	s.cfg.Pool.Release(rctx, up, r.reusable())

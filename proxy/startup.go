@@ -44,6 +44,9 @@ type startupRequest struct {
 	applicationName string
 	// params are forwarded upstream.
 	params map[string]string
+	// encodings are the client_encoding values asked for, as a parameter
+	// or in options.
+	encodings []string
 	// unsupportedOptions are _pq_ protocol options, refused by negotiation.
 	unsupportedOptions []string
 	minor              uint16
@@ -143,16 +146,21 @@ func parseStartup(body []byte, p session.Policy) (*startupRequest, error) {
 		case strings.HasPrefix(k, "_pq_."):
 			req.unsupportedOptions = append(req.unsupportedOptions, k)
 		case k == "options":
-			if err := checkOptions(v, p); err != nil {
+			encodings, err := checkOptions(v, p)
+			if err != nil {
 				return nil, err
 			}
+			req.encodings = append(req.encodings, encodings...)
 			req.params[k] = v
 		case p.Protected(k):
 			return nil, newClientError(codeInsufficientPrivilege, "protected_setting",
 				fmt.Sprintf("startup parameter %q is not allowed through rlsproxy: it sets the identity of the session", k))
 		default:
-			if k == "application_name" {
+			switch k {
+			case "application_name":
 				req.applicationName = v
+			case "client_encoding":
+				req.encodings = append(req.encodings, v)
 			}
 			req.params[k] = v
 		}
@@ -178,10 +186,11 @@ func cutPair(b []byte) (k, v string, rest []byte, ok bool) {
 	return string(b[:i]), string(b[i+1 : i+1+j]), b[i+2+j:], true
 }
 
-// checkOptions refuses startup options that set identity settings. options
-// holds command-line switches for the backend (-c name=value, --name=value),
-// split on unescaped spaces as pg_split_opts does.
-func checkOptions(options string, p session.Policy) error {
+// checkOptions refuses startup options that set identity settings, and
+// returns the client_encoding values they set. options holds command-line
+// switches for the backend (-c name=value, --name=value), split on unescaped
+// spaces as pg_split_opts does.
+func checkOptions(options string, p session.Policy) (encodings []string, err error) {
 	args := splitOptions(options)
 	for i := 0; i < len(args); i++ {
 		a := args[i]
@@ -195,21 +204,24 @@ func checkOptions(options string, p session.Policy) error {
 		case strings.HasPrefix(a, "--"):
 			setting = a[2:]
 		default:
-			return newClientError(codeInsufficientPrivilege, "protected_setting",
+			return nil, newClientError(codeInsufficientPrivilege, "protected_setting",
 				fmt.Sprintf("startup option %q is not allowed through rlsproxy: only -c name=value settings are", a))
 		}
-		name, _, found := strings.Cut(setting, "=")
+		name, value, found := strings.Cut(setting, "=")
 		if !found || name == "" {
-			return newClientError(codeProtocolViolation, "protocol", fmt.Sprintf("startup option %q is not name=value", a))
+			return nil, newClientError(codeProtocolViolation, "protocol", fmt.Sprintf("startup option %q is not name=value", a))
 		}
 		// PostgreSQL reads dashes in option names as underscores.
 		name = strings.ReplaceAll(name, "-", "_")
 		if p.Protected(name) {
-			return newClientError(codeInsufficientPrivilege, "protected_setting",
+			return nil, newClientError(codeInsufficientPrivilege, "protected_setting",
 				fmt.Sprintf("startup option setting %q is not allowed through rlsproxy: it sets the identity of the session", name))
 		}
+		if strings.EqualFold(name, "client_encoding") {
+			encodings = append(encodings, value)
+		}
 	}
-	return nil
+	return encodings, nil
 }
 
 func splitOptions(s string) []string {

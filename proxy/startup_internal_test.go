@@ -3,6 +3,7 @@ package proxy
 import (
 	"encoding/binary"
 	"reflect"
+	"strings"
 	"testing"
 
 	"github.com/rlsproxy/rlsproxy/session"
@@ -44,8 +45,33 @@ func TestCheckOptions(t *testing.T) {
 		"-D /tmp":                          false,
 		"-c":                               false,
 	} {
-		if err := checkOptions(in, testPolicy); (err == nil) != ok {
+		if _, err := checkOptions(in, testPolicy); (err == nil) != ok {
 			t.Errorf("checkOptions(%q) = %v, want ok=%v", in, err, ok)
+		}
+	}
+}
+
+// The client_encoding a client asks for at startup, in every spelling, is
+// collected for the guard's check.
+func TestStartupEncodings(t *testing.T) {
+	for _, tc := range []struct {
+		params []string
+		want   string
+	}{
+		{[]string{"client_encoding", "SJIS"}, "SJIS"},
+		{[]string{"options", "-c client_encoding=BIG5"}, "BIG5"},
+		{[]string{"options", "-cclient_encoding=GBK"}, "GBK"},
+		{[]string{"options", "--client-encoding=UHC"}, "UHC"},
+		{[]string{"options", "-c CLIENT_ENCODING=johab"}, "johab"},
+		{[]string{"client_encoding", "UTF8", "options", "-c client_encoding=gb18030"}, "UTF8,gb18030"},
+		{[]string{"application_name", "client_encoding"}, ""},
+	} {
+		req, err := parseStartup(startupBody(append([]string{"user", "u"}, tc.params...)...), testPolicy)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := strings.Join(req.encodings, ","); got != tc.want {
+			t.Errorf("%q: encodings %q, want %q", tc.params, got, tc.want)
 		}
 	}
 }
@@ -106,8 +132,10 @@ func FuzzParseStartup(f *testing.F) {
 				t.Fatalf("forwarded %q", k)
 			}
 		}
-		if o, ok := req.params["options"]; ok && checkOptions(o, testPolicy) != nil {
-			t.Fatal("forwarded options that checkOptions refuses")
+		if o, ok := req.params["options"]; ok {
+			if _, err := checkOptions(o, testPolicy); err != nil {
+				t.Fatal("forwarded options that checkOptions refuses")
+			}
 		}
 	})
 }

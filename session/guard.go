@@ -6,9 +6,12 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"unicode/utf8"
 
 	pg_query "github.com/pganalyze/pg_query_go/v6"
 	"google.golang.org/protobuf/reflect/protoreflect"
+
+	"github.com/rlsproxy/rlsproxy/internal/sandbox"
 )
 
 // This file holds every rule of the SQL guard: what a client may not send
@@ -35,14 +38,26 @@ type Verdict struct {
 	Resets bool
 }
 
+// Lexing is how the server reads a session's statements, as it reports
+// it: the guard reads them the same way.
+type Lexing struct {
+	// NonStandardStrings is standard_conforming_strings off: a backslash
+	// escapes in every string literal, not only in E'...'.
+	NonStandardStrings bool
+}
+
 // Guard judges the statements clients send. It is safe for concurrent use.
 type Guard struct {
 	policy Policy
+	// helpers parse long statements (guard_isolate.go); nil: all in process.
+	helpers *sandbox.Pool
+	limits  ParseLimits
 
 	mu sync.Mutex
 	// cache holds verdicts by statement text, one map per protocol (simple
-	// Query, extended Parse), in least-recently-used order.
-	cache [2]map[string]*list.Element
+	// Query, extended Parse) and way of reading string literals, in
+	// least-recently-used order.
+	cache [4]map[string]*list.Element
 	lru   *list.List
 	max   int
 }
@@ -60,19 +75,20 @@ const maxCachedStatement = 4 << 10
 // NewGuard returns a guard for the policy's protected settings, caching the
 // verdicts of up to cacheSize statement texts.
 func NewGuard(p Policy, cacheSize int) *Guard {
-	return &Guard{policy: p, cache: [2]map[string]*list.Element{{}, {}}, lru: list.New(), max: cacheSize}
+	return &Guard{policy: p, cache: [4]map[string]*list.Element{{}, {}, {}, {}}, lru: list.New(), max: cacheSize}
 }
 
 // Query judges a simple-protocol Query message, which may hold several
 // statements: one forbidden statement rejects the whole message. Resets
 // pass only as the trailing statements of the message, so that nothing runs
-// between a reset and the proxy re-establishing the session.
-func (g *Guard) Query(sql []byte) Verdict { return g.judge(sql, false) }
+// between a reset and the proxy re-establishing the session. lex is how the
+// server reads the session's statements.
+func (g *Guard) Query(sql []byte, lex Lexing) Verdict { return g.judge(sql, false, lex) }
 
 // Parse judges the statement of an extended-protocol Parse message. Resets
 // are refused there: the statement may run later, any number of times, with
 // other statements between, where the proxy cannot follow it.
-func (g *Guard) Parse(sql []byte) Verdict { return g.judge(sql, true) }
+func (g *Guard) Parse(sql []byte, lex Lexing) Verdict { return g.judge(sql, true, lex) }
 
 // largeObjectFunctions are the functions libpq's large-object interface calls
 // by OID with the FunctionCall message (pg_proc OIDs, stable across versions).
@@ -94,13 +110,16 @@ func (g *Guard) FunctionCall(oid uint32) Verdict {
 
 // judge takes the statement text as the bytes of the message, so that the
 // common cases (nothing suspicious, or a cached text) allocate nothing.
-func (g *Guard) judge(b []byte, extended bool) Verdict {
+func (g *Guard) judge(b []byte, extended bool, lex Lexing) Verdict {
 	if !suspicious(b) {
 		return Verdict{}
 	}
 	mode := 0
 	if extended {
 		mode = 1
+	}
+	if lex.NonStandardStrings {
+		mode += 2
 	}
 	cacheable := len(b) <= maxCachedStatement && g.max > 0
 	if cacheable {
@@ -114,7 +133,7 @@ func (g *Guard) judge(b []byte, extended bool) Verdict {
 		g.mu.Unlock()
 	}
 	sql := string(b)
-	v := g.decide(sql, extended)
+	v := g.decide(sql, extended, lex)
 	if cacheable {
 		g.mu.Lock()
 		if _, ok := g.cache[mode][sql]; !ok {
@@ -129,14 +148,54 @@ func (g *Guard) judge(b []byte, extended bool) Verdict {
 	return v
 }
 
-// decide parses sql and applies the rules to every node of every statement.
-func (g *Guard) decide(sql string, extended bool) Verdict {
-	tree, err := pg_query.Parse(sql)
+// decideHere parses sql as the server reads it and applies the rules to
+// every node of every statement: under the reading lex names, which must
+// parse, and under every other reading the server could apply (see
+// readings.go), each of which either fails to parse (the server would
+// refuse the statement read so) or must get the same verdict.
+func (g *Guard) decideHere(sql string, extended bool, lex Lexing) Verdict {
+	raw := sql
+	if !utf8.ValidString(sql) {
+		// Not UTF-8: a session in another ASCII-safe encoding (LATIN1,
+		// EUC_JP, ...), where every byte from 0x80 up belongs to a
+		// non-ASCII character, as the lexer sees it once the server has
+		// converted it. (A UTF8 session's server refuses such bytes.)
+		sql = maskHighBytes(sql)
+	}
+	tree, err := parseTree(sql, lex.NonStandardStrings)
 	if err != nil {
 		// PostgreSQL would refuse it too; refusing here keeps a text the
 		// guard cannot read from ever reaching the server.
 		return Verdict{Reject: &Rejection{Rule: "parse_error", Code: "42601", Msg: err.Error()}}
 	}
+	v := g.verdict(tree, extended)
+	if v.Reject != nil {
+		return v
+	}
+	for _, r := range otherReadings(raw, lex) {
+		other, err := parseTree(r.sql, r.scsOff)
+		if err != nil {
+			continue
+		}
+		if ov := g.verdict(other, extended); ov != v {
+			if ov.Reject != nil {
+				return Verdict{Reject: rejection(ov.Reject.Rule, ov.Reject.Msg+" (read as the server does "+r.why+")")}
+			}
+			return reject("string_reading", "the statement does different things read as the server does "+r.why+": rlsproxy does not pass it")
+		}
+	}
+	return v
+}
+
+func onOff(off bool) string {
+	if off {
+		return "off"
+	}
+	return "on"
+}
+
+// verdict applies the rules to every statement of a parse tree.
+func (g *Guard) verdict(tree *pg_query.ParseResult, extended bool) Verdict {
 	var v Verdict
 	for i, raw := range tree.Stmts {
 		resets, rej := g.statement(raw.Stmt)
@@ -216,6 +275,26 @@ func (g *Guard) node(n any) *Rejection {
 		if n.Authrole != nil {
 			return rejection("alter_role", "creating objects owned by another role (CREATE SCHEMA ... AUTHORIZATION) is not allowed through rlsproxy")
 		}
+	case *pg_query.UpdateStmt:
+		if isSettingsView(n.Relation) {
+			return rejection("settings_view", "updating pg_settings is not allowed through rlsproxy: it changes settings as set_config does")
+		}
+	case *pg_query.MergeStmt:
+		if isSettingsView(n.Relation) {
+			return rejection("settings_view", "updating pg_settings is not allowed through rlsproxy: it changes settings as set_config does")
+		}
+	case *pg_query.ViewStmt:
+		// A view over pg_settings is updatable through pg_settings' own
+		// rules: an UPDATE of the view is a set_config in disguise.
+		var over bool
+		walk(n.ProtoReflect(), func(m protoreflect.Message) bool {
+			rv, ok := m.Interface().(*pg_query.RangeVar)
+			over = ok && isSettingsView(rv)
+			return !over
+		})
+		if over {
+			return rejection("settings_view", "creating a view over pg_settings is not allowed through rlsproxy: updating it would change settings")
+		}
 	case *pg_query.DropStmt:
 		if n.RemoveType == pg_query.ObjectType_OBJECT_POLICY {
 			return rejection("row_security", "dropping row-level security policies is not allowed through rlsproxy")
@@ -246,6 +325,9 @@ func (g *Guard) node(n any) *Rejection {
 func (g *Guard) setting(vs *pg_query.VariableSetStmt) *Rejection {
 	if vs.Kind == pg_query.VariableSetKind_VAR_SET_MULTI || vs.Kind == pg_query.VariableSetKind_VAR_RESET_ALL {
 		return nil // SET TRANSACTION ...; RESET ALL (a reset)
+	}
+	if strings.EqualFold(vs.Name, "client_encoding") && vs.Kind == pg_query.VariableSetKind_VAR_SET_VALUE {
+		return lexableEncodingArgs(vs.Args)
 	}
 	if !g.policy.Protected(vs.Name) || isReset(vs) {
 		return nil
@@ -288,6 +370,29 @@ func function(name string, attribute bool) *Rejection {
 		return rejection("signal_backend", fmt.Sprintf("%s is not allowed through rlsproxy: sessions of other users share your role", name))
 	}
 	return nil
+}
+
+// isSettingsView reports a relation that may be pg_catalog.pg_settings (an
+// unqualified name finds pg_catalog first unless search_path says
+// otherwise, which the client may).
+func isSettingsView(rv *pg_query.RangeVar) bool {
+	return rv != nil && strings.EqualFold(rv.Relname, "pg_settings") &&
+		(rv.Schemaname == "" || strings.EqualFold(rv.Schemaname, "pg_catalog"))
+}
+
+// lexableEncodingArgs is the rule for SET client_encoding and SET NAMES: the
+// server reads the session's next statements in that encoding, and the
+// guard must read them the same way.
+func lexableEncodingArgs(args []*pg_query.Node) *Rejection {
+	if len(args) == 1 {
+		if c := args[0].GetAConst(); c != nil && c.GetSval() != nil {
+			if err := LexableEncoding(c.GetSval().Sval); err != nil {
+				return rejection("client_encoding", err.Error())
+			}
+			return nil
+		}
+	}
+	return rejection("client_encoding", "client_encoding may be set through rlsproxy only to one constant encoding name")
 }
 
 func rejection(rule, msg string) *Rejection { return &Rejection{Rule: rule, Msg: msg, Code: "42501"} }

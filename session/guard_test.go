@@ -18,8 +18,8 @@ var guardPolicy = Policy{DefaultRole: "authenticated", ClaimsSetting: "request.j
 func newTestGuard() *Guard { return NewGuard(guardPolicy, 1000) }
 
 // The guard takes the bytes of the protocol message; the tables hold text.
-func guardQuery(g *Guard, sql string) Verdict { return g.Query([]byte(sql)) }
-func guardParse(g *Guard, sql string) Verdict { return g.Parse([]byte(sql)) }
+func guardQuery(g *Guard, sql string) Verdict { return g.Query([]byte(sql), Lexing{}) }
+func guardParse(g *Guard, sql string) Verdict { return g.Parse([]byte(sql), Lexing{}) }
 func isSuspicious(sql string) bool            { return suspicious([]byte(sql)) }
 
 type guardAttack struct{ sql, rule string }
@@ -436,7 +436,7 @@ func TestGuardGaps(t *testing.T) {
 	for _, gap := range guardGaps {
 		t.Run(guardTestName(gap.sql), func(t *testing.T) {
 			for _, extended := range []bool{false, true} {
-				v := g.judge([]byte(gap.sql), extended)
+				v := g.judge([]byte(gap.sql), extended, Lexing{})
 				if v.Reject == nil {
 					t.Errorf("GUARD GAP (extended=%v): %q passes; want rule %q: %s", extended, gap.sql, gap.rule, gap.why)
 					continue
@@ -581,7 +581,7 @@ func TestGuardAllowsLookAlikes(t *testing.T) {
 	for _, sql := range guardLookAlikes {
 		t.Run(guardTestName(sql), func(t *testing.T) {
 			for _, extended := range []bool{false, true} {
-				v := g.judge([]byte(sql), extended)
+				v := g.judge([]byte(sql), extended, Lexing{})
 				if v.Reject != nil {
 					t.Errorf("%q (extended=%v): rejected by rule %q: %s", sql, extended, v.Reject.Rule, v.Reject.Msg)
 				}
@@ -612,7 +612,7 @@ func TestGuardUnprotectedResets(t *testing.T) {
 	} {
 		t.Run(guardTestName(sql), func(t *testing.T) {
 			for _, extended := range []bool{false, true} {
-				v := g.judge([]byte(sql), extended)
+				v := g.judge([]byte(sql), extended, Lexing{})
 				if v.Reject != nil {
 					t.Errorf("GUARD BUG: %q (extended=%v) refused by rule %q; it changes no identity setting and should pass", sql, extended, v.Reject.Rule)
 				} else if v.Resets {
@@ -802,7 +802,7 @@ func checkFastPath(t *testing.T, g *Guard, sql string) {
 		return
 	}
 	for _, extended := range []bool{false, true} {
-		if v := g.decide(sql, extended); v.Reject != nil && v.Reject.Rule != "parse_error" {
+		if v := g.decide(sql, extended, Lexing{}); v.Reject != nil && v.Reject.Rule != "parse_error" {
 			t.Errorf("GUARD GAP: suspicious(%q) = false, but decide (extended=%v) rejects it by rule %q: the fast path lets it through", sql, extended, v.Reject.Rule)
 		}
 	}
@@ -957,7 +957,7 @@ func FuzzGuard(f *testing.F) {
 	g := NewGuard(guardPolicy, 256)
 	f.Fuzz(func(t *testing.T, sql string) {
 		b := []byte(sql)
-		for _, v := range []Verdict{g.Query(b), g.Parse(b)} {
+		for _, v := range []Verdict{g.Query(b, Lexing{}), g.Parse(b, Lexing{})} {
 			if v.Reject != nil && (v.Reject.Rule == "" || v.Reject.Code == "") {
 				t.Errorf("%q: rejection without rule or code: %+v", sql, v.Reject)
 			}
@@ -969,10 +969,10 @@ func FuzzGuard(f *testing.F) {
 			return
 		}
 		for _, extended := range []bool{false, true} {
-			if v := g.decide(sql, extended); v.Reject != nil && v.Reject.Rule != "parse_error" {
+			if v := g.decide(sql, extended, Lexing{}); v.Reject != nil && v.Reject.Rule != "parse_error" {
 				t.Errorf("suspicious(%q) = false, but decide (extended=%v) rejects it by rule %q", sql, extended, v.Reject.Rule)
 			}
-			if v := g.decide(sql, extended); v.Resets {
+			if v := g.decide(sql, extended, Lexing{}); v.Resets {
 				t.Errorf("suspicious(%q) = false, but decide (extended=%v) finds a reset", sql, extended)
 			}
 		}
@@ -985,7 +985,7 @@ func BenchmarkGuardQuery(b *testing.B) {
 		sql := []byte("SELECT abalance FROM pgbench_accounts WHERE aid = $1")
 		b.ReportAllocs()
 		for b.Loop() {
-			if v := g.Query(sql); v.Reject != nil {
+			if v := g.Query(sql, Lexing{}); v.Reject != nil {
 				b.Fatal(v.Reject)
 			}
 		}
@@ -993,10 +993,10 @@ func BenchmarkGuardQuery(b *testing.B) {
 	b.Run("cached", func(b *testing.B) {
 		g := newTestGuard()
 		sql := []byte("UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2")
-		g.Query(sql)
+		g.Query(sql, Lexing{})
 		b.ReportAllocs()
 		for b.Loop() {
-			if v := g.Query(sql); v.Reject != nil {
+			if v := g.Query(sql, Lexing{}); v.Reject != nil {
 				b.Fatal(v.Reject)
 			}
 		}
@@ -1011,7 +1011,7 @@ func BenchmarkGuardQuery(b *testing.B) {
 		i := 0
 		for b.Loop() {
 			// 4096 distinct texts through a cache of 1000: every call misses.
-			if v := g.Query(texts[i%len(texts)]); v.Reject != nil {
+			if v := g.Query(texts[i%len(texts)], Lexing{}); v.Reject != nil {
 				b.Fatal(v.Reject)
 			}
 			i++

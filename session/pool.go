@@ -10,8 +10,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
-
-	"github.com/rlsproxy/rlsproxy/internal/wire"
 )
 
 // Pool keeps upstream connections between client sessions. A connection is
@@ -92,7 +90,7 @@ func (p *Pool) Get(ctx context.Context, database string, params map[string]strin
 	var timeout <-chan time.Time
 	for {
 		if pc := p.takeIdle(key); pc != nil {
-			if err := pc.up.install(ctx, g, p.dialer.Signer); err != nil {
+			if err := pc.up.install(ctx, g); err != nil {
 				p.discard(pc.up) // broken, or closed by the server: try the next
 				continue
 			}
@@ -298,129 +296,52 @@ func poolKey(database string, params map[string]string) string {
 	return b.String()
 }
 
-// install sets the grant on a pooled connection over the raw protocol (it is
-// also the health check of a connection taken from the pool).
-func (u *Upstream) install(ctx context.Context, g *Grant, signer *Signer) error {
-	frames, err := u.InstallFrames(g, signer)
-	if err != nil {
-		return err
-	}
-	var role string
-	err = u.roundTrip(ctx, frames, func(m pgproto3.BackendMessage) {
-		if d, ok := m.(*pgproto3.DataRow); ok && len(d.Values) == 2 {
-			role = string(d.Values[1])
-		}
-	})
-	if err != nil {
-		return err
-	}
-	if role != g.Role {
-		return fmt.Errorf("role switch to %q did not take effect", g.Role)
-	}
-	return nil
-}
-
-// resetProofSQL shows that a reset connection carries nothing of the last
-// session's identity: it runs as the login role with no claims and no
-// signature, and holds no prepared statement or LISTEN. (Advisory locks go
-// with DISCARD ALL too; the pool tests check them, but pg_locks is too dear
-// to read on every release.)
-const resetProofSQL = `SELECT current_user = session_user
-	AND coalesce(current_setting($1, true), '') = ''
-	AND coalesce(current_setting('` + SignatureSetting + `', true), '') = ''
-	AND NOT EXISTS (SELECT FROM pg_catalog.pg_prepared_statements)
-	AND NOT EXISTS (SELECT FROM pg_catalog.pg_listening_channels())`
-
-// reset undoes a session: ROLLBACK when a transaction is open, DISCARD ALL,
-// and the proof query, which checks claimsSetting (a bind parameter) too.
+// reset undoes a session: see resetBatch.
 func (u *Upstream) reset(ctx context.Context, claimsSetting string) error {
 	if claimsSetting == "" {
 		claimsSetting = "request.jwt.claims"
 	}
-	var q []byte
-	if u.TxStatus != 'I' {
-		q, _ = (&pgproto3.Query{String: "ROLLBACK"}).Encode(q)
-	}
-	q, _ = (&pgproto3.Query{String: "DISCARD ALL"}).Encode(q)
-	for _, m := range []pgproto3.FrontendMessage{
-		&pgproto3.Parse{Query: resetProofSQL},
-		&pgproto3.Bind{Parameters: [][]byte{[]byte(claimsSetting)}},
-		&pgproto3.Execute{},
-		&pgproto3.Sync{},
-	} {
-		q, _ = m.Encode(q)
-	}
-	proved := false
-	err := u.roundTrip(ctx, q, func(m pgproto3.BackendMessage) {
-		if d, ok := m.(*pgproto3.DataRow); ok && len(d.Values) == 1 {
-			proved = string(d.Values[0]) == "t"
-		}
-	})
-	if err != nil {
-		return err
-	}
-	if !proved {
-		return errors.New("reset did not clear the session")
-	}
-	return nil
+	return u.roundTrip(ctx, resetBatch(u.TxStatus, claimsSetting))
 }
 
-// roundTrip writes frames and reads the answers up to the ReadyForQuery of
-// the last unit, passing each message to see. ParameterStatus updates
-// u.Params and the last ReadyForQuery u.TxStatus. Any ErrorResponse fails it.
-func (u *Upstream) roundTrip(ctx context.Context, frames []byte, see func(pgproto3.BackendMessage)) error {
+// roundTrip sends one of the proxy's own batches on an idle connection and
+// reads its answers, each checked by the batch. ParameterStatus updates
+// u.Params; notices are dropped. Nothing may follow the last answer: any
+// byte left unread means the answers were not all the batch's.
+func (u *Upstream) roundTrip(ctx context.Context, b *Batch) error {
 	deadline := time.Now().Add(10 * time.Second)
 	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
 		deadline = d
 	}
 	_ = u.Conn.SetDeadline(deadline)
 	defer u.Conn.SetDeadline(time.Time{})
-	units := countUnits(frames)
-	if _, err := u.Conn.Write(frames); err != nil {
+	if _, err := u.Conn.Write(b.Frames); err != nil {
 		return err
 	}
-	var firstErr error
-	for units > 0 {
+	for {
 		typ, body, err := u.Reader.ReadMessage()
 		if err != nil {
 			return err
 		}
-		switch typ {
-		case 'Z':
-			units--
-			if len(body) == 1 {
-				u.TxStatus = body[0]
-			}
-		case 'E':
-			var e pgproto3.ErrorResponse
-			if firstErr == nil && e.Decode(body) == nil {
-				firstErr = fmt.Errorf("%s (SQLSTATE %s)", e.Message, e.Code)
-			}
-		case 'S':
+		if typ == 'S' {
 			var ps pgproto3.ParameterStatus
 			if ps.Decode(body) == nil {
 				u.Params[ps.Name] = ps.Value
 			}
-		case 'D':
-			var d pgproto3.DataRow
-			if d.Decode(body) == nil {
-				see(&d)
+		}
+		if Async(typ) {
+			continue
+		}
+		done, err := b.Answer(typ, body)
+		if err != nil {
+			return err
+		}
+		if done {
+			if n := len(u.Reader.Buffered()); n > 0 {
+				return fmt.Errorf("%d unexpected bytes after the answers to the proxy's own statements", n)
 			}
+			u.TxStatus = b.status
+			return nil
 		}
 	}
-	return firstErr
-}
-
-// countUnits counts the ReadyForQuery messages a run of whole frames asks for.
-func countUnits(frames []byte) int64 {
-	var n int64
-	for len(frames) > 0 {
-		typ, size, ok, err := wire.Header(frames)
-		if !ok || err != nil || size > len(frames) {
-			break
-		}
-		n += wire.Units(typ)
-		frames = frames[size:]
-	}
-	return n
 }

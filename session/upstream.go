@@ -2,7 +2,6 @@ package session
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -10,17 +9,8 @@ import (
 
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
-	"github.com/jackc/pgx/v5/pgtype"
 
 	"github.com/rlsproxy/rlsproxy/internal/wire"
-)
-
-// The statements that install a grant. Names, values and the role travel as
-// bind parameters, never in the statement text, so pg_stat_activity and
-// pg_stat_statements show only these constant texts.
-const (
-	installSettingsSQL = `SELECT count(pg_catalog.set_config(n, v, false)) FROM unnest($1::text[], $2::text[]) AS s(n, v)`
-	installRoleSQL     = `SELECT pg_catalog.set_config('role', $1, false), current_user`
 )
 
 // Stage says where opening an upstream session failed.
@@ -95,24 +85,14 @@ type Upstream struct {
 	// replaced while a session is relayed (proxy/relay_loop_linux.go).
 	addr net.Addr
 
-	// installed are the install frames of the current grant, kept to
-	// re-establish the session after a client's reset.
-	installed      []byte
-	installedGrant *Grant
+	signer *Signer
 }
 
-// InstallFrames returns the frames that install g on this connection,
-// computed once per grant.
-func (u *Upstream) InstallFrames(g *Grant, signer *Signer) ([]byte, error) {
-	if u.installedGrant == g && u.installed != nil {
-		return u.installed, nil
-	}
-	frames, err := InstallFrames(g, signer, u.PID)
-	if err != nil {
-		return nil, err
-	}
-	u.installed, u.installedGrant = frames, g
-	return frames, nil
+// InstallBatch returns the batch that installs g on this connection, now in
+// transaction status status, with a fresh nonce: the relay sends it to
+// re-establish the session after a client's reset.
+func (u *Upstream) InstallBatch(g *Grant, status byte) *Batch {
+	return installBatch(g, u.signer, u.PID, status)
 }
 
 // Open connects to database with the given startup parameters, installs the
@@ -129,16 +109,12 @@ func (d *Dialer) Open(ctx context.Context, database string, params map[string]st
 	if err != nil {
 		return nil, &Error{Stage: StageConnect, Err: err}
 	}
-	if err := Install(ctx, conn, g, d.Signer); err != nil {
-		conn.Close(context.Background())
-		return nil, &Error{Stage: StageInstall, Err: err}
-	}
 	hc, err := conn.Hijack()
 	if err != nil {
 		conn.Close(context.Background())
 		return nil, &Error{Stage: StageInstall, Err: err}
 	}
-	return &Upstream{
+	u := &Upstream{
 		Conn:      hc.Conn,
 		addr:      hc.Conn.RemoteAddr(),
 		Reader:    wire.NewReader(hc.Conn, d.BufferSize, d.MaxMessage),
@@ -146,108 +122,66 @@ func (d *Dialer) Open(ctx context.Context, database string, params map[string]st
 		SecretKey: hc.SecretKey,
 		Params:    hc.ParameterStatuses,
 		TxStatus:  hc.TxStatus,
-	}, nil
+		signer:    d.Signer,
+	}
+	if err := u.install(ctx, g); err != nil {
+		_ = u.Close()
+		return nil, &Error{Stage: StageInstall, Err: err}
+	}
+	return u, nil
 }
 
-// Install sets the grant's settings and role on conn in one round trip and
-// one transaction, then checks that current_user is the granted role. With a
-// signer, the claims' signature for conn's backend is set as well.
-func Install(ctx context.Context, conn *pgconn.PgConn, g *Grant, signer *Signer) error {
-	names, values, role := installParams(g, signer, conn.PID())
-	b := &pgconn.Batch{}
-	b.ExecParams(installSettingsSQL, [][]byte{names, values}, textArrays, binaryFormats, nil)
-	b.ExecParams(installRoleSQL, [][]byte{role}, []uint32{pgtype.TextOID}, nil, nil)
-	results, err := conn.ExecBatch(ctx, b).ReadAll()
-	if err != nil {
-		var pgErr *pgconn.PgError
-		if errors.As(err, &pgErr) && pgErr.Code == "42704" {
+// install sets the grant on the connection, idle, in one round trip and one
+// transaction (it is also the health check of a connection taken from the
+// pool).
+func (u *Upstream) install(ctx context.Context, g *Grant) error {
+	err := u.roundTrip(ctx, installBatch(g, u.signer, u.PID, 'I'))
+	var se *ServerError
+	if errors.As(err, &se) {
+		switch se.Code {
+		case "42704":
 			return fmt.Errorf("role %q does not exist upstream (create it, see `rlsproxy sql`): %w", g.Role, err)
-		}
-		if errors.As(err, &pgErr) && pgErr.Code == "42501" {
+		case "42501":
 			return fmt.Errorf("the service login may not switch to role %q (GRANT %s TO the login role, see `rlsproxy sql`): %w", g.Role, g.Role, err)
 		}
+	}
+	return err
+}
+
+// Install sets the grant on conn, a pgconn connection that is idle, exactly
+// as the proxy does on its own connections (`rlsproxy check` uses it to
+// prove the database's side).
+func Install(ctx context.Context, conn *pgconn.PgConn, g *Grant, signer *Signer) error {
+	b := installBatch(g, signer, conn.PID(), 'I')
+	if _, err := conn.Conn().Write(b.Frames); err != nil {
 		return err
 	}
-	if len(results) != 2 || len(results[1].Rows) != 1 || string(results[1].Rows[0][1]) != g.Role {
-		return fmt.Errorf("role switch to %q did not take effect", g.Role)
-	}
-	return nil
-}
-
-var (
-	textArrays    = []uint32{pgtype.TextArrayOID, pgtype.TextArrayOID}
-	binaryFormats = []int16{1, 1}
-)
-
-// installParams encodes the bind parameters of the install statements: the
-// setting names and values as binary text[] and the role as text.
-func installParams(g *Grant, signer *Signer, pid uint32) (names, values, role []byte) {
-	n := make([]string, 0, len(g.Settings)+1)
-	v := make([]string, 0, len(g.Settings)+1)
-	for _, s := range g.Settings {
-		n, v = append(n, s.Name), append(v, s.Value)
-	}
-	if signer != nil && g.Claims != "" {
-		n, v = append(n, SignatureSetting), append(v, signer.Sign(pid, g.Claims))
-	}
-	return encodeTextArray(n), encodeTextArray(v), []byte(g.Role)
-}
-
-// encodeTextArray writes a one-dimensional text[] in PostgreSQL's binary
-// array format: ndim, has-null flag, element type, then length and lower
-// bound of the dimension, then each element as length and bytes.
-func encodeTextArray(elems []string) []byte {
-	size := 20
-	for _, e := range elems {
-		size += 4 + len(e)
-	}
-	b := make([]byte, 0, size)
-	if len(elems) == 0 {
-		b = binary.BigEndian.AppendUint32(b, 0) // no dimensions
-		b = binary.BigEndian.AppendUint32(b, 0)
-		return binary.BigEndian.AppendUint32(b, pgtype.TextOID)
-	}
-	b = binary.BigEndian.AppendUint32(b, 1)
-	b = binary.BigEndian.AppendUint32(b, 0)
-	b = binary.BigEndian.AppendUint32(b, pgtype.TextOID)
-	b = binary.BigEndian.AppendUint32(b, uint32(len(elems)))
-	b = binary.BigEndian.AppendUint32(b, 1)
-	for _, e := range elems {
-		b = binary.BigEndian.AppendUint32(b, uint32(len(e)))
-		b = append(b, e...)
-	}
-	return b
-}
-
-// InstallFrames returns the protocol messages that install the grant on
-// backend pid, ending with Sync: the relay sends them after a client's RESET
-// ALL or DISCARD ALL to re-establish the session before the client's next
-// statement. They use the unnamed statement and portal, which a simple
-// Query has already discarded.
-func InstallFrames(g *Grant, signer *Signer, pid uint32) ([]byte, error) {
-	names, values, role := installParams(g, signer, pid)
-	var out []byte
-	var err error
-	for _, m := range []pgproto3.FrontendMessage{
-		// Back to the login role first: a client's RESET of one setting
-		// leaves the mapped role in place, which (hardened) may not call
-		// set_config.
-		&pgproto3.Parse{Query: "RESET ROLE"},
-		&pgproto3.Bind{},
-		&pgproto3.Execute{},
-		&pgproto3.Parse{Query: installSettingsSQL, ParameterOIDs: textArrays},
-		&pgproto3.Bind{ParameterFormatCodes: binaryFormats, Parameters: [][]byte{names, values}},
-		&pgproto3.Execute{},
-		&pgproto3.Parse{Query: installRoleSQL, ParameterOIDs: []uint32{pgtype.TextOID}},
-		&pgproto3.Bind{Parameters: [][]byte{role}},
-		&pgproto3.Execute{},
-		&pgproto3.Sync{},
-	} {
-		if out, err = m.Encode(out); err != nil {
-			return nil, err
+	for {
+		msg, err := conn.ReceiveMessage(ctx)
+		if err != nil {
+			return err
+		}
+		raw, err := msg.Encode(nil)
+		if err != nil {
+			return err
+		}
+		if Async(raw[0]) {
+			continue
+		}
+		done, err := b.Answer(raw[0], raw[wire.HeaderLen:])
+		if err != nil && raw[0] != 'Z' {
+			// Read up to the batch's ReadyForQuery, so that conn stays usable.
+			for {
+				msg, rerr := conn.ReceiveMessage(ctx)
+				if _, z := msg.(*pgproto3.ReadyForQuery); rerr != nil || z {
+					return err
+				}
+			}
+		}
+		if err != nil || done {
+			return err
 		}
 	}
-	return out, nil
 }
 
 // Cancel asks the server to cancel the query running on this session, over a

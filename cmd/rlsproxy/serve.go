@@ -56,6 +56,10 @@ func runProxy(ctx context.Context, o *serveOptions, log *slog.Logger, ready func
 	switch o.guard {
 	case "on":
 		guard = session.NewGuard(policy, 10000)
+		if err := guard.IsolateParsing(session.ParseLimits{}); err != nil {
+			return err
+		}
+		defer guard.Close()
 	case "off":
 		log.Warn("--guard off: clients can change their role and claims with SQL; only signed claims (--signing-key-file) and the database's privileges protect identity")
 	default:

@@ -166,9 +166,14 @@ func StartListener(t testing.TB, pg *Postgres, l net.Listener, opts ...Option) *
 		t.Fatal(err)
 	}
 	logs := &syncBuffer{}
+	guard := session.NewGuard(DefaultPolicy(), 1000)
+	if err := guard.IsolateParsing(session.ParseLimits{}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(guard.Close)
 	cfg := proxy.Config{
 		Verifier: verifier, Policy: DefaultPolicy(), Dialer: dialer,
-		Guard:             session.NewGuard(DefaultPolicy(), 1000),
+		Guard:             guard,
 		TerminateOnExpiry: true, StartupTimeout: 10 * time.Second,
 		Logger:  slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Metrics: metrics,

@@ -206,12 +206,3 @@ func (b *Reader) ReadFull(p []byte) error {
 	}
 	return nil
 }
-
-// Units is the number of ReadyForQuery messages the server answers a client
-// frame of type typ with: one for each Query, Sync and FunctionCall.
-func Units(typ byte) int64 {
-	if typ == 'Q' || typ == 'S' || typ == 'F' {
-		return 1
-	}
-	return 0
-}

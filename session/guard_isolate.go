@@ -1,0 +1,161 @@
+package session
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/rlsproxy/rlsproxy/internal/sandbox"
+)
+
+// Parsing a statement costs the guard far more than the statement: up to
+// about 240 bytes of memory per byte of SQL and 1.3 s per MB (`SELECT
+// 1,1,...`), and pg_query recurses once per level of an expression, about
+// 350 bytes of C stack each, so `SELECT 1+1+...` with 24,000 terms (48 KB)
+// overflows an 8 MB thread stack and kills the process. The guard therefore
+// parses in its own process only statements of up to MaxInProcessParse bytes,
+// at most ~2,000 levels deep (~0.7 MB of stack, ~1 MB of memory); longer ones
+// go to helper processes (internal/sandbox) with a memory limit and a time
+// limit, where a crash or an exhausted limit costs a helper, not the proxy,
+// and the statement is refused. Statements longer than ParseLimits.
+// MaxStatement are refused without parsing. See BENCHMARKS.md for figures.
+
+// MaxInProcessParse is the longest statement text the guard parses in the
+// proxy's own process.
+const MaxInProcessParse = 4 << 10
+
+// ParseLimits bound what parsing statements longer than MaxInProcessParse
+// may cost.
+type ParseLimits struct {
+	// Helpers is the number of helper processes, and so of such statements
+	// parsed at once (default 2).
+	Helpers int
+	// Memory bounds each helper's data (RLIMIT_DATA, default 1 GiB).
+	Memory uint64
+	// MaxStatement is the longest statement text parsed at all (default
+	// 2 MiB): a longer one that needs parsing is refused (54000).
+	MaxStatement int
+	// Timeout bounds one parse, waiting for a free helper included
+	// (default 15s).
+	Timeout time.Duration
+}
+
+// guardSandbox names the helpers' handler; policyEnv carries the policy.
+const (
+	guardSandbox = "guard"
+	policyEnv    = "RLSPROXY_GUARD_POLICY"
+)
+
+// In a helper process started by a guard, this answers its requests and
+// never returns; in any other process it returns at once.
+func init() {
+	var once sync.Once
+	var g *Guard
+	sandbox.Serve(guardSandbox, func(req []byte) []byte {
+		once.Do(func() {
+			var p Policy
+			_ = json.Unmarshal([]byte(os.Getenv(policyEnv)), &p)
+			g = NewGuard(p, 0)
+		})
+		return answerParse(g, req)
+	})
+}
+
+// parseRequest is what the guard asks a helper: the verdict on one text.
+type parseRequest struct {
+	SQL      string
+	Extended bool
+	Lex      Lexing
+}
+
+func answerParse(g *Guard, req []byte) []byte {
+	var r parseRequest
+	v := Verdict{Reject: &Rejection{Rule: "guard_limit", Code: "54000", Msg: "malformed request to the guard's parser"}}
+	if json.Unmarshal(req, &r) == nil {
+		v = g.decideHere(r.SQL, r.Extended, r.Lex)
+	}
+	out, _ := json.Marshal(v)
+	return out
+}
+
+// IsolateParsing makes the guard parse statements longer than
+// MaxInProcessParse in helper processes, within l. Close stops them.
+func (g *Guard) IsolateParsing(l ParseLimits) error {
+	if l.Helpers <= 0 {
+		l.Helpers = 2
+	}
+	if l.Memory == 0 {
+		l.Memory = 1 << 30
+	}
+	if l.MaxStatement <= 0 {
+		l.MaxStatement = 2 << 20
+	}
+	if l.Timeout <= 0 {
+		l.Timeout = 15 * time.Second
+	}
+	policy, err := json.Marshal(g.policy)
+	if err != nil {
+		return err
+	}
+	g.limits = l
+	g.helpers = sandbox.New(sandbox.Config{
+		Name:        guardSandbox,
+		Env:         []string{policyEnv + "=" + string(policy)},
+		Workers:     l.Helpers,
+		MemoryLimit: l.Memory,
+		Timeout:     l.Timeout,
+		MaxRequest:  l.MaxStatement + 1024,
+	})
+	return nil
+}
+
+// Close stops the helper processes, if any.
+func (g *Guard) Close() {
+	if g.helpers != nil {
+		_ = g.helpers.Close()
+	}
+}
+
+// decide parses sql as the server reads it and applies the rules: here for
+// short texts, in a helper for longer ones.
+func (g *Guard) decide(sql string, extended bool, lex Lexing) Verdict {
+	if g.helpers == nil || len(sql) <= MaxInProcessParse {
+		return g.decideHere(sql, extended, lex)
+	}
+	if len(sql) > g.limits.MaxStatement {
+		return Verdict{Reject: &Rejection{Rule: "guard_limit", Code: "54000", Msg: fmt.Sprintf(
+			"statement of %d bytes is longer than rlsproxy's guard checks (%d bytes) and holds words it must check: split it", len(sql), g.limits.MaxStatement)}}
+	}
+	req, _ := json.Marshal(parseRequest{SQL: sql, Extended: extended, Lex: lex})
+	ctx, cancel := context.WithTimeout(context.Background(), g.limits.Timeout)
+	defer cancel()
+	resp, err := g.helpers.Do(ctx, req)
+	var v Verdict
+	if err == nil {
+		err = json.Unmarshal(resp, &v)
+	}
+	if err != nil {
+		return Verdict{Reject: &Rejection{Rule: "guard_limit", Code: "54000", Msg: parseFailure(err, len(sql), g.limits)}}
+	}
+	return v
+}
+
+// parseFailure says why a statement could not be checked.
+func parseFailure(err error, size int, l ParseLimits) string {
+	var f *sandbox.Failure
+	if errors.As(err, &f) {
+		switch f.Kind {
+		case sandbox.Crashed:
+			return fmt.Sprintf("statement of %d bytes is too complex for rlsproxy's guard to check (its parser ran out of stack or of its %d MiB of memory): simplify or split it", size, l.Memory>>20)
+		case sandbox.TimedOut:
+			return fmt.Sprintf("statement of %d bytes took rlsproxy's guard longer than %s to check: simplify or split it", size, l.Timeout)
+		case sandbox.Busy:
+			return fmt.Sprintf("rlsproxy's guard had no parser free within %s for a statement of %d bytes: try again", l.Timeout, size)
+		}
+	}
+	return "rlsproxy's guard could not check the statement: " + err.Error()
+}

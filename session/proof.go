@@ -1,0 +1,277 @@
+package session
+
+import (
+	"crypto/rand"
+	"encoding/binary"
+	"encoding/hex"
+	"fmt"
+	"strconv"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+)
+
+// Batch is one of the proxy's own round trips on an upstream connection:
+// the frames it sends and the exact answers the server owes for them.
+//
+// A connection is only ever trusted with what it answers to the proxy's own
+// statements when those answers prove to be their answers: the expected
+// message types, in order, with no error, each ReadyForQuery carrying the
+// expected transaction status, and the batch's last row carrying a nonce
+// drawn for this batch alone. Answers left over from a client (a count gone
+// wrong, a half-sent frame, a statement still running) come first and break
+// the sequence; a client cannot forge the nonce. Whoever reads the answers
+// (the pool's round trip, or the relay when it injects a batch mid-session)
+// feeds them to Answer and closes the connection on any error.
+type Batch struct {
+	// Frames are the messages to send, ending with Sync or a Query.
+	Frames []byte
+	want   []answer
+	next   int
+	nonce  string
+	// status is the transaction status every ReadyForQuery must report.
+	status byte
+}
+
+// answer is one message the server owes a batch.
+type answer struct {
+	typ   byte
+	check func(body []byte) error // nil: the type is enough
+}
+
+// newBatch starts a batch whose ReadyForQuery messages must all report
+// status ('I' idle, 'T' in a transaction block).
+func newBatch(status byte) *Batch {
+	var n [16]byte
+	_, _ = rand.Read(n[:])
+	return &Batch{nonce: "rlsproxy_" + hex.EncodeToString(n[:]), status: status}
+}
+
+// query adds a simple Query answered by CommandComplete with tag and
+// ReadyForQuery.
+func (b *Batch) query(sql, tag string) {
+	b.Frames, _ = (&pgproto3.Query{String: sql}).Encode(b.Frames)
+	b.want = append(b.want, answer{'C', commandTag(tag)}, answer{'Z', b.readyStatus})
+}
+
+// exec adds an extended-protocol statement (unnamed, text results): Parse,
+// Bind and Execute, answered by ParseComplete, BindComplete, one DataRow
+// checked by row if row is set, and CommandComplete.
+func (b *Batch) exec(sql string, oids []uint32, formats []int16, params [][]byte, row func([][]byte) error) {
+	for _, m := range []pgproto3.FrontendMessage{
+		&pgproto3.Parse{Query: sql, ParameterOIDs: oids},
+		&pgproto3.Bind{ParameterFormatCodes: formats, Parameters: params},
+		&pgproto3.Execute{},
+	} {
+		b.Frames, _ = m.Encode(b.Frames)
+	}
+	b.want = append(b.want, answer{typ: '1'}, answer{typ: '2'})
+	if row != nil {
+		b.want = append(b.want, answer{'D', func(body []byte) error {
+			var d pgproto3.DataRow
+			if err := d.Decode(body); err != nil {
+				return err
+			}
+			return row(d.Values)
+		}})
+	}
+	b.want = append(b.want, answer{typ: 'C'})
+}
+
+// sync closes the extended-protocol statements added so far: one transaction.
+func (b *Batch) sync() {
+	b.Frames, _ = (&pgproto3.Sync{}).Encode(b.Frames)
+	b.want = append(b.want, answer{'Z', b.readyStatus})
+}
+
+// provedBy returns a row check: the row's columns are "t" then the nonce.
+func (b *Batch) provedBy(what string) func([][]byte) error {
+	return func(cols [][]byte) error {
+		if len(cols) != 2 || string(cols[1]) != b.nonce {
+			return fmt.Errorf("%s: the answer does not carry this round trip's nonce", what)
+		}
+		if string(cols[0]) != "t" {
+			return fmt.Errorf("%s did not take effect", what)
+		}
+		return nil
+	}
+}
+
+func (b *Batch) readyStatus(body []byte) error {
+	if len(body) != 1 || body[0] != b.status {
+		return fmt.Errorf("transaction status %q after the proxy's own statements, expected %q", body, b.status)
+	}
+	return nil
+}
+
+func commandTag(tag string) func([]byte) error {
+	return func(body []byte) error {
+		if string(cstring(body)) != tag {
+			return fmt.Errorf("command tag %q, expected %q", cstring(body), tag)
+		}
+		return nil
+	}
+}
+
+// ServerError is an error the server answered one of the proxy's own
+// statements with.
+type ServerError struct{ Code, Message string }
+
+func (e *ServerError) Error() string {
+	return fmt.Sprintf("the proxy's own statement failed: %s (SQLSTATE %s)", e.Message, e.Code)
+}
+
+// Async reports the messages the server may send at any time, which are not
+// answers to a batch: NoticeResponse, ParameterStatus, NotificationResponse.
+func Async(typ byte) bool { return typ == 'N' || typ == 'S' || typ == 'A' }
+
+// Answer checks the server's next message for the batch (never an Async
+// one). done reports the batch's last answer; an error, that the answers are
+// not the batch's own: the connection must then be closed.
+func (b *Batch) Answer(typ byte, body []byte) (done bool, err error) {
+	if b.next >= len(b.want) {
+		return true, fmt.Errorf("message %q after the proxy's own statements were answered", typ)
+	}
+	w := b.want[b.next]
+	if typ != w.typ {
+		if typ == 'E' {
+			var e pgproto3.ErrorResponse
+			if e.Decode(body) == nil {
+				return false, &ServerError{Code: e.Code, Message: e.Message}
+			}
+		}
+		return false, fmt.Errorf("message %q where %q was due: the answers are not the proxy's own", typ, w.typ)
+	}
+	if w.check != nil {
+		if err := w.check(body); err != nil {
+			return false, err
+		}
+	}
+	b.next++
+	return b.next == len(b.want), nil
+}
+
+// Units is the number of ReadyForQuery messages the batch is answered with.
+func (b *Batch) Units() int {
+	n := 0
+	for _, w := range b.want {
+		if w.typ == 'Z' {
+			n++
+		}
+	}
+	return n
+}
+
+// The statements that install a grant. Names, values and the role travel as
+// bind parameters, never in the statement text, so pg_stat_activity and
+// pg_stat_statements show only these constant texts. They travel as bytea,
+// which the server does not convert from the client's encoding: the UTF-8
+// of the token reaches the settings byte-exact whatever client_encoding the
+// client chose (a text parameter under LATIN1 turns "Zoë" into "ZoÃ«").
+const (
+	installSettingsSQL = `SELECT count(pg_catalog.set_config(pg_catalog.convert_from(n, 'UTF8'), pg_catalog.convert_from(v, 'UTF8'), false)) FROM unnest($1::bytea[], $2::bytea[]) AS s(n, v)`
+	installRoleSQL     = `SELECT pg_catalog.set_config('role', pg_catalog.convert_from($1, 'UTF8'), false) IS NOT NULL AND current_user::text = pg_catalog.convert_from($1, 'UTF8'), $2::text`
+)
+
+// installBatch returns the batch that installs g on backend pid, in one
+// transaction: back to the login role first (a client's RESET of one setting
+// leaves the mapped role in place, which, hardened, may not call
+// set_config), then the settings and the claims' signature, then the role,
+// proved by the nonce. status is the transaction status the connection is in.
+func installBatch(g *Grant, signer *Signer, pid uint32, status byte) *Batch {
+	names := make([][]byte, 0, len(g.Settings)+1)
+	values := make([][]byte, 0, len(g.Settings)+1)
+	for _, s := range g.Settings {
+		names, values = append(names, []byte(s.Name)), append(values, []byte(s.Value))
+	}
+	if signer != nil && g.Claims != "" {
+		names, values = append(names, []byte(SignatureSetting)), append(values, []byte(signer.Sign(pid, g.Claims)))
+	}
+	b := newBatch(status)
+	b.exec("RESET ROLE", nil, nil, nil, nil)
+	n := strconv.Itoa(len(names))
+	b.exec(installSettingsSQL, byteaArrays, binaryFormats, [][]byte{encodeByteaArray(names), encodeByteaArray(values)},
+		func(cols [][]byte) error {
+			if len(cols) != 1 || string(cols[0]) != n {
+				return fmt.Errorf("%s of %s claim settings were installed", cols, n)
+			}
+			return nil
+		})
+	b.exec(installRoleSQL, []uint32{byteaOID, textOID}, []int16{1, 0}, [][]byte{[]byte(g.Role), []byte(b.nonce)},
+		b.provedBy(fmt.Sprintf("the switch to role %q", g.Role)))
+	b.sync()
+	return b
+}
+
+// resetProofSQL shows that a reset connection carries nothing of the last
+// session's identity: it runs as the login role with no claims and no
+// signature, and holds no prepared statement or LISTEN. (Advisory locks go
+// with DISCARD ALL too; the pool tests check them, but pg_locks is too dear
+// to read on every release.)
+const resetProofSQL = `SELECT current_user = session_user
+	AND coalesce(current_setting($1, true), '') = ''
+	AND coalesce(current_setting('` + SignatureSetting + `', true), '') = ''
+	AND NOT EXISTS (SELECT FROM pg_catalog.pg_prepared_statements)
+	AND NOT EXISTS (SELECT FROM pg_catalog.pg_listening_channels()), $2::text`
+
+// resetBatch returns the batch that undoes a session on a connection in
+// transaction status status: ROLLBACK when a transaction is open, DISCARD
+// ALL (role, settings, prepared statements, temporary tables, advisory
+// locks, LISTEN), and the proof, which checks claimsSetting too.
+func resetBatch(status byte, claimsSetting string) *Batch {
+	b := newBatch('I')
+	if status != 'I' {
+		b.query("ROLLBACK", "ROLLBACK")
+	}
+	b.query("DISCARD ALL", "DISCARD ALL")
+	b.exec(resetProofSQL, []uint32{textOID, textOID}, nil, [][]byte{[]byte(claimsSetting), []byte(b.nonce)},
+		b.provedBy("the reset"))
+	b.sync()
+	return b
+}
+
+const (
+	byteaOID      = 17
+	textOID       = 25
+	byteaArrayOID = 1001
+)
+
+var (
+	byteaArrays   = []uint32{byteaArrayOID, byteaArrayOID}
+	binaryFormats = []int16{1, 1}
+)
+
+// encodeByteaArray writes a one-dimensional bytea[] in PostgreSQL's binary
+// array format: ndim, has-null flag, element type, then length and lower
+// bound of the dimension, then each element as length and bytes.
+func encodeByteaArray(elems [][]byte) []byte {
+	size := 20
+	for _, e := range elems {
+		size += 4 + len(e)
+	}
+	b := make([]byte, 0, size)
+	if len(elems) == 0 {
+		b = binary.BigEndian.AppendUint32(b, 0) // no dimensions
+		b = binary.BigEndian.AppendUint32(b, 0)
+		return binary.BigEndian.AppendUint32(b, byteaOID)
+	}
+	b = binary.BigEndian.AppendUint32(b, 1)
+	b = binary.BigEndian.AppendUint32(b, 0)
+	b = binary.BigEndian.AppendUint32(b, byteaOID)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(elems)))
+	b = binary.BigEndian.AppendUint32(b, 1)
+	for _, e := range elems {
+		b = binary.BigEndian.AppendUint32(b, uint32(len(e)))
+		b = append(b, e...)
+	}
+	return b
+}
+
+// cstring returns b up to its first NUL.
+func cstring(b []byte) []byte {
+	for i, c := range b {
+		if c == 0 {
+			return b[:i]
+		}
+	}
+	return b
+}
