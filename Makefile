@@ -25,6 +25,8 @@ fuzz: ## a short run of every fuzz target
 	$(GO) test -run '^$$' -fuzz '^FuzzReader$$' -fuzztime 10s ./internal/wire
 	$(GO) test -run '^$$' -fuzz '^FuzzParseStartup$$' -fuzztime 10s ./proxy
 	$(GO) test -run '^$$' -fuzz '^FuzzRelay$$' -fuzztime 10s ./proxy
+	$(GO) test -run '^$$' -fuzz '^FuzzRelayGuarded$$' -fuzztime 10s ./proxy
+	$(GO) test -run '^$$' -fuzz '^FuzzLedger$$' -fuzztime 10s ./proxy
 	$(GO) test -run '^$$' -fuzz '^FuzzVerify$$' -fuzztime 10s ./auth
 	$(GO) test -run '^$$' -fuzz '^FuzzGuard$$' -fuzztime 10s ./session
 

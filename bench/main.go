@@ -69,7 +69,7 @@ func main() {
 	rounds := flag.Int("rounds", 3, "runs of each workload against each target")
 	clients := flag.Int("clients", 8, "pgbench clients (-c)")
 	scale := flag.Int("scale", 10, "pgbench scale (-s)")
-	only := flag.String("workloads", "select-prepared,select-simple,tpcb,connect,latency,copy-out,idle", "comma list of workloads")
+	only := flag.String("workloads", "select-prepared,select-simple,tpcb,connect,latency,copy-out,idle,guard-limits", "comma list of workloads")
 	idle := flag.Int("idle-clients", 1000, "idle clients for the memory measurement")
 	markdown := flag.String("markdown", "", "write the results as Markdown to this file (e.g. BENCHMARKS.md)")
 	chart := flag.String("chart", "", "write the chart as SVG to this file (e.g. bench/chart.svg)")
@@ -101,6 +101,7 @@ type bench struct {
 	targets             []target
 	results             []result
 	idleBytesPerClient  float64
+	guardLimits         *guardLimits
 	commandLine, header string
 	notes               string // appended to the Markdown (see notes.md)
 }
@@ -219,6 +220,11 @@ func (b *bench) run() error {
 	}
 	if slices.Contains(b.only, "idle") {
 		if err := b.measureIdle(); err != nil {
+			return err
+		}
+	}
+	if slices.Contains(b.only, "guard-limits") {
+		if err := b.measureGuardLimits(bin, upstream, issuer.URL, token); err != nil {
 			return err
 		}
 	}

@@ -17,12 +17,13 @@ type saved struct {
 	Results             []result
 	IdleClients         int
 	IdleBytesPerClient  float64
+	GuardLimits         *guardLimits `json:",omitempty"`
 }
 
 // write saves the results as JSON and Markdown and the chart as SVG.
 func (b *bench) write() error {
 	if b.markdownFile != "" || b.chartFile != "" {
-		js, err := json.MarshalIndent(saved{b.header, b.commandLine, b.results, b.idleClients, b.idleBytesPerClient}, "", "  ")
+		js, err := json.MarshalIndent(saved{b.header, b.commandLine, b.results, b.idleClients, b.idleBytesPerClient, b.guardLimits}, "", "  ")
 		if err != nil {
 			return err
 		}
@@ -43,7 +44,7 @@ func (b *bench) replot(file string) error {
 	if err := json.Unmarshal(data, &sv); err != nil {
 		return err
 	}
-	b.header, b.commandLine, b.results, b.idleClients, b.idleBytesPerClient = sv.Header, sv.CommandLine, sv.Results, sv.IdleClients, sv.IdleBytesPerClient
+	b.header, b.commandLine, b.results, b.idleClients, b.idleBytesPerClient, b.guardLimits = sv.Header, sv.CommandLine, sv.Results, sv.IdleClients, sv.IdleBytesPerClient, sv.GuardLimits
 	if notes, err := os.ReadFile("bench/notes.md"); err == nil {
 		b.notes = string(notes)
 	}
@@ -83,6 +84,14 @@ func (b *bench) render() error {
 	}
 	if b.idleBytesPerClient > 0 {
 		fmt.Fprintf(&md, "\nIdle sessions: %d clients through rlsproxy cost %.1f KiB of proxy RSS each.\n", b.idleClients, b.idleBytesPerClient/1024)
+	}
+	if gl := b.guardLimits; gl != nil {
+		fmt.Fprintf(&md, "\nGuard limits: the largest statement the guard parses is %d bytes (longer ones that need parsing are refused, 54000). "+
+			"%d sessions sending a %d-byte `SELECT 1,1,...` (its worst shape for memory) at once: %s in %.1f s; peak RSS of the proxy and its parser helpers %.0f MiB "+
+			"(the proxy alone %.0f MiB; %.0f MiB before); another session's slowest `SELECT 1` meanwhile %.1f ms. "+
+			"A 1 KB statement the guard must parse: %.0f µs per statement with the guard, %.0f µs without (+%.0f µs).\n",
+			gl.LargestParsed, gl.Sessions, gl.StatementBytes, gl.Outcomes, gl.Seconds, float64(gl.PeakRSS)/(1<<20), float64(gl.PeakProxyRSS)/(1<<20),
+			float64(gl.BaseRSS)/(1<<20), gl.OtherWorstMillis, gl.Added1KBOnMicros, gl.Added1KBOffMicro, gl.Added1KBMicros)
 	}
 	if b.notes != "" {
 		md.WriteString("\n" + b.notes)

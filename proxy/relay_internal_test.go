@@ -7,6 +7,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgproto3"
 
+	"github.com/rlsproxy/rlsproxy/internal/wire"
 	"github.com/rlsproxy/rlsproxy/session"
 )
 
@@ -163,6 +164,55 @@ func FuzzRelay(f *testing.F) {
 			} else if !bytes.Equal(out, stream[:consumed]) {
 				t.Fatalf("client %v: relayed %d bytes, consumed %d", client, len(out), consumed)
 			}
+		}
+	})
+}
+
+// FuzzRelayGuarded feeds arbitrary bytes from a client through the relay
+// with the guard on (the guard's input path: framing, gathering, judging,
+// substituting): whatever the bytes, it never panics, never takes more than
+// it is given, and every frame it sends upstream is whole and either one of
+// the client's frames or a substitute of the guard's.
+func FuzzRelayGuarded(f *testing.F) {
+	var seed []byte
+	for _, m := range []pgproto3.FrontendMessage{&pgproto3.Query{String: "SET ROLE admin"}, &pgproto3.Parse{Query: "SELECT 'x\\', ' ; RESET ROLE; -- '"},
+		&pgproto3.Bind{}, &pgproto3.Execute{}, &pgproto3.Sync{}, &pgproto3.FunctionCall{Function: 2078}, &pgproto3.Query{String: "DISCARD ALL"}} {
+		seed, _ = m.Encode(seed)
+	}
+	f.Add(seed, uint8(3), uint8(16))
+	f.Add([]byte("Q\x00\x00\x00\x0bSELECT\x00"), uint8(1), uint8(8))
+	g := newSessionGuard(session.NewGuard(session.Policy{ClaimsSetting: "request.jwt.claims", ClaimPrefix: "jwt.claims."}, 64), nil)
+	f.Fuzz(func(t *testing.T, stream []byte, chunk, buf uint8) {
+		r := newRelay(&session.Upstream{}, &session.Grant{Role: "authenticated"}, nil, g)
+		r.clientBuf, r.serverBuf = int(buf)+6, int(buf)+6
+		var out, held []byte
+		rest := stream
+		for (len(rest) > 0 || len(held) > 0) && !r.ended.Load() && !r.paused() {
+			k := min(len(rest), int(chunk)+1, max(0, r.clientBuf-len(held)))
+			held = append(held, rest[:k]...)
+			rest = rest[k:]
+			n, segs := r.fromClient(held, nil)
+			if n < 0 || n > len(held) {
+				t.Fatalf("consumed %d of %d", n, len(held))
+			}
+			for _, s := range segs {
+				out = append(out, s...)
+			}
+			held = append(held[:0], held[n:]...)
+			if k == 0 && n == 0 {
+				break
+			}
+		}
+		// Whole frames only, unless a large frame was streamed through.
+		for len(out) > 0 && r.clientPass == 0 {
+			typ, size, ok, err := wire.Header(out)
+			if err != nil || !ok || size > len(out) {
+				t.Fatalf("a partial or malformed frame went upstream (type %q)", typ)
+			}
+			if inspected(typ) && !bytes.Contains(out[:size], []byte(g.marker)) && !bytes.Contains(stream, out[wire.HeaderLen:size]) {
+				t.Fatalf("a frame the client never sent went upstream")
+			}
+			out = out[size:]
 		}
 	})
 }

@@ -50,6 +50,7 @@ type serveOptions struct {
 	startupTimeout, shutdownTimeout             time.Duration
 	jwksRefresh                                 time.Duration
 	guard, signingKeyFile                       string
+	guardParsers, guardParserMemory             int
 	tokenCacheSize                              int
 	pprof                                       bool
 	poolSize, maxUpstreamConns                  int
@@ -95,6 +96,8 @@ func (o *serveOptions) register(fs *flag.FlagSet) {
 	fs.BoolVar(&o.pprof, "pprof", false, "serve the Go profiler at /debug/pprof/ on --admin-listen")
 	fs.IntVar(&o.tokenCacheSize, "token-cache-size", 10000, "verified tokens remembered until they expire, so reconnects skip signature checks; -1: off")
 	fs.StringVar(&o.guard, "guard", "on", "on: refuse SQL that could change the session's identity or run hidden code; off: forward everything")
+	fs.IntVar(&o.guardParsers, "guard-parsers", 2, "helper processes that parse statements over 4 KB for the guard: how many such statements are checked at once")
+	fs.IntVar(&o.guardParserMemory, "guard-parser-memory", 1024, "memory limit of each guard parser process, in MiB; a statement whose parse needs more is refused (54000)")
 	fs.StringVar(&o.signingKeyFile, "signing-key-file", "", "`file` holding the secret (>= 32 bytes) that signs the claims; `rlsproxy sql --signing-key-file` provisions it in the database")
 }
 

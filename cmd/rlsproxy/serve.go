@@ -56,7 +56,7 @@ func runProxy(ctx context.Context, o *serveOptions, log *slog.Logger, ready func
 	switch o.guard {
 	case "on":
 		guard = session.NewGuard(policy, 10000)
-		if err := guard.IsolateParsing(session.ParseLimits{}); err != nil {
+		if err := guard.IsolateParsing(session.ParseLimits{Helpers: o.guardParsers, Memory: uint64(o.guardParserMemory) << 20}); err != nil {
 			return err
 		}
 		defer guard.Close()
