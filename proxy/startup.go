@@ -156,7 +156,7 @@ func parseStartup(body []byte, p session.Policy) (*startupRequest, error) {
 			return nil, newClientError(codeInsufficientPrivilege, "protected_setting",
 				fmt.Sprintf("startup parameter %q is not allowed through rlsproxy: it sets the identity of the session", k))
 		default:
-			switch k {
+			switch strings.ToLower(k) { // setting names fold case
 			case "application_name":
 				req.applicationName = v
 			case "client_encoding":

@@ -154,6 +154,9 @@ func (g *Guard) judge(b []byte, extended bool, lex Lexing) Verdict {
 // readings.go), each of which either fails to parse (the server would
 // refuse the statement read so) or must get the same verdict.
 func (g *Guard) decideHere(sql string, extended bool, lex Lexing) Verdict {
+	if nonASCIIDollarTag(sql) {
+		return reject("dollar_quote", "dollar-quoted strings with non-ASCII tags are not allowed through rlsproxy: the server matches tags after converting the statement to its encoding, where different characters can become one; use an ASCII tag ($$ or $x$)")
+	}
 	raw := sql
 	if !utf8.ValidString(sql) {
 		// Not UTF-8: a session in another ASCII-safe encoding (LATIN1,

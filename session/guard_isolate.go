@@ -67,7 +67,9 @@ func init() {
 
 // parseRequest is what the guard asks a helper: the verdict on one text.
 type parseRequest struct {
-	SQL      string
+	// SQL travels as bytes (base64 in JSON): a string would have its
+	// non-UTF-8 bytes replaced, and the helper would judge another text.
+	SQL      []byte
 	Extended bool
 	Lex      Lexing
 }
@@ -76,7 +78,7 @@ func answerParse(g *Guard, req []byte) []byte {
 	var r parseRequest
 	v := Verdict{Reject: &Rejection{Rule: "guard_limit", Code: "54000", Msg: "malformed request to the guard's parser"}}
 	if json.Unmarshal(req, &r) == nil {
-		v = g.decideHere(r.SQL, r.Extended, r.Lex)
+		v = g.decideHere(string(r.SQL), r.Extended, r.Lex)
 	}
 	out, _ := json.Marshal(v)
 	return out
@@ -108,7 +110,7 @@ func (g *Guard) IsolateParsing(l ParseLimits) error {
 		Workers:     l.Helpers,
 		MemoryLimit: l.Memory,
 		Timeout:     l.Timeout,
-		MaxRequest:  l.MaxStatement + 1024,
+		MaxRequest:  l.MaxStatement*4/3 + 1024, // base64
 	})
 	return nil
 }
@@ -130,7 +132,7 @@ func (g *Guard) decide(sql string, extended bool, lex Lexing) Verdict {
 		return Verdict{Reject: &Rejection{Rule: "guard_limit", Code: "54000", Msg: fmt.Sprintf(
 			"statement of %d bytes is longer than rlsproxy's guard checks (%d bytes) and holds words it must check: split it", len(sql), g.limits.MaxStatement)}}
 	}
-	req, _ := json.Marshal(parseRequest{SQL: sql, Extended: extended, Lex: lex})
+	req, _ := json.Marshal(parseRequest{SQL: []byte(sql), Extended: extended, Lex: lex})
 	ctx, cancel := context.WithTimeout(context.Background(), g.limits.Timeout)
 	defer cancel()
 	resp, err := g.helpers.Do(ctx, req)

@@ -86,12 +86,18 @@ func sjisWidth(s string, i int) int {
 	return 0
 }
 
+// doubleByteWidth covers BIG5, GBK and UHC: a lead byte from 0x81 and a
+// second byte in the union of their ranges (the server's conversion refuses
+// the rest).
 func doubleByteWidth(s string, i int) int {
-	if s[i] < 0x80 {
+	c := s[i]
+	switch {
+	case c < 0x80:
 		return 1
-	}
-	if i+1 < len(s) && s[i+1] != 0 {
-		return 2
+	case c >= 0x81 && c <= 0xfe && i+1 < len(s):
+		if t := s[i+1]; t >= 0x40 && t <= 0x7e || t >= 0x80 && t <= 0xfe {
+			return 2
+		}
 	}
 	return 0
 }
@@ -114,6 +120,38 @@ func gb18030Width(s string, i int) int {
 		}
 	}
 	return 0
+}
+
+// nonASCIIDollarTag reports a dollar-quote delimiter ($tag$) whose tag holds
+// a byte from 0x80 up. The server matches a closing tag to the opening one
+// after converting the statement to the database's encoding, where
+// different characters of the client's can become one (and where the
+// guard's readings, which stand every non-ASCII character for one, cannot
+// tell them apart): only ASCII tags read alike everywhere.
+func nonASCIIDollarTag(sql string) bool {
+	for i := strings.IndexByte(sql, '$'); i >= 0 && i+1 < len(sql); {
+		j := i + 1
+		high := false
+		for j < len(sql) && tagByte(sql[j], j == i+1) {
+			high = high || sql[j] >= 0x80
+			j++
+		}
+		if high && j < len(sql) && sql[j] == '$' {
+			return true
+		}
+		next := strings.IndexByte(sql[j:], '$')
+		if next < 0 {
+			break
+		}
+		i = j + next
+	}
+	return false
+}
+
+// tagByte reports a byte a dollar-quote tag may hold (scan.l: dolq_start,
+// dolq_cont).
+func tagByte(c byte, first bool) bool {
+	return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c == '_' || c >= 0x80 || !first && c >= '0' && c <= '9'
 }
 
 // maskHighBytes reads sql in an ASCII-safe encoding other than UTF-8:

@@ -94,3 +94,25 @@ func TestGuardReadingsLookAlikes(t *testing.T) {
 		}
 	}
 }
+
+// Dollar-quote tags with non-ASCII bytes are refused: the server matches
+// them after converting to its encoding, where "$é$" and "$è$" in a LATIN1
+// session's bytes, or "¦" and "￤" for an EUC_JP database, are different to
+// the guard and one to the server (or the other way round).
+func TestGuardNonASCIIDollarTags(t *testing.T) {
+	g := newTestGuard()
+	for sql, refused := range map[string]bool{
+		"SELECT $\xe9$ x $\xe8$ || ' $\xe9$; SET ROLE admin; -- '": true,
+		"SELECT $¦$ x $￤$, 1; SET ROLE admin; SELECT $￤$ y $¦$":  true,
+		"SELECT $é$ set $é$":                                      true,
+		// Look-alikes: ASCII tags, and a $ that starts no tag.
+		"SELECT $x$ set role $x$, $$ set $$":                  false,
+		"UPDATE t SET price = '$é' WHERE note = 'ça coûte 5$'": false,
+		"UPDATE t SET a$é = 1":                                false,
+	} {
+		v := g.Query([]byte(sql), Lexing{})
+		if got := v.Reject != nil && v.Reject.Rule == "dollar_quote"; got != refused {
+			t.Errorf("%q: verdict %+v, want refused=%v", sql, v.Reject, refused)
+		}
+	}
+}
