@@ -358,8 +358,12 @@ func (r *relay) resume() {
 	r.released = !r.full.Load()
 }
 
-// takeInject returns the proxy's own frames to write upstream, if any.
-func (r *relay) takeInject() []byte {
+// takeInject returns the proxy's own frames to write upstream, if any. Only
+// the server side, which fills them, takes them.
+func (r *relay) takeInject(clientSide bool) []byte {
+	if clientSide {
+		return nil
+	}
 	b := r.inject
 	r.inject = nil
 	return b

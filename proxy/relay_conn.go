@@ -83,7 +83,7 @@ func (r *relay) pump(src *wire.Reader, dst net.Conn, fromClient bool, first []by
 		n, out = feed(src.Buffered(), out[:0])
 		write(out)
 		src.Discard(n)
-		if own := r.takeInject(); own != nil {
+		if own := r.takeInject(fromClient); own != nil {
 			// The client side waits (the relay holds it), so this is the
 			// only writer upstream.
 			if _, err := r.up.Conn.Write(own); err != nil {

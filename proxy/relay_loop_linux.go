@@ -394,7 +394,7 @@ func (l *relayLoop) process(x *loopSide, in []byte) {
 	}
 	l.send(x.peer, l.out)
 	clear(l.out)
-	if own := r.takeInject(); own != nil {
+	if own := r.takeInject(x.client); own != nil {
 		l.send(x, [][]byte{own})
 	}
 	rest := in[used:]
