@@ -3,6 +3,7 @@ package proxy
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 
 	"github.com/jackc/pgx/v5/pgproto3"
@@ -30,8 +31,9 @@ import (
 //     Flush by nothing.
 //   - CopyData, CopyDone and CopyFail outside COPY FROM STDIN are ignored. In
 //     it, the server consumes CopyData, ignores Sync and Flush, ends the copy
-//     at CopyDone (or fails it at CopyFail), and consumes any other message as
-//     the cause of an error (08P01).
+//     at CopyDone (or fails it at CopyFail), and fails on any other message
+//     (08P01), which it has begun to read: it then ends the connection
+//     (FATAL, "protocol synchronization was lost").
 //
 // One sequence cannot be followed: a Sync sent after CopyData while the copy
 // may still be open, when the copy then fails: whether the server read that
@@ -433,6 +435,13 @@ func (l *ledger) copyStarts(typ byte) (route, *clientError, event, error) {
 		return toClient, nil, noEvent, nil
 	}
 	l.cp = copyState{in: true}
+	if e := &l.q[l.head]; e.n > 1 {
+		// The rest of the run comes after the COPY in the stream: the
+		// server reads it during the copy.
+		rest := *e
+		rest.n, e.n = e.n-1, 1
+		l.q = slices.Insert(l.q, l.head+1, rest)
+	}
 	// The messages queued behind the COPY are what the server reads next.
 	keep := l.q[:l.head+1]
 	rest := l.q[l.head+1:]
@@ -467,13 +476,13 @@ func (l *ledger) failed(e *entry, body []byte, whole bool) (route, *clientError,
 			code, fatal = er.Code, er.Severity == "FATAL" || er.Severity == "PANIC"
 		}
 	}
+	if fatal {
+		// The server ends the connection (shutdown, timeouts, a protocol
+		// violation): the client reads why, then the relay sees it close.
+		l.err = errors.New("the server ended the connection")
+		return toClient, nil, noEvent, nil
+	}
 	if e == nil {
-		if fatal {
-			// The server ends the connection (shutdown, timeouts): the
-			// client reads why, then the relay sees it close.
-			l.err = errors.New("the server ended the connection")
-			return toClient, nil, noEvent, nil
-		}
 		return drop, nil, noEvent, errors.New("an error from the server when nothing was owed")
 	}
 	if l.cp.in {

@@ -120,16 +120,21 @@ func TestLedger(t *testing.T) {
 		{name: "sync before any data is ignored", script: "> Q < G > S d c < C Z", routes: "ccc", idle: true},
 		{name: "sync amid data, copy succeeds", script: "> Q < G > d S d c < C Z", routes: "ccc", idle: true},
 		{name: "sync amid data, copy fails", script: "> Q < G > d S d c < E:22P02", routes: "cd", broken: true},
-		{name: "query ends copy", script: "> Q < G > d Q < E:08P01 Z", routes: "ccc", idle: true},
+		{name: "query ends copy", script: "> Q < G > d Q < E:08P01 Ef", routes: "ccc", broken: true},
 		{name: "query after a data error runs", script: "> Q < G > d Q < E:22P02 Z T C Z", routes: "cccccc", idle: true},
 		{name: "copy out", script: "> Q < H d d c C Z", routes: "cccccc", idle: true},
+		// A run of messages of one type is kept as one entry: when its first
+		// starts a COPY, the server reads the rest during the copy.
+		{name: "second execute ends the copy", script: "> E E S < G E:08P01 Ef", routes: "ccc", broken: true},
+		{name: "second query ends the copy", script: "> Q Q < G E:08P01 Ef", routes: "ccc", broken: true},
+		{name: "second query after a data error", script: "> Q Q < G E:22P02 Z T C Z", routes: "cccccc", idle: true},
 		{name: "extended copy out", script: "> P B E S < 1 2 H d c C Z", routes: "ccccccc", idle: true},
 
 		{name: "refused query", script: "> Q! < E Z", routes: "rc", idle: true},
 		{name: "refused parse skips the batch", script: "> P! B E S < E Z", routes: "rc", idle: true},
 		{name: "reset", script: "> Q^ < C Z", routes: "cc", events: "R", idle: true},
 		{name: "reset skipped after an error", script: "> P < E > Q^ S < Z", routes: "cc", events: "-", idle: true},
-		{name: "reset consumed by a copy", script: "> Q < G > Q^ < E:08P01 Z", routes: "ccc", events: "K", idle: true},
+		{name: "reset consumed by a copy", script: "> Q < G > Q^ < E:08P01 Ef", routes: "ccc", events: "K", broken: true},
 		{name: "reset skipped in a failed batch", script: "> P Q^ S < E Z", routes: "cc", events: "K", idle: true},
 
 		{name: "ready for query owed nothing", script: "< Z", routes: "d", broken: true},
@@ -145,7 +150,7 @@ func TestLedger(t *testing.T) {
 			if routes != tc.routes || events != tc.events {
 				t.Errorf("routes %q events %q, want %q %q", routes, events, tc.routes, tc.events)
 			}
-			if broken := err != nil || !l.reusable() && l.idle(); broken != tc.broken {
+			if broken := err != nil || l.err != nil; broken != tc.broken {
 				t.Errorf("broken %v (%v), want %v", broken, err, tc.broken)
 			}
 			if !tc.broken && l.idle() != tc.idle {

@@ -190,3 +190,28 @@ func TestStrayCopyDataKeepsCount(t *testing.T) {
 		}
 	}
 }
+
+// A Query pipelined behind COPY FROM STDIN is read by the server during the
+// copy: PostgreSQL fails the copy (08P01 "unexpected message type") and,
+// having stopped in the middle of reading a message, ends the connection
+// ("protocol synchronization was lost"). The ledger, which kept both Queries
+// as one run, follows: the client reads both errors, the connection is not
+// reused, and the next session starts clean.
+func TestQueryPipelinedIntoCopy(t *testing.T) {
+	p := proxytest.Start(t, pg, proxytest.Pooled(1, 1))
+	c := rawSession(t, p, "user1")
+	c.send(t, &pgproto3.Query{String: "CREATE TEMP TABLE t (v text); SELECT pg_backend_pid()"})
+	pid := untilReady(t, c, 1)[2] // C T D C Z
+	c.send(t,
+		&pgproto3.Query{String: "COPY t FROM STDIN"},
+		&pgproto3.Query{String: "SELECT 'never answered'"})
+	if got := strings.Join(untilReady(t, c, 1), " "); got != "G E:08P01 E:08P01" {
+		t.Fatalf("got %s, want the copy failed and the connection ended", got)
+	}
+	c2 := rawSession(t, p, "user2")
+	c2.send(t, &pgproto3.Query{String: "SELECT pg_backend_pid(), current_user, current_setting('jwt.claims.sub')"})
+	got := untilReady(t, c2, 1)
+	if got[1] == "D:"+strings.TrimPrefix(pid, "D:")+",authenticated,user2" || !strings.HasSuffix(got[1], ",authenticated,user2") {
+		t.Fatalf("next session: %v (the first ran on %s)", got, pid)
+	}
+}
