@@ -32,6 +32,10 @@ type cancelRegistry struct {
 type cancelEntry struct {
 	secret [4]byte
 	target canceler
+	// inflight counts cancels under way, which unregister waits for: a
+	// cancel sent after the connection went back to the pool would reach
+	// the next session's statement.
+	inflight *sync.WaitGroup
 }
 
 func newCancelRegistry() *cancelRegistry {
@@ -50,16 +54,22 @@ func (c *cancelRegistry) register(target canceler) cancelKey {
 		k.pid = binary.BigEndian.Uint32(b[:4]) & 0x7fffffff
 		copy(k.secret[:], b[4:])
 		if _, taken := c.m[k.pid]; !taken && k.pid != 0 {
-			c.m[k.pid] = cancelEntry{secret: k.secret, target: target}
+			c.m[k.pid] = cancelEntry{secret: k.secret, target: target, inflight: &sync.WaitGroup{}}
 			return k
 		}
 	}
 }
 
+// unregister forgets a key, once the cancels already under way for it have
+// been delivered: no later cancel can reach the session's connection.
 func (c *cancelRegistry) unregister(k cancelKey) {
 	c.mu.Lock()
+	e, ok := c.m[k.pid]
 	delete(c.m, k.pid)
 	c.mu.Unlock()
+	if ok {
+		e.inflight.Wait()
+	}
 }
 
 // cancel forwards a CancelRequest to the session holding the key. Unknown
@@ -67,10 +77,16 @@ func (c *cancelRegistry) unregister(k cancelKey) {
 func (c *cancelRegistry) cancel(ctx context.Context, pid uint32, secret []byte) bool {
 	c.mu.Lock()
 	e, ok := c.m[pid]
+	if ok && subtle.ConstantTimeCompare(e.secret[:], secret) == 1 {
+		e.inflight.Add(1)
+	} else {
+		ok = false
+	}
 	c.mu.Unlock()
-	if !ok || subtle.ConstantTimeCompare(e.secret[:], secret) != 1 {
+	if !ok {
 		return false
 	}
+	defer e.inflight.Done()
 	ctx, done := context.WithTimeout(ctx, 5*time.Second)
 	defer done()
 	return e.target.Cancel(ctx) == nil

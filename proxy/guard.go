@@ -86,6 +86,12 @@ func (s *sessionGuard) check(typ byte, frame []byte) (substitute []byte, refusal
 func (s *sessionGuard) oversized(typ byte, size int) ([]byte, *clientError) {
 	refusal := newClientError(codeProgramLimitExceeded, "guard_limit",
 		fmt.Sprintf("message of %d bytes is longer than rlsproxy's guard reads (%d bytes)", size, maxInspected))
+	return s.substitute(typ, refusal), refusal
+}
+
+// substitute returns a message that fails in the server in place of a
+// refused one of type typ, and counts the refusal.
+func (s *sessionGuard) substitute(typ byte, refusal *clientError) []byte {
 	if s.metrics != nil {
 		s.metrics.guardRejections.WithLabelValues(refusal.reason).Inc()
 	}
@@ -95,8 +101,32 @@ func (s *sessionGuard) oversized(typ byte, size int) ([]byte, *clientError) {
 	} else {
 		out, _ = (&pgproto3.Query{String: s.marker}).Encode(nil)
 	}
-	return out, refusal
+	return out
 }
+
+// maxHeldForGuard bounds the bytes of large frames the guard must read that
+// all sessions together hold while they arrive; beyond it a frame is
+// refused (54000) without being held.
+const maxHeldForGuard = 256 << 20
+
+// byteBudget is a bound on bytes held across sessions.
+type byteBudget struct {
+	used atomic.Int64
+	max  int64
+}
+
+func newByteBudget(max int64) *byteBudget { return &byteBudget{max: max} }
+
+// take reserves n bytes, or reports false if that would pass the bound.
+func (b *byteBudget) take(n int) bool {
+	if b.used.Add(int64(n)) > b.max {
+		b.used.Add(-int64(n))
+		return false
+	}
+	return true
+}
+
+func (b *byteBudget) give(n int) { b.used.Add(-int64(n)) }
 
 // parameterStatus follows the settings the server lexes statements with, as
 // the server reports them: an error ends the session before another client

@@ -170,14 +170,17 @@ func TestLedgerOwnBatch(t *testing.T) {
 			raw, _ := m.Encode(nil)
 			out = append(out, raw)
 		}
-		for _, m := range []pgproto3.BackendMessage{
-			&pgproto3.ParseComplete{}, &pgproto3.BindComplete{}, &pgproto3.CommandComplete{CommandTag: []byte("RESET")},
-			&pgproto3.ParseComplete{}, &pgproto3.BindComplete{}, &pgproto3.DataRow{Values: [][]byte{[]byte("1")}}, &pgproto3.CommandComplete{CommandTag: []byte("SELECT 1")},
-			&pgproto3.NoticeResponse{Message: "ours"},
-			&pgproto3.ParameterStatus{Name: "TimeZone", Value: "UTC"},
-			&pgproto3.ParseComplete{}, &pgproto3.BindComplete{}, &pgproto3.DataRow{Values: [][]byte{[]byte("t"), []byte(nonce)}}, &pgproto3.CommandComplete{CommandTag: []byte("SELECT 1")},
-			&pgproto3.ReadyForQuery{TxStatus: 'I'},
-		} {
+		closed := []pgproto3.BackendMessage{&pgproto3.CloseComplete{}, &pgproto3.CloseComplete{}}
+		var msgs []pgproto3.BackendMessage
+		msgs = append(msgs, &pgproto3.ParseComplete{}, &pgproto3.BindComplete{}, &pgproto3.CommandComplete{CommandTag: []byte("RESET")})
+		msgs = append(msgs, closed...)
+		msgs = append(msgs, &pgproto3.ParseComplete{}, &pgproto3.BindComplete{}, &pgproto3.DataRow{Values: [][]byte{[]byte("1")}}, &pgproto3.CommandComplete{CommandTag: []byte("SELECT 1")})
+		msgs = append(msgs, closed...)
+		msgs = append(msgs, &pgproto3.NoticeResponse{Message: "ours"}, &pgproto3.ParameterStatus{Name: "TimeZone", Value: "UTC"})
+		msgs = append(msgs, &pgproto3.ParseComplete{}, &pgproto3.BindComplete{}, &pgproto3.DataRow{Values: [][]byte{[]byte("t"), []byte(nonce)}}, &pgproto3.CommandComplete{CommandTag: []byte("SELECT 1")})
+		msgs = append(msgs, closed...)
+		msgs = append(msgs, &pgproto3.ReadyForQuery{TxStatus: 'I'})
+		for _, m := range msgs {
 			add(m)
 		}
 		return out
@@ -188,8 +191,8 @@ func TestLedgerOwnBatch(t *testing.T) {
 		want   string
 		broken bool
 	}{
-		{name: "proved", nonce: func(n string) string { return n }, want: "ddddddddcddddd O"},
-		{name: "another nonce", nonce: func(string) string { return "rlsproxy_0000" }, want: "ddddddddcdd", broken: true},
+		{name: "proved", nonce: func(n string) string { return n }, want: "ddddddddddddcddddddd O"},
+		{name: "another nonce", nonce: func(string) string { return "rlsproxy_0000" }, want: "ddddddddddddcdd", broken: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			l := newLedger()

@@ -6,6 +6,7 @@ import (
 	"io"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/rlsproxy/rlsproxy/internal/wire"
 	"github.com/rlsproxy/rlsproxy/session"
@@ -52,6 +53,9 @@ type relay struct {
 	metrics *Metrics
 	guard   *sessionGuard // nil with --guard off
 	ledger  *ledger
+	// held counts the bytes of large frames the guard must read that all
+	// sessions hold while they gather them.
+	held *byteBudget
 
 	// Frames up to these sizes are handled whole: the drivers' read buffers.
 	clientBuf, serverBuf int
@@ -60,12 +64,18 @@ type relay struct {
 	// expiredErr is what the client is told when its token expires.
 	expiredErr *clientError
 
-	// handOffOver, when set, is the largest frame the guard reads that the
-	// driver takes: the relay stops before a larger one and sets handOff,
-	// for the event loop to give the session its own goroutines (a long
-	// parse there would hold up the loop's other sessions).
+	// handOffOver, when set, is the most the guard may parse for one
+	// message on the driver (ParseCost): the relay stops before a message
+	// that may cost more, or once the session has spent its parse budget
+	// on the driver, and sets handOff, for the event loop to give the
+	// session its own goroutines (a long parse there would hold up the
+	// loop's other sessions).
 	handOffOver int
 	handOff     bool
+	// parseSpent is the time the guard spent on the driver in the window
+	// that began at parseWindow.
+	parseSpent  time.Duration
+	parseWindow time.Time
 
 	// Client-to-server state, touched only by the code reading the client.
 	clientPass int    // bytes of a large frame still to pass through
@@ -104,8 +114,11 @@ type relay struct {
 	bytesUp, bytesDown atomic.Int64
 }
 
-func newRelay(up *session.Upstream, g *session.Grant, m *Metrics, sg *sessionGuard) *relay {
-	return &relay{up: up, grant: g, metrics: m, guard: sg, ledger: newLedger()}
+func newRelay(up *session.Upstream, g *session.Grant, m *Metrics, sg *sessionGuard, held *byteBudget) *relay {
+	if held == nil {
+		held = newByteBudget(maxHeldForGuard)
+	}
+	return &relay{up: up, grant: g, metrics: m, guard: sg, ledger: newLedger(), held: held}
 }
 
 // paused reports whether the client side must wait.
@@ -134,6 +147,13 @@ func (r *relay) fromClient(in []byte, out [][]byte) (int, [][]byte) {
 		}
 		if r.frame != nil {
 			k := min(r.frameSize-len(r.frame), len(in)-n)
+			if !r.held.take(k) {
+				// Every session's large statements together may hold no
+				// more: this one is dropped unread and refused.
+				out = r.refuseGathered(out, newClientError(codeProgramLimitExceeded, "guard_limit",
+					fmt.Sprintf("rlsproxy's guard already holds %d MiB of large statements of all sessions, the most it may: try again", r.held.max>>20)))
+				continue
+			}
 			r.frame = append(r.frame, in[n:n+k]...)
 			n += k
 			start = n
@@ -141,6 +161,7 @@ func (r *relay) fromClient(in []byte, out [][]byte) (int, [][]byte) {
 				frame := r.frame
 				r.frame = nil
 				out = r.inspected(out, frame)
+				r.held.give(len(frame))
 			}
 			continue
 		}
@@ -173,7 +194,8 @@ func (r *relay) fromClient(in []byte, out [][]byte) (int, [][]byte) {
 			break
 		}
 		inspect := r.guard != nil && inspected(typ)
-		if r.handOffOver > 0 && inspect && size > r.handOffOver {
+		if r.handOffOver > 0 && inspect && (size > r.handOffOver || r.parseBudgetSpent() ||
+			size <= len(in)-n && session.ParseCost(in[n+wire.HeaderLen:n+size]) > r.handOffOver) {
 			r.handOff = true
 			break
 		}
@@ -194,7 +216,9 @@ func (r *relay) fromClient(in []byte, out [][]byte) (int, [][]byte) {
 					continue
 				}
 				start = n
-				r.frame, r.frameSize = make([]byte, 0, size), size
+				// Grown as bytes come, not reserved on the word of a
+				// header: a client that sends five bytes holds five.
+				r.frame, r.frameSize = make([]byte, 0, min(size, r.clientBuf)), size
 				continue
 			}
 			r.sent(typ)
@@ -214,6 +238,38 @@ func (r *relay) fromClient(in []byte, out [][]byte) (int, [][]byte) {
 	return n, appendSegment(out, in[start:n])
 }
 
+// loopParseBudget is the parse time a session may spend on an event loop
+// per second before it is given goroutines of its own.
+const loopParseBudget = 20 * time.Millisecond
+
+// parseBudgetSpent reports whether the session has spent its parse budget
+// on the driver in the current second.
+func (r *relay) parseBudgetSpent() bool {
+	if now := time.Now(); now.Sub(r.parseWindow) > time.Second {
+		r.parseWindow, r.parseSpent = now, 0
+	}
+	return r.parseSpent > loopParseBudget
+}
+
+// refuseGathered gives up the large frame being gathered: its bytes so far
+// are dropped, the rest will be as they come, and the server fails a
+// substitute in its place.
+func (r *relay) refuseGathered(out [][]byte, refusal *clientError) [][]byte {
+	substitute := r.guard.substitute(r.frame[0], refusal)
+	r.ledger.sentRefused(substitute[0], refusal)
+	r.clientDrop = r.frameSize - len(r.frame)
+	r.dropFrame()
+	return append(out, substitute)
+}
+
+// dropFrame forgets the large frame being gathered, if any.
+func (r *relay) dropFrame() {
+	if r.frame != nil {
+		r.held.give(len(r.frame))
+		r.frame = nil
+	}
+}
+
 // sent records a client message in the ledger, and pauses the client side
 // when the ledger is full.
 func (r *relay) sent(typ byte) {
@@ -227,7 +283,14 @@ func (r *relay) sent(typ byte) {
 // a refused one, and records it in the ledger. After a reset the client side
 // waits for the session to be re-established.
 func (r *relay) inspected(out [][]byte, frame []byte) [][]byte {
+	var began time.Time
+	if r.handOffOver > 0 {
+		began = time.Now()
+	}
 	substitute, refusal, resets := r.guard.check(frame[0], frame)
+	if r.handOffOver > 0 {
+		r.parseSpent += time.Since(began)
+	}
 	switch {
 	case substitute != nil:
 		r.ledger.sentRefused(substitute[0], refusal)

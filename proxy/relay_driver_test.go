@@ -73,7 +73,7 @@ func newDriverSession(t *testing.T, guard *sessionGuard, serverRcvbuf int) *driv
 	s.client, s.proxyCli = socketPair(t, 0)
 	s.proxyUp, s.server = socketPair(t, serverRcvbuf)
 	up := &session.Upstream{Conn: s.proxyUp, Reader: wire.NewReader(s.proxyUp, 32<<10, 64<<20), TxStatus: 'I'}
-	s.r = newRelay(up, nil, NewMetrics(prometheus.NewRegistry()), guard)
+	s.r = newRelay(up, nil, NewMetrics(prometheus.NewRegistry()), guard, nil)
 	s.clientR = wire.NewReader(s.proxyCli, 32<<10, 64<<20)
 	return s
 }
@@ -163,7 +163,7 @@ func TestDriverAnswersBeforeExpiry(t *testing.T) {
 // upstream, and the rest of it is dropped: the server holds half a frame,
 // so the connection must not go back to the pool.
 func TestDriverExpiryMidStreamNotReusable(t *testing.T) {
-	r := newRelay(&session.Upstream{}, nil, NewMetrics(prometheus.NewRegistry()), nil)
+	r := newRelay(&session.Upstream{}, nil, NewMetrics(prometheus.NewRegistry()), nil, nil)
 	r.clientBuf, r.serverBuf = 64, 64
 	var upstream []byte
 	feed := func(b []byte) {

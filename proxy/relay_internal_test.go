@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"math/rand/v2"
+	"strings"
 	"testing"
 
 	"github.com/jackc/pgx/v5/pgproto3"
@@ -38,7 +39,7 @@ func TestRelaySplitsAnywhere(t *testing.T) {
 	}
 	for _, buf := range []int{16, 64, 1 << 16} { // frames larger than buf are streamed
 		for _, chunk := range []int{1, 3, 7, 100, 4096} {
-			r := newRelay(&session.Upstream{}, nil, nil, nil)
+			r := newRelay(&session.Upstream{}, nil, nil, nil, nil)
 			r.clientBuf, r.serverBuf = buf, buf
 			if got := feedAll(t, r.fromClient, client, buf, chunk); !bytes.Equal(got, client) {
 				t.Fatalf("buf %d chunk %d: client bytes changed in relay", buf, chunk)
@@ -104,7 +105,7 @@ func BenchmarkRelayTransaction(b *testing.B) {
 		g     *sessionGuard
 	}{{"prepared/guard-off", prepared, nil}, {"prepared/guard-on", prepared, guard}, {"simple/guard-off", simple, nil}, {"simple/guard-on", simple, guard}} {
 		b.Run(tc.name, func(b *testing.B) {
-			r := newRelay(&session.Upstream{}, nil, nil, tc.g)
+			r := newRelay(&session.Upstream{}, nil, nil, tc.g, nil)
 			r.clientBuf, r.serverBuf = 1<<16, 1<<16
 			out := make([][]byte, 0, 8)
 			for b.Loop() {
@@ -129,7 +130,7 @@ func FuzzRelay(f *testing.F) {
 	f.Add([]byte{'Q', 0, 0, 0, 3}, uint8(1), uint8(8))
 	f.Fuzz(func(t *testing.T, stream []byte, chunk, buf uint8) {
 		for _, client := range []bool{true, false} {
-			r := newRelay(&session.Upstream{}, nil, nil, nil)
+			r := newRelay(&session.Upstream{}, nil, nil, nil, nil)
 			r.clientBuf, r.serverBuf = int(buf)+6, int(buf)+6
 			feed := r.fromServer
 			if client {
@@ -183,7 +184,7 @@ func FuzzRelayGuarded(f *testing.F) {
 	f.Add([]byte("Q\x00\x00\x00\x0bSELECT\x00"), uint8(1), uint8(8))
 	g := newSessionGuard(session.NewGuard(session.Policy{ClaimsSetting: "request.jwt.claims", ClaimPrefix: "jwt.claims."}, 64), nil)
 	f.Fuzz(func(t *testing.T, stream []byte, chunk, buf uint8) {
-		r := newRelay(&session.Upstream{}, &session.Grant{Role: "authenticated"}, nil, g)
+		r := newRelay(&session.Upstream{}, &session.Grant{Role: "authenticated"}, nil, g, nil)
 		r.clientBuf, r.serverBuf = int(buf)+6, int(buf)+6
 		var out, held []byte
 		rest := stream
@@ -215,4 +216,45 @@ func FuzzRelayGuarded(f *testing.F) {
 			out = out[size:]
 		}
 	})
+}
+
+// All sessions together hold at most a bounded number of bytes of large
+// frames the guard must read: past it, a frame is dropped unread (its bytes
+// never go upstream) and the server fails a substitute, whose error becomes
+// 54000 for the client; the session goes on.
+func TestGuardFramesShareABudget(t *testing.T) {
+	g := newSessionGuard(session.NewGuard(session.Policy{ClaimsSetting: "request.jwt.claims", ClaimPrefix: "jwt.claims."}, 64), nil)
+	held := newByteBudget(1000)
+	r := newRelay(&session.Upstream{}, &session.Grant{Role: "authenticated"}, nil, g, held)
+	r.clientBuf, r.serverBuf = 64, 64
+	big, _ := (&pgproto3.Query{String: "SELECT '" + strings.Repeat("x", 2000) + "'"}).Encode(nil)
+	small, _ := (&pgproto3.Query{String: "SELECT 1"}).Encode(nil)
+	var upstream []byte
+	for rest := append(big, small...); len(rest) > 0; {
+		k := min(len(rest), 50)
+		n, out := r.fromClient(rest[:k], nil)
+		for _, seg := range out {
+			upstream = append(upstream, seg...)
+		}
+		rest = rest[n:]
+		if n == 0 {
+			t.Fatal("stuck")
+		}
+	}
+	if bytes.Contains(upstream, []byte("xxxx")) || !bytes.Contains(upstream, []byte(g.marker)) || !bytes.HasSuffix(upstream, small) {
+		t.Fatalf("upstream got %q", upstream)
+	}
+	if used := held.used.Load(); used != 0 {
+		t.Fatalf("%d bytes still held", used)
+	}
+	z, _ := (&pgproto3.ErrorResponse{Severity: "ERROR", Code: "42601", Message: "syntax error at or near " + g.marker}).Encode(nil)
+	z, _ = (&pgproto3.ReadyForQuery{TxStatus: 'I'}).Encode(z)
+	_, out := r.fromServer(z, nil)
+	var client []byte
+	for _, seg := range out {
+		client = append(client, seg...)
+	}
+	if !bytes.Contains(client, []byte("54000")) {
+		t.Fatalf("the client got %q", client)
+	}
 }

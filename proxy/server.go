@@ -93,6 +93,8 @@ type Server struct {
 	// buffers recycles the read buffers of client connections, so that a
 	// storm of short connections does not churn the heap.
 	buffers sync.Pool
+	// held bounds the large frames all sessions gather for the guard.
+	held *byteBudget
 
 	conns atomic.Int64 // open client connections, startup included
 
@@ -140,7 +142,7 @@ func New(cfg Config) (*Server, error) {
 	if cfg.AuthFailureInterval <= 0 {
 		cfg.AuthFailureInterval = time.Second
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, cancels: newCancelRegistry(), relays: map[*relay]struct{}{},
+	s := &Server{cfg: cfg, log: cfg.Logger, cancels: newCancelRegistry(), relays: map[*relay]struct{}{}, held: newByteBudget(maxHeldForGuard),
 		authFailures: newAuthLimiter(cfg.AuthFailureInterval, cfg.AuthFailureBurst)}
 	s.buffers.New = func() any { b := make([]byte, cfg.BufferSize); return &b }
 	if cfg.RelayLoops >= 0 {
@@ -388,7 +390,8 @@ func (s *Server) relay(c *clientConn, req *startupRequest, up *session.Upstream,
 			}
 		}
 	}
-	r := newRelay(up, info.grant, s.cfg.Metrics, guard)
+	r := newRelay(up, info.grant, s.cfg.Metrics, guard, s.held)
+	defer r.dropFrame()
 	key := s.cancels.register(up)
 	// Unregistered before the connection goes back to the pool, so that a
 	// late CancelRequest cannot reach the next client's statement.

@@ -151,8 +151,8 @@ func (g *Guard) judge(b []byte, extended bool, lex Lexing) Verdict {
 // decideHere parses sql as the server reads it and applies the rules to
 // every node of every statement: under the reading lex names, which must
 // parse, and under every other reading the server could apply (see
-// readings.go), each of which either fails to parse (the server would
-// refuse the statement read so) or must get the same verdict.
+// readings.go), each of which either fails to lex (the server would refuse
+// the statement read so) or must parse and get the same verdict.
 func (g *Guard) decideHere(sql string, extended bool, lex Lexing) Verdict {
 	if nonASCIIDollarTag(sql) {
 		return reject("dollar_quote", "dollar-quoted strings with non-ASCII tags are not allowed through rlsproxy: the server matches tags after converting the statement to its encoding, where different characters can become one; use an ASCII tag ($$ or $x$)")
@@ -175,10 +175,15 @@ func (g *Guard) decideHere(sql string, extended bool, lex Lexing) Verdict {
 	if v.Reject != nil {
 		return v
 	}
-	for _, r := range otherReadings(raw, lex) {
+	for _, r := range otherReadings(raw, sql, lex) {
 		other, err := parseTree(r.sql, r.scsOff)
 		if err != nil {
-			continue
+			if !lexes(r.sql, r.scsOff) {
+				continue // the server's lexer refuses the statement read so
+			}
+			// It splits into tokens but does not parse: the server, whose
+			// grammar is not pg_query's (PostgreSQL 17's), might run it.
+			return reject("string_reading", "the statement reads as other SQL "+r.why+", which rlsproxy's parser cannot check: "+err.Error())
 		}
 		if ov := g.verdict(other, extended); ov != v {
 			if ov.Reject != nil {
@@ -200,7 +205,11 @@ func onOff(off bool) string {
 // verdict applies the rules to every statement of a parse tree.
 func (g *Guard) verdict(tree *pg_query.ParseResult, extended bool) Verdict {
 	var v Verdict
+	copyIn := false
 	for i, raw := range tree.Stmts {
+		if c := raw.Stmt.GetCopyStmt(); c != nil && c.IsFrom && c.Filename == "" {
+			copyIn = true
+		}
 		resets, rej := g.statement(raw.Stmt)
 		if rej != nil {
 			return Verdict{Reject: rej}
@@ -213,6 +222,11 @@ func (g *Guard) verdict(tree *pg_query.ParseResult, extended bool) Verdict {
 		} else if v.Resets {
 			return reject("reset_position", fmt.Sprintf("statement %d follows a reset of the role or settings in the same message; through rlsproxy a reset must be the last statement of its message", i+1))
 		}
+	}
+	if v.Resets && copyIn {
+		// The client waits after a reset until the session is
+		// re-established, and the server would wait for its COPY data.
+		return reject("reset_position", "a reset of the role or settings cannot share its message with COPY ... FROM STDIN through rlsproxy: send it as a message of its own")
 	}
 	return v
 }

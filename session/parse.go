@@ -30,7 +30,32 @@ typedef struct {
 PgQueryProtobufParseResult pg_query_parse_protobuf_opts(const char* input, int parser_options);
 void pg_query_free_protobuf_parse_result(PgQueryProtobufParseResult result);
 
+typedef struct {
+	PgQueryProtobuf pbuf;
+	char* stderr_buffer;
+	PgQueryError* error;
+} PgQueryScanResult;
+
+PgQueryScanResult pg_query_scan(const char* input);
+void pg_query_free_scan_result(PgQueryScanResult result);
+
+// The scanner reads this (thread-local, like every setting of libpg_query)
+// when it starts; pg_query_scan has no option for it.
+extern __thread _Bool standard_conforming_strings;
+
 #define RLSPROXY_SCS_OFF 32 // PG_QUERY_DISABLE_STANDARD_CONFORMING_STRINGS
+
+// rlsproxy_lexes reports whether input splits into tokens with
+// standard_conforming_strings as given: every literal, comment and quoted
+// identifier closed, every escape valid.
+static int rlsproxy_lexes(const char* input, int scs_off) {
+	standard_conforming_strings = !scs_off;
+	PgQueryScanResult r = pg_query_scan(input);
+	standard_conforming_strings = 1;
+	int ok = r.error == NULL;
+	pg_query_free_scan_result(r);
+	return ok;
+}
 */
 import "C"
 
@@ -61,4 +86,17 @@ func parseTree(sql string, scsOff bool) (*pg_query.ParseResult, error) {
 		return nil, err
 	}
 	return tree, nil
+}
+
+// lexes reports whether the server's lexer accepts sql, read with
+// standard_conforming_strings off when scsOff is set: a reading that does
+// not lex is one the server refuses, whatever its grammar.
+func lexes(sql string, scsOff bool) bool {
+	in := C.CString(sql)
+	defer C.free(unsafe.Pointer(in))
+	off := C.int(0)
+	if scsOff {
+		off = 1
+	}
+	return C.rlsproxy_lexes(in, off) != 0
 }

@@ -53,14 +53,24 @@ func (b *Batch) query(sql, tag string) {
 	b.want = append(b.want, answer{'C', commandTag(tag)}, answer{'Z', b.readyStatus})
 }
 
-// exec adds an extended-protocol statement (unnamed, text results): Parse,
-// Bind and Execute, answered by ParseComplete, BindComplete, one DataRow
-// checked by row if row is set, and CommandComplete.
+// exec adds an extended-protocol statement (text results): Parse, Bind,
+// Execute, then Close of its statement and portal, answered by
+// ParseComplete, BindComplete, one DataRow checked by row if row is set,
+// CommandComplete and two CloseComplete.
+//
+// Nothing of the proxy's own statements may outlive the batch: the client
+// takes the connection over right after it, and a statement left prepared
+// (the unnamed one is the default target of a client's Bind) would run
+// set_config('role', $1) with the client's parameters. So each runs as a
+// statement and a portal named by the batch's nonce, closed in the batch.
 func (b *Batch) exec(sql string, oids []uint32, formats []int16, params [][]byte, row func([][]byte) error) {
+	name := b.nonce + "_" + strconv.Itoa(len(b.want))
 	for _, m := range []pgproto3.FrontendMessage{
-		&pgproto3.Parse{Query: sql, ParameterOIDs: oids},
-		&pgproto3.Bind{ParameterFormatCodes: formats, Parameters: params},
-		&pgproto3.Execute{},
+		&pgproto3.Parse{Name: name, Query: sql, ParameterOIDs: oids},
+		&pgproto3.Bind{DestinationPortal: name, PreparedStatement: name, ParameterFormatCodes: formats, Parameters: params},
+		&pgproto3.Execute{Portal: name},
+		&pgproto3.Close{ObjectType: 'P', Name: name},
+		&pgproto3.Close{ObjectType: 'S', Name: name},
 	} {
 		b.Frames, _ = m.Encode(b.Frames)
 	}
@@ -74,7 +84,7 @@ func (b *Batch) exec(sql string, oids []uint32, formats []int16, params [][]byte
 			return row(d.Values)
 		}})
 	}
-	b.want = append(b.want, answer{typ: 'C'})
+	b.want = append(b.want, answer{typ: 'C'}, answer{typ: '3'}, answer{typ: '3'})
 }
 
 // sync closes the extended-protocol statements added so far: one transaction.
@@ -204,13 +214,14 @@ func installBatch(g *Grant, signer *Signer, pid uint32, status byte) *Batch {
 
 // resetProofSQL shows that a reset connection carries nothing of the last
 // session's identity: it runs as the login role with no claims and no
-// signature, and holds no prepared statement or LISTEN. (Advisory locks go
+// signature, and holds no prepared statement (but the batch's own, named
+// by its nonce) or LISTEN. (Advisory locks go
 // with DISCARD ALL too; the pool tests check them, but pg_locks is too dear
 // to read on every release.)
 const resetProofSQL = `SELECT current_user = session_user
 	AND coalesce(current_setting($1, true), '') = ''
 	AND coalesce(current_setting('` + SignatureSetting + `', true), '') = ''
-	AND NOT EXISTS (SELECT FROM pg_catalog.pg_prepared_statements)
+	AND NOT EXISTS (SELECT FROM pg_catalog.pg_prepared_statements WHERE left(name, length($2)) <> $2)
 	AND NOT EXISTS (SELECT FROM pg_catalog.pg_listening_channels()), $2::text`
 
 // resetBatch returns the batch that undoes a session on a connection in

@@ -1,6 +1,9 @@
 package session
 
-import "strings"
+import (
+	"bytes"
+	"strings"
+)
 
 // A reading is one way the server may split a statement into tokens,
 // literals and comments. The server lexes a statement after converting it
@@ -16,18 +19,19 @@ type reading struct {
 	why    string // for the message when this reading is refused
 }
 
-// otherReadings returns the readings of sql (the bytes the client sent)
-// other than the one lex names:
-// with standard_conforming_strings flipped if it holds a backslash, and in
-// each client-only encoding whose multibyte characters would swallow an
-// ASCII byte of it.
-func otherReadings(sql string, lex Lexing) []reading {
+// otherReadings returns the readings of a statement other than the one lex
+// names: of text (the statement as the server's lexer sees it in an
+// ASCII-safe encoding) with standard_conforming_strings flipped if it holds
+// a backslash, and of raw (the bytes the client sent) in each client-only
+// encoding whose multibyte characters would swallow an ASCII byte of it.
+func otherReadings(raw, text string, lex Lexing) []reading {
 	var out []reading
 	scs := []bool{lex.NonStandardStrings}
-	if strings.IndexByte(sql, '\\') >= 0 {
+	if strings.IndexByte(raw, '\\') >= 0 {
 		scs = append(scs, !lex.NonStandardStrings)
-		out = append(out, reading{sql, !lex.NonStandardStrings, "with standard_conforming_strings " + onOff(lex.NonStandardStrings)})
+		out = append(out, reading{text, !lex.NonStandardStrings, "with standard_conforming_strings " + onOff(lex.NonStandardStrings)})
 	}
+	sql := raw
 	if !mayReadDifferently(sql) {
 		return out
 	}
@@ -45,6 +49,21 @@ func otherReadings(sql string, lex Lexing) []reading {
 		}
 	}
 	return out
+}
+
+// ParseCost is how many bytes the guard may parse to judge sql: its length
+// times the readings it may need (see otherReadings). Up to
+// MaxInProcessParse may be parsed in the proxy's own process.
+func ParseCost(sql []byte) int {
+	readings := 1
+	scs := 1
+	if bytes.IndexByte(sql, '\\') >= 0 {
+		readings, scs = 2, 2
+	}
+	if mayReadDifferently(string(sql)) {
+		readings += len(clientOnlyEncodings) * scs
+	}
+	return len(sql) * readings
 }
 
 // mayReadDifferently reports a high byte followed by a byte from 0x30 to

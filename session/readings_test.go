@@ -116,3 +116,22 @@ func TestGuardNonASCIIDollarTags(t *testing.T) {
 		}
 	}
 }
+
+// A reset cannot share its message with COPY FROM STDIN: the proxy holds
+// the client after a reset until the session is re-established, while the
+// server would wait for the client's data. COPY TO STDOUT, or FROM a file,
+// may.
+func TestGuardResetAfterCopyIn(t *testing.T) {
+	g := newTestGuard()
+	for sql, refused := range map[string]bool{
+		"COPY t FROM STDIN; RESET ROLE":  true,
+		"COPY t FROM STDIN; DISCARD ALL": true,
+		"COPY t TO STDOUT; DISCARD ALL":  false,
+		"COPY t FROM STDIN":              false,
+		"SELECT 1; RESET ALL":            false,
+	} {
+		if v := g.Query([]byte(sql), Lexing{}); (v.Reject != nil) != refused {
+			t.Errorf("%q: %+v, want refused=%v", sql, v, refused)
+		}
+	}
+}
