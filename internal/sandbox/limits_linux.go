@@ -52,8 +52,16 @@ func applyLimits(memory uint64) error {
 	// Best effort: if the host runs out of memory, a helper is the cheapest
 	// process to lose. Raising one's own score needs no privilege.
 	_ = os.WriteFile("/proc/self/oom_score_adj", []byte("1000"), 0)
+	// Best effort too: a helper's work is one client's long statement, and
+	// must not take the CPU from the proxy's relaying of every other
+	// session (or from the database on the same host). Lowering one's own
+	// priority needs no privilege either.
+	_ = unix.Setpriority(unix.PRIO_PROCESS, 0, helperNice)
 	return nil
 }
+
+// helperNice is the scheduling priority of helpers: the lowest but one.
+const helperNice = 15
 
 // dataProbe reads the size of a process's data mappings, the figure
 // RLIMIT_DATA caps (plus the main thread's stack, which is small): the sixth

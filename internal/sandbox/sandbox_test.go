@@ -20,6 +20,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/rlsproxy/rlsproxy/internal/sandbox"
 )
 
@@ -112,6 +114,9 @@ func handle(req []byte) []byte {
 		// What libpg_query does on a FATAL error: not an answer.
 		os.Stdout.WriteString("Terminating process due to FATAL error\n")
 		return []byte("printed")
+	case "nice":
+		n, _ := unix.Getpriority(unix.PRIO_PROCESS, 0)
+		return []byte(strconv.Itoa(20 - n)) // the syscall answers 20 - nice
 	case "spam":
 		n, _ := strconv.Atoi(arg)
 		os.Stderr.Write(bytes.Repeat([]byte("spam\n"), n/5))
@@ -239,6 +244,18 @@ func raceEnabled() bool {
 		}
 	}
 	return false
+}
+
+// Helpers run at a low priority: a long statement's parse must not take
+// the CPU from the relaying of every other session.
+func TestHelperPriority(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("priorities are set on Linux only")
+	}
+	p := newPool(t, sandbox.Config{})
+	if got := do(t, p, "nice:"); got != "15" {
+		t.Fatalf("helper nice %s, want 15", got)
+	}
 }
 
 func TestEcho(t *testing.T) {
