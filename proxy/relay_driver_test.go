@@ -207,8 +207,13 @@ func TestDriverHandOffWithServerBacklog(t *testing.T) {
 			s := newDriverSession(t, g, 4096)
 			_ = s.proxyUp.SetWriteBuffer(4096)
 
-			// The server streams a long result and reads nothing meanwhile.
+			// The server streams a long result and reads nothing meanwhile,
+			// once the Query asking for it has arrived (an answer owed to
+			// nothing ends the session: the ledger).
 			go func() {
+				if _, err := io.ReadFull(s.server, make([]byte, 1)); err != nil {
+					return
+				}
 				row := encode(t, &pgproto3.DataRow{Values: [][]byte{bytes.Repeat([]byte{'r'}, 8000)}})
 				for {
 					if _, err := s.server.Write(row); err != nil {
