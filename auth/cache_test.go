@@ -1,6 +1,8 @@
 package auth
 
 import (
+	"github.com/rlsproxy/rlsproxy/internal/devissuer"
+
 	"context"
 	"crypto/rand"
 	"crypto/rsa"
@@ -14,14 +16,14 @@ import (
 // counted; the cache is bounded and never matches another token.
 func TestTokenCache(t *testing.T) {
 	key, _ := rsa.GenerateKey(rand.Reader, 2048)
-	iss, _ := NewDevIssuer("", key)
+	iss, _ := devissuer.New("", key)
 	srv := httptest.NewServer(iss)
 	defer srv.Close()
 	iss.URL = srv.URL
 	now := time.Now()
 	var hits, misses atomic.Int32
 	v, err := New(context.Background(), Config{
-		Rules: Rules{Issuer: srv.URL, ClientIDs: []string{DevClientID}}, CacheSize: 2,
+		Rules: Rules{Issuer: srv.URL, ClientIDs: []string{devissuer.ClientID}}, CacheSize: 2,
 		Now: func() time.Time { return now },
 		OnCacheLookup: func(hit bool) {
 			if hit {
@@ -37,7 +39,7 @@ func TestTokenCache(t *testing.T) {
 	defer v.Close()
 	ctx := context.Background()
 	mint := func(sub string, ttl time.Duration) string {
-		tok, err := iss.Mint(TokenRequest{Subject: sub, TTL: ttl})
+		tok, err := iss.Mint(devissuer.TokenRequest{Subject: sub, TTL: ttl})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -69,22 +71,22 @@ func TestTokenCache(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if n := v.cache.lru.Len(); n > 2 {
+	if n := v.cache.ids.Len(); n > 2 {
 		t.Fatalf("cache holds %d tokens, bound is 2", n)
 	}
 }
 
 func BenchmarkVerify(b *testing.B) {
 	key, _ := rsa.GenerateKey(rand.Reader, 2048)
-	iss, _ := NewDevIssuer("", key)
+	iss, _ := devissuer.New("", key)
 	srv := httptest.NewServer(iss)
 	defer srv.Close()
 	iss.URL = srv.URL
-	tok, _ := iss.Mint(TokenRequest{Subject: "a"})
+	tok, _ := iss.Mint(devissuer.TokenRequest{Subject: "a"})
 	for _, size := range []int{-1, 0} {
 		name := map[int]string{-1: "uncached", 0: "cached"}[size]
 		b.Run(name, func(b *testing.B) {
-			v, err := New(context.Background(), Config{Rules: Rules{Issuer: srv.URL, ClientIDs: []string{DevClientID}}, CacheSize: size})
+			v, err := New(context.Background(), Config{Rules: Rules{Issuer: srv.URL, ClientIDs: []string{devissuer.ClientID}}, CacheSize: size})
 			if err != nil {
 				b.Fatal(err)
 			}

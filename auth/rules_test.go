@@ -1,6 +1,8 @@
 package auth
 
 import (
+	"github.com/rlsproxy/rlsproxy/internal/devissuer"
+
 	"context"
 	"encoding/json"
 	"errors"
@@ -29,8 +31,8 @@ func TestClientAndUseRules(t *testing.T) {
 	claims := func(extra map[string]any) jwt.MapClaims {
 		return withClaims(map[string]any{"iss": ti.URL, "sub": "user-1", "iat": now.Unix(), "exp": now.Add(time.Hour).Unix()}, extra)
 	}
-	access := map[string]any{"token_use": "access", "client_id": DevClientID}
-	id := map[string]any{"token_use": "id", "aud": DevClientID}
+	access := map[string]any{"token_use": "access", "client_id": devissuer.ClientID}
+	id := map[string]any{"token_use": "id", "aud": devissuer.ClientID}
 
 	tests := []struct {
 		name   string
@@ -41,41 +43,41 @@ func TestClientAndUseRules(t *testing.T) {
 		msg    string
 	}{
 		// Cognito: token_use.
-		{name: "cognito access token, access wanted", rules: cognito("access", DevClientID), claims: access},
-		{name: "cognito id token, id wanted", rules: cognito("id", DevClientID), claims: id},
-		{name: "cognito access token, any", rules: cognito("any", DevClientID), claims: access},
-		{name: "cognito id token, any", rules: cognito("any", DevClientID), claims: id},
+		{name: "cognito access token, access wanted", rules: cognito("access", devissuer.ClientID), claims: access},
+		{name: "cognito id token, id wanted", rules: cognito("id", devissuer.ClientID), claims: id},
+		{name: "cognito access token, any", rules: cognito("any", devissuer.ClientID), claims: access},
+		{name: "cognito id token, any", rules: cognito("any", devissuer.ClientID), claims: id},
 		{
-			name: "cognito id token, access wanted", rules: cognito("access", DevClientID), claims: id,
+			name: "cognito id token, access wanted", rules: cognito("access", devissuer.ClientID), claims: id,
 			kind: NotAllowed, reason: "token_use", msg: "token_use id is not accepted: send the access token",
 		},
 		{
-			name: "cognito access token, id wanted", rules: cognito("id", DevClientID), claims: access,
+			name: "cognito access token, id wanted", rules: cognito("id", devissuer.ClientID), claims: access,
 			kind: NotAllowed, reason: "token_use", msg: "token_use access is not accepted: send the id token",
 		},
 		{
-			name: "cognito token without token_use", rules: cognito("any", DevClientID), claims: map[string]any{"client_id": DevClientID},
+			name: "cognito token without token_use", rules: cognito("any", devissuer.ClientID), claims: map[string]any{"client_id": devissuer.ClientID},
 			kind: Invalid, reason: "malformed", msg: "token has no token_use of access or id: not a Cognito user pool token",
 		},
 		{
-			name: "cognito refresh-like token_use", rules: cognito("any", DevClientID), claims: map[string]any{"token_use": "refresh", "client_id": DevClientID},
+			name: "cognito refresh-like token_use", rules: cognito("any", devissuer.ClientID), claims: map[string]any{"token_use": "refresh", "client_id": devissuer.ClientID},
 			kind: Invalid, reason: "malformed", msg: "token has no token_use of access or id",
 		},
 
 		// Cognito: app client.
-		{name: "cognito access token, one of several clients", rules: cognito("access", "web", DevClientID), claims: access},
+		{name: "cognito access token, one of several clients", rules: cognito("access", "web", devissuer.ClientID), claims: access},
 		{
 			name: "cognito access token of another app client", rules: cognito("access", "web"), claims: access,
 			kind: NotAllowed, reason: "client", msg: "token was issued to an app client that is not in --client-id",
 		},
 		{
-			name: "cognito access token without client_id", rules: cognito("access", DevClientID), claims: map[string]any{"token_use": "access"},
+			name: "cognito access token without client_id", rules: cognito("access", devissuer.ClientID), claims: map[string]any{"token_use": "access"},
 			kind: NotAllowed, reason: "client", msg: "not in --client-id",
 		},
 		{
 			// An access token's aud is not its client: only client_id counts.
-			name: "cognito access token naming the client in aud only", rules: cognito("access", DevClientID),
-			claims: map[string]any{"token_use": "access", "client_id": "web", "aud": DevClientID},
+			name: "cognito access token naming the client in aud only", rules: cognito("access", devissuer.ClientID),
+			claims: map[string]any{"token_use": "access", "client_id": "web", "aud": devissuer.ClientID},
 			kind:   NotAllowed, reason: "client", msg: "not in --client-id",
 		},
 		{
@@ -84,11 +86,11 @@ func TestClientAndUseRules(t *testing.T) {
 		},
 		{
 			// And an id token's client_id is not its client: only aud counts.
-			name: "cognito id token naming the client in client_id only", rules: cognito("id", DevClientID),
-			claims: map[string]any{"token_use": "id", "aud": "web", "client_id": DevClientID},
+			name: "cognito id token naming the client in client_id only", rules: cognito("id", devissuer.ClientID),
+			claims: map[string]any{"token_use": "id", "aud": "web", "client_id": devissuer.ClientID},
 			kind:   NotAllowed, reason: "client", msg: "token audience is not an app client in --client-id",
 		},
-		{name: "cognito id token, aud array", rules: cognito("id", DevClientID), claims: map[string]any{"token_use": "id", "aud": []string{"web", DevClientID}}},
+		{name: "cognito id token, aud array", rules: cognito("id", devissuer.ClientID), claims: map[string]any{"token_use": "id", "aud": []string{"web", devissuer.ClientID}}},
 
 		// Other issuers: --client-id matches client_id, azp or aud.
 		{name: "generic, client_id matches", rules: generic([]string{"app"}, nil), claims: map[string]any{"client_id": "app"}},

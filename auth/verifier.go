@@ -3,13 +3,14 @@
 package auth
 
 import (
+	"github.com/rlsproxy/rlsproxy/internal/loopback"
+
 	"context"
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"net/url"
 	"slices"
@@ -285,7 +286,7 @@ func checkURL(what, raw string) error {
 	case "https":
 		return nil
 	case "http":
-		if IsLoopbackHost(u.Hostname()) {
+		if loopback.Host(u.Hostname()) {
 			return nil
 		}
 		return fmt.Errorf("%s %s must use https (plain http is allowed for loopback only)", what, raw)
@@ -300,13 +301,4 @@ func checkRedirect(req *http.Request, via []*http.Request) error {
 		return errors.New("stopped after 5 redirects")
 	}
 	return checkURL("JWKS redirect", req.URL.String())
-}
-
-// IsLoopbackHost reports whether host names this machine's loopback.
-func IsLoopbackHost(host string) bool {
-	if host == "localhost" {
-		return true
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
 }

@@ -1,6 +1,8 @@
 package auth
 
 import (
+	"github.com/rlsproxy/rlsproxy/internal/devissuer"
+
 	"bytes"
 	"context"
 	"crypto"
@@ -49,10 +51,10 @@ func newECKey(t testing.TB) *ecdsa.PrivateKey {
 	return k
 }
 
-// testIssuer is a DevIssuer behind a real HTTP server that counts JWKS
+// testIssuer is a dev issuer behind a real HTTP server that counts JWKS
 // fetches and can be told to fail or to answer slowly.
 type testIssuer struct {
-	*DevIssuer
+	*devissuer.Issuer
 	fetches atomic.Int64
 	failing atomic.Bool
 	delay   atomic.Int64 // nanoseconds before each answer
@@ -63,11 +65,11 @@ func newTestIssuer(t testing.TB, keys ...crypto.Signer) *testIssuer {
 	if len(keys) == 0 {
 		keys = []crypto.Signer{issuerRSAKey()}
 	}
-	d, err := NewDevIssuer("", keys...)
+	d, err := devissuer.New("", keys...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ti := &testIssuer{DevIssuer: d}
+	ti := &testIssuer{Issuer: d}
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/.well-known/jwks.json" {
 			ti.fetches.Add(1)
@@ -97,7 +99,7 @@ func (ti *testIssuer) baseConfig() Config {
 		Issuer:    ti.URL,
 		Cognito:   true,
 		TokenUse:  "access",
-		ClientIDs: []string{DevClientID},
+		ClientIDs: []string{devissuer.ClientID},
 		Leeway:    30 * time.Second,
 	}}
 }
@@ -138,7 +140,7 @@ func (ti *testIssuer) accessClaims(now time.Time) jwt.MapClaims {
 		"iat":       now.Unix(),
 		"exp":       now.Add(time.Hour).Unix(),
 		"token_use": "access",
-		"client_id": DevClientID,
+		"client_id": devissuer.ClientID,
 	}
 }
 
@@ -466,7 +468,7 @@ func TestVerifyAccepts(t *testing.T) {
 		{"ES256", forge(t, jwt.SigningMethodES256, ec, map[string]any{"kid": ids[1]}, claims)},
 		{"RS256 without kid", forge(t, jwt.SigningMethodRS256, issuerRSAKey(), nil, claims)},
 		{"ES256 without kid", forge(t, jwt.SigningMethodES256, ec, nil, claims)},
-		{"minted by the dev issuer", mint(t, ti.DevIssuer, TokenRequest{Subject: "user-1"})},
+		{"minted by the dev issuer", mint(t, ti.Issuer, devissuer.TokenRequest{Subject: "user-1"})},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -481,7 +483,7 @@ func TestVerifyAccepts(t *testing.T) {
 	}
 }
 
-func mint(t testing.TB, d *DevIssuer, req TokenRequest) string {
+func mint(t testing.TB, d *devissuer.Issuer, req devissuer.TokenRequest) string {
 	t.Helper()
 	tok, err := d.Mint(req)
 	if err != nil {
@@ -569,7 +571,7 @@ func TestIdentityClaimsJSON(t *testing.T) {
 	cfg := ti.baseConfig()
 	cfg.TokenUse = "id"
 	v := ti.start(t, cfg)
-	tok := mint(t, ti.DevIssuer, TokenRequest{
+	tok := mint(t, ti.Issuer, devissuer.TokenRequest{
 		Subject:  "user-1",
 		TokenUse: "id",
 		Groups:   []string{"admin", "staff"},
@@ -591,7 +593,7 @@ func TestIdentityClaimsJSON(t *testing.T) {
 		`"id":9007199254740993`,
 		`"cognito:groups":["admin","staff"]`,
 		`"token_use":"id"`,
-		`"aud":"` + DevClientID + `"`,
+		`"aud":"` + devissuer.ClientID + `"`,
 		fmt.Sprintf(`"exp":%d`, id.ExpiresAt.Unix()),
 	} {
 		if !strings.Contains(js, want) {
@@ -745,7 +747,7 @@ func TestReadiness(t *testing.T) {
 	if v.Ready(ctx) {
 		t.Fatal("ready while the JWKS endpoint answers 500")
 	}
-	tok := mint(t, ti.DevIssuer, TokenRequest{Subject: "user-1"})
+	tok := mint(t, ti.Issuer, devissuer.TokenRequest{Subject: "user-1"})
 	for range 3 { // the first one may trigger a fetch, the others must not wait
 		id, err := v.Verify(ctx, tok)
 		expectRejection(t, id, err, tok, Unavailable, "keys_unavailable",
@@ -796,7 +798,7 @@ func TestReadinessRetriesSoonerThanRefresh(t *testing.T) {
 func TestVerifyBeforeFirstFetch(t *testing.T) {
 	ti := newTestIssuer(t)
 	ti.delay.Store(int64(300 * time.Millisecond))
-	tok := mint(t, ti.DevIssuer, TokenRequest{Subject: "user-1"})
+	tok := mint(t, ti.Issuer, devissuer.TokenRequest{Subject: "user-1"})
 	cfg := ti.baseConfig()
 	t0 := time.Now()
 	v := startVerifier(t, cfg)
@@ -893,7 +895,7 @@ func TestNewDefaults(t *testing.T) {
 		t.Errorf("token use %q, max token bytes %d", v.cfg.TokenUse, v.cfg.MaxTokenBytes)
 	}
 	// An id token is refused by default: access is the default token_use.
-	tok := mint(t, ti.DevIssuer, TokenRequest{Subject: "u", TokenUse: "id"})
+	tok := mint(t, ti.Issuer, devissuer.TokenRequest{Subject: "u", TokenUse: "id"})
 	id, err := v.Verify(context.Background(), tok)
 	expectRejection(t, id, err, tok, NotAllowed, "token_use", "token_use id is not accepted: send the access token")
 }
@@ -923,28 +925,6 @@ func TestCognitoIssuer(t *testing.T) {
 	}
 }
 
-func TestIsLoopbackHost(t *testing.T) {
-	for host, want := range map[string]bool{
-		"localhost":       true,
-		"127.0.0.1":       true,
-		"127.1.2.3":       true,
-		"::1":             true,
-		"localhost.":      false,
-		"localhost.evil":  false,
-		"10.0.0.1":        false,
-		"0.0.0.0":         false,
-		"example.com":     false,
-		"":                false,
-		"::ffff:10.0.0.1": false,
-	} {
-		if got := IsLoopbackHost(host); got != want {
-			t.Errorf("IsLoopbackHost(%q) = %v, want %v", host, got, want)
-		}
-	}
-}
-
-// TestSafeText: header values reach messages only printable, short and valid
-// UTF-8, whatever the token says.
 func TestSafeText(t *testing.T) {
 	tests := []struct{ in, want string }{
 		{"kid-1", "kid-1"},
@@ -1020,7 +1000,7 @@ func TestJWKSRedirects(t *testing.T) {
 // with them.
 func TestJWKSDocuments(t *testing.T) {
 	ec := newECKey(t)
-	d, err := NewDevIssuer("", ec)
+	d, err := devissuer.New("", ec)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1070,4 +1050,34 @@ func TestJWKSDocuments(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestDevIssuerRoundTrip: what `rlsproxy dev` mints, `rlsproxy serve` pointed
+// at the dev issuer accepts, for both kinds of tokens and both key types.
+func TestDevIssuerRoundTrip(t *testing.T) {
+	ec := newECKey(t)
+	ti := newTestIssuer(t, ec, issuerRSAKey())
+	cfg := ti.baseConfig()
+	cfg.TokenUse = "any"
+	v := ti.start(t, cfg)
+	for _, use := range []string{"access", "id"} {
+		for _, kid := range ti.KeyIDs() {
+			claims := jwt.MapClaims{
+				"iss": ti.URL, "sub": "dave", "exp": time.Now().Add(time.Minute).Unix(),
+				"token_use": use, "client_id": devissuer.ClientID, "aud": devissuer.ClientID,
+			}
+			tok, err := ti.Sign(claims, kid)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := v.Verify(context.Background(), tok); err != nil {
+				t.Errorf("%s token signed with %s refused: %v", use, kid, err)
+			}
+		}
+		tok := mint(t, ti.Issuer, devissuer.TokenRequest{Subject: "dave", TokenUse: use})
+		if _, err := v.Verify(context.Background(), tok); err != nil {
+			t.Errorf("minted %s token refused: %v", use, err)
+		}
+	}
+	// The first key signs by default: here the EC key.
 }

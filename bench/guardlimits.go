@@ -13,7 +13,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgconn"
 
-	"github.com/rlsproxy/rlsproxy/session"
+	"github.com/rlsproxy/rlsproxy/guard"
 )
 
 // guardLimits are the figures of what the guard spends on statements it
@@ -176,7 +176,7 @@ func (b *bench) measureGuardLimits(bin, upstream, issuer, token string) error {
 		"a 1 KB statement the guard parses: %.0f µs with the guard, %.0f µs without (+%.0f µs)\n\n",
 		gl.LargestParsed, gl.Sessions, gl.StatementBytes, gl.Outcomes, gl.Seconds, float64(gl.PeakRSS)/(1<<20),
 		float64(gl.PeakProxyRSS)/(1<<20), float64(gl.BaseRSS)/(1<<20), gl.OtherWorstMillis, on, off, on-off)
-	_ = session.MaxInProcessParse // the limit the 1 KB statement stays under
+	_ = guard.MaxInProcessParse // the limit the 1 KB statement stays under
 	return nil
 }
 

@@ -13,6 +13,10 @@
 package main
 
 import (
+	"github.com/rlsproxy/rlsproxy/internal/sqlquote"
+
+	"github.com/rlsproxy/rlsproxy/internal/devissuer"
+
 	"context"
 	"crypto/rand"
 	"crypto/rsa"
@@ -34,7 +38,6 @@ import (
 
 	"github.com/jackc/pgx/v5/pgconn"
 
-	"github.com/rlsproxy/rlsproxy/auth"
 	"github.com/rlsproxy/rlsproxy/internal/pgtemp"
 )
 
@@ -139,7 +142,7 @@ func (b *bench) run() error {
 	b.loginPassword = rand.Text()
 	if err := b.pg.Exec(ctx, "bench", `
 		CREATE ROLE authenticated NOLOGIN;
-		CREATE ROLE authenticator LOGIN NOINHERIT PASSWORD `+pgtemp.QuoteLiteral(b.loginPassword)+`;
+		CREATE ROLE authenticator LOGIN NOINHERIT PASSWORD `+sqlquote.Literal(b.loginPassword)+`;
 		GRANT authenticated TO authenticator;
 		GRANT SELECT, INSERT, UPDATE ON pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history TO authenticated, authenticator;`); err != nil {
 		return err
@@ -153,12 +156,12 @@ func (b *bench) run() error {
 	if err != nil {
 		return err
 	}
-	issuer, err := auth.NewDevIssuer("http://"+il.Addr().String(), key)
+	issuer, err := devissuer.New("http://"+il.Addr().String(), key)
 	if err != nil {
 		return err
 	}
 	go func() { _ = http.Serve(il, issuer) }()
-	token, err := issuer.Mint(auth.TokenRequest{Subject: "bench", TTL: 24 * time.Hour})
+	token, err := issuer.Mint(devissuer.TokenRequest{Subject: "bench", TTL: 24 * time.Hour})
 	if err != nil {
 		return err
 	}
@@ -432,7 +435,7 @@ func startProxy(bin, upstream, issuer string, extra ...string) (port, pid int, s
 		return 0, 0, nil, err
 	}
 	args := append([]string{"serve", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--upstream", upstream,
-		"--issuer", issuer, "--client-id", auth.DevClientID, "--admin-listen", "", "--log-level", "warn",
+		"--issuer", issuer, "--client-id", devissuer.ClientID, "--admin-listen", "", "--log-level", "warn",
 		"--max-client-conns", "5000", "--pool-size", "100"}, extra...)
 	cmd := exec.Command(bin, args...)
 	cmd.Stderr = os.Stderr

@@ -7,6 +7,7 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/rlsproxy/rlsproxy/auth"
+	"github.com/rlsproxy/rlsproxy/guard"
 	"github.com/rlsproxy/rlsproxy/session"
 )
 
@@ -25,6 +26,7 @@ const (
 	codeFeatureNotSupported   = "0A000"
 	codeRejectedConnection    = "08004"
 	codeProgramLimitExceeded  = "54000"
+	codeSyntaxError           = "42601"
 )
 
 // clientError is an error the client should read, with its SQLSTATE.
@@ -48,6 +50,17 @@ func toClientError(err error) *clientError {
 	var ce *clientError
 	if errors.As(err, &ce) {
 		return ce
+	}
+	var gr *guard.Rejection
+	if errors.As(err, &gr) {
+		code := codeInsufficientPrivilege
+		switch gr.Kind {
+		case guard.Unreadable:
+			code = codeSyntaxError
+		case guard.TooCostly:
+			code = codeProgramLimitExceeded
+		}
+		return &clientError{code: code, msg: gr.Msg, reason: gr.Rule}
 	}
 	var ae *auth.Error
 	if errors.As(err, &ae) {

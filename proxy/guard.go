@@ -10,7 +10,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgproto3"
 
-	"github.com/rlsproxy/rlsproxy/session"
+	"github.com/rlsproxy/rlsproxy/guard"
 )
 
 // maxInspected bounds a Query, Parse or FunctionCall the guard reads whole:
@@ -29,7 +29,7 @@ const maxInspected = 64 << 20
 // by its place, with the guard's. Client and server so always agree on the
 // transaction state.
 type sessionGuard struct {
-	g       *session.Guard
+	g       *guard.Guard
 	marker  string // "rlsproxy_guard_<random>": the text of substitutes
 	metrics *Metrics
 	// scsOff is set while the server reports standard_conforming_strings
@@ -37,7 +37,7 @@ type sessionGuard struct {
 	scsOff atomic.Bool
 }
 
-func newSessionGuard(g *session.Guard, m *Metrics) *sessionGuard {
+func newSessionGuard(g *guard.Guard, m *Metrics) *sessionGuard {
 	var nonce [8]byte
 	_, _ = rand.Read(nonce[:])
 	return &sessionGuard{g: g, metrics: m, marker: "rlsproxy_guard_" + hex.EncodeToString(nonce[:])}
@@ -51,9 +51,9 @@ func inspected(typ byte) bool { return typ == 'Q' || typ == 'P' || typ == 'F' }
 // is), and whether the session must be re-established after it.
 func (s *sessionGuard) check(typ byte, frame []byte) (substitute []byte, refusal *clientError, resets bool) {
 	body := frame[5:]
-	var v session.Verdict
+	var v guard.Verdict
 	var name []byte
-	lex := session.Lexing{NonStandardStrings: s.scsOff.Load()}
+	lex := guard.Lexing{NonStandardStrings: s.scsOff.Load()}
 	switch typ {
 	case 'Q':
 		v = s.g.Query(cstring(body), lex)
@@ -69,16 +69,8 @@ func (s *sessionGuard) check(typ byte, frame []byte) (substitute []byte, refusal
 	if v.Reject == nil {
 		return nil, nil, v.Resets
 	}
-	if s.metrics != nil {
-		s.metrics.guardRejections.WithLabelValues(v.Reject.Rule).Inc()
-	}
-	refusal = &clientError{code: v.Reject.Code, msg: v.Reject.Msg, reason: v.Reject.Rule}
-	if typ == 'P' {
-		out, _ := (&pgproto3.Parse{Name: string(name), Query: s.marker}).Encode(nil)
-		return out, refusal, false
-	}
-	out, _ := (&pgproto3.Query{String: s.marker}).Encode(nil)
-	return out, refusal, false
+	refusal = toClientError(v.Reject)
+	return s.substitute(typ, name, refusal), refusal, false
 }
 
 // oversized returns the substitute and the refusal for a message longer
@@ -86,18 +78,19 @@ func (s *sessionGuard) check(typ byte, frame []byte) (substitute []byte, refusal
 func (s *sessionGuard) oversized(typ byte, size int) ([]byte, *clientError) {
 	refusal := newClientError(codeProgramLimitExceeded, "guard_limit",
 		fmt.Sprintf("message of %d bytes is longer than rlsproxy's guard reads (%d bytes)", size, maxInspected))
-	return s.substitute(typ, refusal), refusal
+	return s.substitute(typ, nil, refusal), refusal
 }
 
 // substitute returns a message that fails in the server in place of a
-// refused one of type typ, and counts the refusal.
-func (s *sessionGuard) substitute(typ byte, refusal *clientError) []byte {
+// refused one of type typ (a Parse keeps the statement's name), and counts
+// the refusal.
+func (s *sessionGuard) substitute(typ byte, name []byte, refusal *clientError) []byte {
 	if s.metrics != nil {
 		s.metrics.guardRejections.WithLabelValues(refusal.reason).Inc()
 	}
 	var out []byte
 	if typ == 'P' {
-		out, _ = (&pgproto3.Parse{Query: s.marker}).Encode(nil)
+		out, _ = (&pgproto3.Parse{Name: string(name), Query: s.marker}).Encode(nil)
 	} else {
 		out, _ = (&pgproto3.Query{String: s.marker}).Encode(nil)
 	}
@@ -146,7 +139,7 @@ func (s *sessionGuard) lexing(name, value string) *clientError {
 	case "standard_conforming_strings":
 		s.scsOff.Store(value != "on")
 	case "client_encoding":
-		if err := session.LexableEncoding(value); err != nil {
+		if err := guard.LexableEncoding(value); err != nil {
 			return newClientError(codeInsufficientPrivilege, "client_encoding",
 				"terminating connection: the server reports client_encoding "+value+": "+err.Error())
 		}

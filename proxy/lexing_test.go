@@ -1,6 +1,8 @@
 package proxy_test
 
 import (
+	"github.com/rlsproxy/rlsproxy/internal/devissuer"
+
 	"context"
 	"encoding/hex"
 	"encoding/json"
@@ -15,7 +17,6 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 
-	"github.com/rlsproxy/rlsproxy/auth"
 	"github.com/rlsproxy/rlsproxy/internal/demo"
 	"github.com/rlsproxy/rlsproxy/internal/proxytest"
 	"github.com/rlsproxy/rlsproxy/proxy"
@@ -1069,7 +1070,7 @@ func TestLexingClaimsByteExact(t *testing.T) {
 	const name = "Zoë 東京 😀 \\ ' \""
 	const sub = "zoë-東京-😀"
 	p := proxytest.Start(t, pg, withSigner)
-	token, err := p.Issuer.Mint(auth.TokenRequest{Subject: sub, Extra: map[string]any{"name": name, "latin": "Zoë"}})
+	token, err := p.Issuer.Mint(devissuer.TokenRequest{Subject: sub, Extra: map[string]any{"name": name, "latin": "Zoë"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1107,7 +1108,7 @@ func TestLexingClaimsByteExact(t *testing.T) {
 	for _, d := range lexDrivers {
 		t.Run(d.name, func(t *testing.T) {
 			p := proxytest.Start(t, pg, append([]proxytest.Option{withSigner}, d.opts...)...)
-			token, err := p.Issuer.Mint(auth.TokenRequest{Subject: sub, Extra: map[string]any{"name": name, "latin": "Zoë"}})
+			token, err := p.Issuer.Mint(devissuer.TokenRequest{Subject: sub, Extra: map[string]any{"name": name, "latin": "Zoë"}})
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -1,6 +1,8 @@
 package proxy_test
 
 import (
+	"github.com/rlsproxy/rlsproxy/internal/dbsetup"
+
 	"context"
 	"errors"
 	"net/http/httptest"
@@ -41,7 +43,7 @@ func TestMain(m *testing.M) {
 		if signer, err = session.NewSigner([]byte("proxy-test-signing-key-0123456789abcdef")); err != nil {
 			return err
 		}
-		sql, err := session.BootstrapSQL(session.BootstrapOptions{Policy: proxytest.DefaultPolicy(),
+		sql, err := dbsetup.BootstrapSQL(dbsetup.BootstrapOptions{Policy: proxytest.DefaultPolicy(),
 			Login: "authenticator", Database: "app", Signer: signer, Leeway: 5 * time.Second})
 		if err != nil {
 			return err

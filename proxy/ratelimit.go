@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"github.com/rlsproxy/rlsproxy/internal/loopback"
+
 	"net"
 	"sync"
 	"time"
@@ -75,7 +77,7 @@ func (l *authLimiter) failed(addr net.Addr) {
 
 func limitKey(addr net.Addr) (string, bool) {
 	ta, ok := addr.(*net.TCPAddr)
-	if !ok || ta.IP.IsLoopback() {
+	if !ok || loopback.Addr(addr) {
 		return "", false
 	}
 	return ta.IP.String(), true

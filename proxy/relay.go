@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/rlsproxy/rlsproxy/guard"
 	"github.com/rlsproxy/rlsproxy/internal/wire"
 	"github.com/rlsproxy/rlsproxy/session"
 )
@@ -195,7 +196,7 @@ func (r *relay) fromClient(in []byte, out [][]byte) (int, [][]byte) {
 		}
 		inspect := r.guard != nil && inspected(typ)
 		if r.handOffOver > 0 && inspect && (size > r.handOffOver || r.parseBudgetSpent() ||
-			size <= len(in)-n && session.ParseCost(in[n+wire.HeaderLen:n+size]) > r.handOffOver) {
+			size <= len(in)-n && guard.ParseCost(in[n+wire.HeaderLen:n+size]) > r.handOffOver) {
 			r.handOff = true
 			break
 		}
@@ -255,7 +256,7 @@ func (r *relay) parseBudgetSpent() bool {
 // are dropped, the rest will be as they come, and the server fails a
 // substitute in its place.
 func (r *relay) refuseGathered(out [][]byte, refusal *clientError) [][]byte {
-	substitute := r.guard.substitute(r.frame[0], refusal)
+	substitute := r.guard.substitute(r.frame[0], nil, refusal)
 	r.ledger.sentRefused(substitute[0], refusal)
 	r.clientDrop = r.frameSize - len(r.frame)
 	r.dropFrame()

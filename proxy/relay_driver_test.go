@@ -19,6 +19,7 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/rlsproxy/rlsproxy/guard"
 	"github.com/rlsproxy/rlsproxy/internal/wire"
 	"github.com/rlsproxy/rlsproxy/session"
 )
@@ -202,7 +203,7 @@ func TestDriverExpiryMidStreamNotReusable(t *testing.T) {
 func TestDriverHandOffWithServerBacklog(t *testing.T) {
 	for _, driver := range driverNames {
 		t.Run(driver, func(t *testing.T) {
-			g := newSessionGuard(session.NewGuard(session.Policy{ClaimsSetting: "request.jwt.claims", ClaimPrefix: "jwt.claims."}, 100),
+			g := newSessionGuard(guard.New(session.Policy{ClaimsSetting: "request.jwt.claims", ClaimPrefix: "jwt.claims."}, 100),
 				NewMetrics(prometheus.NewRegistry()))
 			s := newDriverSession(t, g, 4096)
 			_ = s.proxyUp.SetWriteBuffer(4096)

@@ -17,8 +17,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/rlsproxy/rlsproxy/guard"
 	"github.com/rlsproxy/rlsproxy/internal/wire"
-	"github.com/rlsproxy/rlsproxy/session"
 )
 
 // relayLoops relays plaintext sessions on a few event loops, each a
@@ -44,7 +44,7 @@ const relayBuffer = 64 << 10
 // a loop: the longest it parses in process. A session sending a larger
 // message is handed to goroutines of its own (relay_conn.go) for the rest of
 // its life, so that the loop's other sessions never wait on a long parse.
-const handOffOver = session.MaxInProcessParse
+const handOffOver = guard.MaxInProcessParse
 
 func newRelayLoops(n int) (*relayLoops, error) {
 	ls := &relayLoops{}

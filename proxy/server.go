@@ -8,6 +8,8 @@
 package proxy
 
 import (
+	"github.com/rlsproxy/rlsproxy/internal/loopback"
+
 	"context"
 	"crypto/tls"
 	"errors"
@@ -27,6 +29,7 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/rlsproxy/rlsproxy/auth"
+	"github.com/rlsproxy/rlsproxy/guard"
 	"github.com/rlsproxy/rlsproxy/internal/wire"
 	"github.com/rlsproxy/rlsproxy/session"
 )
@@ -46,7 +49,7 @@ type Config struct {
 	// size 0 over Dialer (every session opens and closes its own).
 	Pool *session.Pool
 	// Guard inspects every Query, Parse and FunctionCall; nil turns it off.
-	Guard *session.Guard
+	Guard *guard.Guard
 	// Databases a client may ask for; empty means only the upstream DSN's
 	// database, "*" means any.
 	Databases []string
@@ -260,7 +263,7 @@ func (s *Server) handle(ctx context.Context, raw net.Conn) {
 	start := s.cfg.Now()
 	_ = raw.SetDeadline(start.Add(s.cfg.StartupTimeout))
 	buf := s.buffers.Get().(*[]byte)
-	c := &clientConn{Conn: raw, r: wire.NewReaderBuffer(raw, *buf, s.cfg.BufferSize+s.cfg.MaxTokenBytes), local: isLocal(raw)}
+	c := &clientConn{Conn: raw, r: wire.NewReaderBuffer(raw, *buf, s.cfg.BufferSize+s.cfg.MaxTokenBytes), local: loopback.Addr(raw.RemoteAddr())}
 	defer func() {
 		if b := c.r.Buffer(); len(b) == s.cfg.BufferSize { // not grown
 			*buf = b
@@ -291,7 +294,7 @@ func (s *Server) handle(ctx context.Context, raw net.Conn) {
 	}
 	if s.cfg.Guard != nil {
 		for _, e := range req.encodings {
-			if err := session.LexableEncoding(e); err != nil {
+			if err := guard.LexableEncoding(e); err != nil {
 				s.reject(c, newClientError(codeInsufficientPrivilege, "client_encoding", err.Error()), "startup")
 				return
 			}
@@ -469,16 +472,6 @@ func (s *Server) reject(c *clientConn, err error, stage string) {
 // isProtocolNoise reports failures answered, as PostgreSQL does, by closing
 // the socket without a word (see errDropped).
 func isProtocolNoise(err error) bool { return errors.Is(err, errDropped) }
-
-func isLocal(c net.Conn) bool {
-	switch a := c.RemoteAddr().(type) {
-	case *net.UnixAddr:
-		return true
-	case *net.TCPAddr:
-		return a.IP.IsLoopback()
-	}
-	return false
-}
 
 func hostOf(a net.Addr) string {
 	if ta, ok := a.(*net.TCPAddr); ok {

@@ -1,6 +1,8 @@
 package proxy_test
 
 import (
+	"github.com/rlsproxy/rlsproxy/internal/devissuer"
+
 	"context"
 	"encoding/json"
 	"fmt"
@@ -67,7 +69,7 @@ func TestEachUserSeesOnlyOwnRows(t *testing.T) {
 // own, non-strings as JSON text, and names that cannot be settings skipped.
 func TestClaimSettings(t *testing.T) {
 	p := proxytest.Start(t, pg)
-	tok, err := p.Issuer.Mint(auth.TokenRequest{Subject: "user1", TokenUse: "id", Groups: []string{"g1", "g2"},
+	tok, err := p.Issuer.Mint(devissuer.TokenRequest{Subject: "user1", TokenUse: "id", Groups: []string{"g1", "g2"},
 		Extra: map[string]any{"custom:tenant": "t1", "tenant_id": 42, "profile": map[string]any{"tier": "gold"}}})
 	if err != nil {
 		t.Fatal(err)
@@ -107,7 +109,7 @@ func TestClaimSettings(t *testing.T) {
 func withVerifier(t *testing.T, p *proxytest.Proxy, r auth.Rules) proxytest.Option {
 	r.Issuer = p.Issuer.URL
 	if r.ClientIDs == nil {
-		r.ClientIDs = []string{auth.DevClientID}
+		r.ClientIDs = []string{devissuer.ClientID}
 	}
 	r.Leeway = 5 * time.Second
 	v, err := auth.New(context.Background(), auth.Config{Rules: r})
@@ -182,8 +184,8 @@ func TestAnonymous(t *testing.T) {
 // that never holds the token.
 func TestAuthenticationFailures(t *testing.T) {
 	p := proxytest.Start(t, pg)
-	expired, _ := p.Issuer.Mint(auth.TokenRequest{Subject: "user1", TTL: -time.Hour})
-	idToken, _ := p.Issuer.Mint(auth.TokenRequest{Subject: "user1", TokenUse: "id"})
+	expired, _ := p.Issuer.Mint(devissuer.TokenRequest{Subject: "user1", TTL: -time.Hour})
+	idToken, _ := p.Issuer.Mint(devissuer.TokenRequest{Subject: "user1", TokenUse: "id"})
 	for _, tc := range []struct {
 		name, token, code, msg string
 	}{
@@ -257,7 +259,7 @@ func TestTokenExpiry(t *testing.T) {
 	mint := func(p *proxytest.Proxy, ttl time.Duration) string {
 		// exp is whole seconds: start from a fresh second so ttl is exact enough.
 		time.Sleep(time.Until(time.Now().Truncate(time.Second).Add(time.Second)))
-		tok, err := p.Issuer.Mint(auth.TokenRequest{Subject: "user1", TTL: ttl})
+		tok, err := p.Issuer.Mint(devissuer.TokenRequest{Subject: "user1", TTL: ttl})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sort"
 	"strings"
 
@@ -203,4 +204,20 @@ func ValidSettingName(name string) bool {
 		}
 	}
 	return sawDot && !start
+}
+
+// Roles lists the roles sessions can run as, in a stable order.
+func (p Policy) Roles() []string {
+	var roles []string
+	add := func(r string) {
+		if r != "" && !slices.Contains(roles, r) {
+			roles = append(roles, r)
+		}
+	}
+	add(p.DefaultRole)
+	for _, r := range p.RoleMap {
+		add(r.Role)
+	}
+	add(p.AnonymousRole)
+	return roles
 }

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"github.com/rlsproxy/rlsproxy/internal/dbsetup"
+
 	"context"
 	"errors"
 	"flag"
@@ -51,7 +53,7 @@ func checkTo(w io.Writer, args []string) error {
 	if err != nil {
 		return err
 	}
-	opts := session.CheckOptions{
+	opts := dbsetup.CheckOptions{
 		Policy: policy,
 		Login:  dialer.User(),
 		Connect: func(ctx context.Context) (*pgconn.PgConn, error) {
@@ -73,7 +75,7 @@ func checkTo(w io.Writer, args []string) error {
 		return fmt.Errorf("connecting to --upstream: %w", err)
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
-	findings, err := session.Check(ctx, conn, opts)
+	findings, err := dbsetup.Check(ctx, conn, opts)
 	if err != nil {
 		return err
 	}
@@ -82,15 +84,15 @@ func checkTo(w io.Writer, args []string) error {
 
 // report prints problems first, then warnings, each with its fix, and a
 // summary line; it returns errFindings when there is a problem.
-func report(w io.Writer, findings []session.Finding) error {
+func report(w io.Writer, findings []dbsetup.Finding) error {
 	var problems, warnings int
-	for _, sev := range []string{session.SeverityProblem, session.SeverityWarning} {
+	for _, sev := range []string{dbsetup.SeverityProblem, dbsetup.SeverityWarning} {
 		for _, f := range findings {
 			if f.Severity != sev {
 				continue
 			}
 			label := "WARNING"
-			if sev == session.SeverityProblem {
+			if sev == dbsetup.SeverityProblem {
 				label = "PROBLEM"
 				problems++
 			} else {

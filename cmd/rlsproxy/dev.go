@@ -1,6 +1,8 @@
 package main
 
 import (
+	"github.com/rlsproxy/rlsproxy/internal/devissuer"
+
 	"context"
 	"encoding/json"
 	"errors"
@@ -15,7 +17,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/rlsproxy/rlsproxy/auth"
 	"github.com/rlsproxy/rlsproxy/internal/demo"
 	"github.com/rlsproxy/rlsproxy/internal/pgtemp"
 )
@@ -58,7 +59,7 @@ func cmdDev(args []string) error {
 	if err := os.MkdirAll(*devDir, 0o700); err != nil {
 		return err
 	}
-	key, err := auth.LoadOrCreateDevKey(filepath.Join(*devDir, "dev-key.pem"))
+	key, err := devissuer.LoadOrCreateKey(filepath.Join(*devDir, "dev-key.pem"))
 	if err != nil {
 		return err
 	}
@@ -66,7 +67,7 @@ func cmdDev(args []string) error {
 	if err != nil {
 		return fmt.Errorf("--issuer-listen: %w", err)
 	}
-	issuer, err := auth.NewDevIssuer("http://"+il.Addr().String(), key)
+	issuer, err := devissuer.New("http://"+il.Addr().String(), key)
 	if err != nil {
 		return err
 	}
@@ -94,7 +95,7 @@ func cmdDev(args []string) error {
 	return runProxy(ctx, &o, log, func(addrs []net.Addr) {
 		tokens := map[string]string{}
 		for _, sub := range []string{"user1", "user2"} {
-			tokens[sub], _ = issuer.Mint(auth.TokenRequest{Subject: sub, TTL: *ttl})
+			tokens[sub], _ = issuer.Mint(devissuer.TokenRequest{Subject: sub, TTL: *ttl})
 		}
 		fmt.Print(devBanner(addrs, issuer.URL, upstreamNote, tokens))
 	})

@@ -18,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/rlsproxy/rlsproxy/auth"
+	"github.com/rlsproxy/rlsproxy/guard"
 	"github.com/rlsproxy/rlsproxy/proxy"
 	"github.com/rlsproxy/rlsproxy/session"
 )
@@ -52,14 +53,14 @@ func runProxy(ctx context.Context, o *serveOptions, log *slog.Logger, ready func
 	if err != nil {
 		return err
 	}
-	var guard *session.Guard
+	var sqlGuard *guard.Guard
 	switch o.guard {
 	case "on":
-		guard = session.NewGuard(policy, 10000)
-		if err := guard.IsolateParsing(session.ParseLimits{Helpers: o.guardParsers, Memory: uint64(o.guardParserMemory) << 20}); err != nil {
+		sqlGuard = guard.New(policy, 10000)
+		if err := sqlGuard.IsolateParsing(guard.ParseLimits{Helpers: o.guardParsers, Memory: uint64(o.guardParserMemory) << 20}); err != nil {
 			return err
 		}
-		defer guard.Close()
+		defer sqlGuard.Close()
 	case "off":
 		log.Warn("--guard off: clients can change their role and claims with SQL; only signed claims (--signing-key-file) and the database's privileges protect identity")
 	default:
@@ -128,7 +129,7 @@ func runProxy(ctx context.Context, o *serveOptions, log *slog.Logger, ready func
 		IdleTimeout: o.poolIdle, MaxLifetime: o.poolLifetime, ClaimsSetting: policy.ClaimsSetting,
 	})
 	srv, err := proxy.New(proxy.Config{
-		Verifier: verifier, Policy: policy, Dialer: dialer, Pool: pool, Guard: guard,
+		Verifier: verifier, Policy: policy, Dialer: dialer, Pool: pool, Guard: sqlGuard,
 		Databases: splitList(o.databases), TLS: tlsConfig, InsecurePlaintext: o.insecurePlaintext,
 		MaxClientConns: o.maxClientConns, StartupTimeout: o.startupTimeout, TerminateOnExpiry: terminate, ExpiryLeeway: o.leeway,
 		RelayLoops: o.relayLoops,

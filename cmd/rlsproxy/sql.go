@@ -1,6 +1,8 @@
 package main
 
 import (
+	"github.com/rlsproxy/rlsproxy/internal/dbsetup"
+
 	"flag"
 	"fmt"
 
@@ -23,7 +25,7 @@ func cmdSQL(args []string) error {
 	if err != nil {
 		return err
 	}
-	opts := session.BootstrapOptions{Policy: policy, Leeway: o.leeway, Harden: *harden}
+	opts := dbsetup.BootstrapOptions{Policy: policy, Leeway: o.leeway, Harden: *harden}
 	if o.upstream != "" {
 		cfg, err := pgconn.ParseConfig(o.upstream)
 		if err != nil {
@@ -36,7 +38,7 @@ func cmdSQL(args []string) error {
 			return err
 		}
 	}
-	sql, err := session.BootstrapSQL(opts)
+	sql, err := dbsetup.BootstrapSQL(opts)
 	if err != nil {
 		return err
 	}

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"github.com/rlsproxy/rlsproxy/internal/devissuer"
+
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -8,8 +10,6 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
-
-	"github.com/rlsproxy/rlsproxy/auth"
 )
 
 // claimFlags collects repeated --claim name=value flags.
@@ -43,7 +43,7 @@ func cmdToken(args []string) error {
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	key, err := auth.LoadDevKey(filepath.Join(*devDir, "dev-key.pem"))
+	key, err := devissuer.LoadKey(filepath.Join(*devDir, "dev-key.pem"))
 	if err != nil {
 		if os.IsNotExist(err) {
 			return fmt.Errorf("no dev key in %s: run `rlsproxy dev` first", *devDir)
@@ -58,11 +58,11 @@ func cmdToken(args []string) error {
 	if err := json.Unmarshal(raw, &st); err != nil {
 		return err
 	}
-	issuer, err := auth.NewDevIssuer(st.Issuer, key)
+	issuer, err := devissuer.New(st.Issuer, key)
 	if err != nil {
 		return err
 	}
-	tok, err := issuer.Mint(auth.TokenRequest{Subject: *sub, Groups: splitList(*groups), TTL: *ttl, TokenUse: *use, Extra: extra})
+	tok, err := issuer.Mint(devissuer.TokenRequest{Subject: *sub, Groups: splitList(*groups), TTL: *ttl, TokenUse: *use, Extra: extra})
 	if err != nil {
 		return err
 	}

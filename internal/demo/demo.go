@@ -4,6 +4,8 @@
 package demo
 
 import (
+	"github.com/rlsproxy/rlsproxy/internal/sqlquote"
+
 	"context"
 	"crypto/rand"
 	_ "embed"
@@ -25,7 +27,7 @@ func Setup(ctx context.Context, c *pgtemp.Cluster) (string, error) {
 		return "", err
 	}
 	password := rand.Text()
-	sql := strings.ReplaceAll(schema, ":'password'", pgtemp.QuoteLiteral(password))
+	sql := strings.ReplaceAll(schema, ":'password'", sqlquote.Literal(password))
 	if err := c.Exec(ctx, Database, sql); err != nil {
 		return "", err
 	}

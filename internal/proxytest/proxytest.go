@@ -4,6 +4,8 @@
 package proxytest
 
 import (
+	"github.com/rlsproxy/rlsproxy/internal/devissuer"
+
 	"bytes"
 	"context"
 	"crypto/ecdsa"
@@ -23,6 +25,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/rlsproxy/rlsproxy/auth"
+	"github.com/rlsproxy/rlsproxy/guard"
 	"github.com/rlsproxy/rlsproxy/internal/demo"
 	"github.com/rlsproxy/rlsproxy/internal/pgtemp"
 	"github.com/rlsproxy/rlsproxy/proxy"
@@ -76,7 +79,7 @@ type Proxy struct {
 	Addr     string // host:port
 	Host     string
 	Port     int
-	Issuer   *auth.DevIssuer
+	Issuer   *devissuer.Issuer
 	ECKeyID  string // key id of the issuer's P-256 key
 	Server   *proxy.Server
 	Config   proxy.Config
@@ -137,7 +140,7 @@ func StartListener(t testing.TB, pg *Postgres, l net.Listener, opts ...Option) *
 	if err != nil {
 		t.Fatal(err)
 	}
-	issuer, err := auth.NewDevIssuer("", rsaKey)
+	issuer, err := devissuer.New("", rsaKey)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -148,7 +151,7 @@ func StartListener(t testing.TB, pg *Postgres, l net.Listener, opts ...Option) *
 	reg := prometheus.NewRegistry()
 	metrics := proxy.NewMetrics(reg)
 	verifier, err := auth.New(ctx, auth.Config{
-		Rules:         auth.Rules{Issuer: hs.URL, TokenUse: "access", ClientIDs: []string{auth.DevClientID}, Leeway: 5 * time.Second},
+		Rules:         auth.Rules{Issuer: hs.URL, TokenUse: "access", ClientIDs: []string{devissuer.ClientID}, Leeway: 5 * time.Second},
 		OnFetch:       metrics.JWKSFetched,
 		OnCacheLookup: metrics.TokenCacheLookup,
 	})
@@ -166,14 +169,14 @@ func StartListener(t testing.TB, pg *Postgres, l net.Listener, opts ...Option) *
 		t.Fatal(err)
 	}
 	logs := &syncBuffer{}
-	guard := session.NewGuard(DefaultPolicy(), 1000)
-	if err := guard.IsolateParsing(session.ParseLimits{}); err != nil {
+	sqlGuard := guard.New(DefaultPolicy(), 1000)
+	if err := sqlGuard.IsolateParsing(guard.ParseLimits{}); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(guard.Close)
+	t.Cleanup(sqlGuard.Close)
 	cfg := proxy.Config{
 		Verifier: verifier, Policy: DefaultPolicy(), Dialer: dialer,
-		Guard:             guard,
+		Guard:             sqlGuard,
 		TerminateOnExpiry: true, StartupTimeout: 10 * time.Second,
 		Logger:  slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Metrics: metrics,
@@ -214,7 +217,7 @@ func StartListener(t testing.TB, pg *Postgres, l net.Listener, opts ...Option) *
 // Token mints an access token for sub with the given groups.
 func (p *Proxy) Token(t testing.TB, sub string, groups ...string) string {
 	t.Helper()
-	tok, err := p.Issuer.Mint(auth.TokenRequest{Subject: sub, Groups: groups})
+	tok, err := p.Issuer.Mint(devissuer.TokenRequest{Subject: sub, Groups: groups})
 	if err != nil {
 		t.Fatal(err)
 	}

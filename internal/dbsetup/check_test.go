@@ -1,6 +1,10 @@
-package session_test
+package dbsetup_test
 
 import (
+	"github.com/rlsproxy/rlsproxy/internal/sqlquote"
+
+	"github.com/rlsproxy/rlsproxy/internal/dbsetup"
+
 	"context"
 	"strings"
 	"testing"
@@ -8,7 +12,6 @@ import (
 
 	"github.com/jackc/pgx/v5/pgconn"
 
-	"github.com/rlsproxy/rlsproxy/internal/pgtemp"
 	"github.com/rlsproxy/rlsproxy/session"
 )
 
@@ -94,7 +97,7 @@ func TestCheck(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer conn.Close(ctx)
-			findings, err := session.Check(ctx, conn, session.CheckOptions{
+			findings, err := dbsetup.Check(ctx, conn, dbsetup.CheckOptions{
 				Policy: policy, Signer: chk,
 				Connect: func(ctx context.Context) (*pgconn.PgConn, error) { return pgconn.Connect(ctx, dsn) },
 			})
@@ -134,7 +137,7 @@ func checkDatabase(t *testing.T, ctx context.Context, db string, signer *session
 	}
 	role, login, password := db+"_authenticated", db+"_login", "pw-"+db
 	policy := session.Policy{DefaultRole: role, ClaimsSetting: "request.jwt.claims", ClaimPrefix: "jwt.claims."}
-	sql, err := session.BootstrapSQL(session.BootstrapOptions{Policy: policy, Login: login, Database: db,
+	sql, err := dbsetup.BootstrapSQL(dbsetup.BootstrapOptions{Policy: policy, Login: login, Database: db,
 		Signer: signer, Leeway: 30 * time.Second, Harden: true})
 	if err != nil {
 		t.Fatal(err)
@@ -142,7 +145,7 @@ func checkDatabase(t *testing.T, ctx context.Context, db string, signer *session
 	if err := cluster.Exec(ctx, db, sql); err != nil {
 		t.Fatal(err)
 	}
-	if err := cluster.Exec(ctx, db, `ALTER ROLE `+login+` PASSWORD `+pgtemp.QuoteLiteral(password)+`;
+	if err := cluster.Exec(ctx, db, `ALTER ROLE `+login+` PASSWORD `+sqlquote.Literal(password)+`;
 		CREATE TABLE public.notes (id int PRIMARY KEY, user_id text NOT NULL, content text);
 		ALTER TABLE public.notes ENABLE ROW LEVEL SECURITY;
 		CREATE POLICY notes_owner ON public.notes USING (user_id = (SELECT auth.user_id()));

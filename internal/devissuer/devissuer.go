@@ -1,4 +1,4 @@
-package auth
+package devissuer
 
 import (
 	"context"
@@ -22,33 +22,33 @@ import (
 	"github.com/golang-jwt/jwt/v5"
 )
 
-// devKeyPEMType marks a key file written by `rlsproxy dev`. `rlsproxy token`
+// keyPEMType marks a key file written by `rlsproxy dev`. `rlsproxy token`
 // signs only with keys of this type, so it cannot mint tokens for a real issuer.
-const devKeyPEMType = "RLSPROXY DEV PRIVATE KEY"
+const keyPEMType = "RLSPROXY DEV PRIVATE KEY"
 
-// DevClientID is the app client id of the dev issuer's tokens.
-const DevClientID = "rlsproxy-dev"
+// ClientID is the app client id of the dev issuer's tokens.
+const ClientID = "rlsproxy-dev"
 
-// DevIssuer is a local, Cognito-shaped token issuer: it publishes its keys as
+// Issuer is a local, Cognito-shaped token issuer: it publishes its keys as
 // a JWKS over HTTP and mints tokens. It backs `rlsproxy dev`, `rlsproxy token`
 // and the tests; it is never part of `rlsproxy serve`.
-type DevIssuer struct {
+type Issuer struct {
 	URL      string // the iss of its tokens; JWKS at URL/.well-known/jwks.json
 	ClientID string
 
 	mu   sync.Mutex
-	keys []devKey // keys[0] signs by default
+	keys []issuerKey // keys[0] signs by default
 }
 
-type devKey struct {
+type issuerKey struct {
 	kid    string
 	alg    string
 	signer crypto.Signer
 }
 
-// NewDevIssuer returns an issuer at url publishing the given keys (RSA or P-256).
-func NewDevIssuer(url string, keys ...crypto.Signer) (*DevIssuer, error) {
-	d := &DevIssuer{URL: url, ClientID: DevClientID}
+// New returns an issuer at url publishing the given keys (RSA or P-256).
+func New(url string, keys ...crypto.Signer) (*Issuer, error) {
+	d := &Issuer{URL: url, ClientID: ClientID}
 	for _, k := range keys {
 		if _, err := d.AddKey(k); err != nil {
 			return nil, err
@@ -58,7 +58,7 @@ func NewDevIssuer(url string, keys ...crypto.Signer) (*DevIssuer, error) {
 }
 
 // AddKey publishes another key and returns its key id.
-func (d *DevIssuer) AddKey(k crypto.Signer) (string, error) {
+func (d *Issuer) AddKey(k crypto.Signer) (string, error) {
 	var alg string
 	switch k.(type) {
 	case *rsa.PrivateKey:
@@ -75,13 +75,13 @@ func (d *DevIssuer) AddKey(k crypto.Signer) (string, error) {
 	sum := sha256.Sum256(der)
 	kid := base64.RawURLEncoding.EncodeToString(sum[:12])
 	d.mu.Lock()
-	d.keys = append(d.keys, devKey{kid: kid, alg: alg, signer: k})
+	d.keys = append(d.keys, issuerKey{kid: kid, alg: alg, signer: k})
 	d.mu.Unlock()
 	return kid, nil
 }
 
 // KeyIDs lists the published key ids, the default signer first.
-func (d *DevIssuer) KeyIDs() []string {
+func (d *Issuer) KeyIDs() []string {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	ids := make([]string, len(d.keys))
@@ -92,10 +92,10 @@ func (d *DevIssuer) KeyIDs() []string {
 }
 
 // JWKS returns the public key set as JSON.
-func (d *DevIssuer) JWKS(ctx context.Context) ([]byte, error) {
+func (d *Issuer) JWKS(ctx context.Context) ([]byte, error) {
 	store := jwkset.NewMemoryStorage()
 	d.mu.Lock()
-	keys := append([]devKey(nil), d.keys...)
+	keys := append([]issuerKey(nil), d.keys...)
 	d.mu.Unlock()
 	for _, k := range keys {
 		jwk, err := jwkset.NewJWKFromKey(k.signer.Public(), jwkset.JWKOptions{
@@ -112,7 +112,7 @@ func (d *DevIssuer) JWKS(ctx context.Context) ([]byte, error) {
 }
 
 // ServeHTTP serves the JWKS at /.well-known/jwks.json.
-func (d *DevIssuer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+func (d *Issuer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.URL.Path != "/.well-known/jwks.json" {
 		http.NotFound(w, r)
 		return
@@ -136,7 +136,7 @@ type TokenRequest struct {
 }
 
 // Mint signs a Cognito-shaped token with the default key.
-func (d *DevIssuer) Mint(req TokenRequest) (string, error) {
+func (d *Issuer) Mint(req TokenRequest) (string, error) {
 	if req.Subject == "" {
 		return "", errors.New("a token needs a subject (--sub)")
 	}
@@ -176,9 +176,9 @@ func (d *DevIssuer) Mint(req TokenRequest) (string, error) {
 }
 
 // Sign signs arbitrary claims with the key kid (the default key when empty).
-func (d *DevIssuer) Sign(claims jwt.Claims, kid string) (string, error) {
+func (d *Issuer) Sign(claims jwt.Claims, kid string) (string, error) {
 	d.mu.Lock()
-	var key *devKey
+	var key *issuerKey
 	for i := range d.keys {
 		if kid == "" || d.keys[i].kid == kid {
 			key = &d.keys[i]
@@ -194,10 +194,10 @@ func (d *DevIssuer) Sign(claims jwt.Claims, kid string) (string, error) {
 	return tok.SignedString(key.signer)
 }
 
-// LoadOrCreateDevKey reads the dev RSA key at path, creating it (mode 0600)
+// LoadOrCreateKey reads the dev RSA key at path, creating it (mode 0600)
 // when it does not exist.
-func LoadOrCreateDevKey(path string) (*rsa.PrivateKey, error) {
-	k, err := LoadDevKey(path)
+func LoadOrCreateKey(path string) (*rsa.PrivateKey, error) {
+	k, err := LoadKey(path)
 	if err == nil || !errors.Is(err, os.ErrNotExist) {
 		return k, err
 	}
@@ -209,7 +209,7 @@ func LoadOrCreateDevKey(path string) (*rsa.PrivateKey, error) {
 	if err != nil {
 		return nil, err
 	}
-	data := pem.EncodeToMemory(&pem.Block{Type: devKeyPEMType, Bytes: der})
+	data := pem.EncodeToMemory(&pem.Block{Type: keyPEMType, Bytes: der})
 	// Written whole to a temporary file, then linked into place: link fails
 	// when path exists, so when two processes start at once the second loads
 	// the key of the first instead of overwriting it (the first would then
@@ -228,21 +228,21 @@ func LoadOrCreateDevKey(path string) (*rsa.PrivateKey, error) {
 		return nil, err
 	}
 	if err := os.Link(tmp.Name(), path); errors.Is(err, os.ErrExist) {
-		return LoadDevKey(path)
+		return LoadKey(path)
 	} else if err != nil {
 		return nil, err
 	}
 	return k, nil
 }
 
-// LoadDevKey reads a key written by LoadOrCreateDevKey and refuses any other.
-func LoadDevKey(path string) (*rsa.PrivateKey, error) {
+// LoadKey reads a key written by LoadOrCreateKey and refuses any other.
+func LoadKey(path string) (*rsa.PrivateKey, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
 	}
 	block, _ := pem.Decode(data)
-	if block == nil || block.Type != devKeyPEMType {
+	if block == nil || block.Type != keyPEMType {
 		return nil, fmt.Errorf("%s is not an rlsproxy dev key: tokens are minted only with the key of `rlsproxy dev`", path)
 	}
 	k, err := x509.ParsePKCS8PrivateKey(block.Bytes)

@@ -1,4 +1,4 @@
-package session
+package guard
 
 import (
 	"context"
@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/rlsproxy/rlsproxy/internal/sandbox"
+	"github.com/rlsproxy/rlsproxy/session"
 )
 
 // Parsing a statement costs the guard far more than the statement: up to
@@ -57,9 +58,9 @@ func init() {
 	var g *Guard
 	sandbox.Serve(guardSandbox, func(req []byte) []byte {
 		once.Do(func() {
-			var p Policy
+			var p session.Policy
 			_ = json.Unmarshal([]byte(os.Getenv(policyEnv)), &p)
-			g = NewGuard(p, 0)
+			g = New(p, 0)
 		})
 		return answerParse(g, req)
 	})
@@ -76,7 +77,7 @@ type parseRequest struct {
 
 func answerParse(g *Guard, req []byte) []byte {
 	var r parseRequest
-	v := Verdict{Reject: &Rejection{Rule: "guard_limit", Code: "54000", Msg: "malformed request to the guard's parser"}}
+	v := Verdict{Reject: &Rejection{Rule: "guard_limit", Kind: TooCostly, Msg: "malformed request to the guard's parser"}}
 	if json.Unmarshal(req, &r) == nil {
 		v = g.decideHere(string(r.SQL), r.Extended, r.Lex)
 	}
@@ -129,7 +130,7 @@ func (g *Guard) decide(sql string, extended bool, lex Lexing) Verdict {
 		return g.decideHere(sql, extended, lex)
 	}
 	if len(sql) > g.limits.MaxStatement {
-		return Verdict{Reject: &Rejection{Rule: "guard_limit", Code: "54000", Msg: fmt.Sprintf(
+		return Verdict{Reject: &Rejection{Rule: "guard_limit", Kind: TooCostly, Msg: fmt.Sprintf(
 			"statement of %d bytes is longer than rlsproxy's guard checks (%d bytes) and holds words it must check: split it", len(sql), g.limits.MaxStatement)}}
 	}
 	req, _ := json.Marshal(parseRequest{SQL: []byte(sql), Extended: extended, Lex: lex})
@@ -141,7 +142,7 @@ func (g *Guard) decide(sql string, extended bool, lex Lexing) Verdict {
 		err = json.Unmarshal(resp, &v)
 	}
 	if err != nil {
-		return Verdict{Reject: &Rejection{Rule: "guard_limit", Code: "54000", Msg: parseFailure(err, len(sql), g.limits)}}
+		return Verdict{Reject: &Rejection{Rule: "guard_limit", Kind: TooCostly, Msg: parseFailure(err, len(sql), g.limits)}}
 	}
 	return v
 }

@@ -1,4 +1,4 @@
-package session
+package guard
 
 /*
 #include <stdlib.h>

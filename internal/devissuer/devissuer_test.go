@@ -1,9 +1,11 @@
-package auth
+package devissuer
 
 import (
-	"context"
+	"crypto/ecdsa"
 	"crypto/ed25519"
+	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
@@ -23,11 +25,39 @@ import (
 	"github.com/golang-jwt/jwt/v5"
 )
 
+// rsaKey is one RSA key for the whole package's tests: generating one costs
+// tens of milliseconds.
+var rsaKey = sync.OnceValue(func() *rsa.PrivateKey {
+	k, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		panic(err)
+	}
+	return k
+})
+
+func newECKey(t testing.TB) *ecdsa.PrivateKey {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+func mint(t testing.TB, d *Issuer, req TokenRequest) string {
+	t.Helper()
+	tok, err := d.Mint(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
+}
+
 // TestLoadOrCreateDevKey: the first run creates a private key only its owner
 // can read; later runs (and `rlsproxy token`) load the same key.
-func TestLoadOrCreateDevKey(t *testing.T) {
+func TestLoadOrCreateKey(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "dev-key.pem")
-	created, err := LoadOrCreateDevKey(path)
+	created, err := LoadOrCreateKey(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -40,11 +70,11 @@ func TestLoadOrCreateDevKey(t *testing.T) {
 			t.Errorf("key file mode %o, want 600", perm)
 		}
 	}
-	again, err := LoadOrCreateDevKey(path)
+	again, err := LoadOrCreateKey(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	loaded, err := LoadDevKey(path)
+	loaded, err := LoadKey(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,7 +90,7 @@ func TestLoadOrCreateDevKey(t *testing.T) {
 
 // TestLoadOrCreateDevKeyConcurrent: two `rlsproxy dev` starting at once must
 // end up with one key, or one of them would mint tokens nobody can verify.
-func TestLoadOrCreateDevKeyConcurrent(t *testing.T) {
+func TestLoadOrCreateKeyConcurrent(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "dev-key.pem")
 	const n = 3
 	var wg sync.WaitGroup
@@ -70,7 +100,7 @@ func TestLoadOrCreateDevKeyConcurrent(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			k, err := LoadOrCreateDevKey(path)
+			k, err := LoadOrCreateKey(path)
 			errs[i] = err
 			if err == nil {
 				keys[i] = x509.MarshalPKCS1PrivateKey(k)
@@ -86,7 +116,7 @@ func TestLoadOrCreateDevKeyConcurrent(t *testing.T) {
 			t.Errorf("caller %d got another key than caller 0", i)
 		}
 	}
-	onDisk, err := LoadDevKey(path)
+	onDisk, err := LoadKey(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -97,8 +127,8 @@ func TestLoadOrCreateDevKeyConcurrent(t *testing.T) {
 
 // TestLoadDevKeyRefusesOtherKeys: `rlsproxy token` signs only with the dev
 // key, so that it cannot be pointed at a real issuer's private key.
-func TestLoadDevKeyRefusesOtherKeys(t *testing.T) {
-	rsaKey := issuerRSAKey()
+func TestLoadKeyRefusesOtherKeys(t *testing.T) {
+	rsaKey := rsaKey()
 	pkcs8, err := x509.MarshalPKCS8PrivateKey(rsaKey)
 	if err != nil {
 		t.Fatal(err)
@@ -122,11 +152,11 @@ func TestLoadDevKeyRefusesOtherKeys(t *testing.T) {
 		{"PKCS#8 PRIVATE KEY", pemOf("PRIVATE KEY", pkcs8), "is not an rlsproxy dev key: tokens are minted only with the key of `rlsproxy dev`"},
 		{"PKCS#1 RSA PRIVATE KEY", pemOf("RSA PRIVATE KEY", x509.MarshalPKCS1PrivateKey(rsaKey)), "is not an rlsproxy dev key"},
 		{"EC PRIVATE KEY", pemOf("EC PRIVATE KEY", ecDER), "is not an rlsproxy dev key"},
-		{"a certificate before the dev key", append(pemOf("CERTIFICATE", []byte{1}), pemOf(devKeyPEMType, pkcs8)...), "is not an rlsproxy dev key"},
+		{"a certificate before the dev key", append(pemOf("CERTIFICATE", []byte{1}), pemOf(keyPEMType, pkcs8)...), "is not an rlsproxy dev key"},
 		{"not PEM", []byte("-----BEGIN nothing"), "is not an rlsproxy dev key"},
 		{"empty file", nil, "is not an rlsproxy dev key"},
-		{"dev type around an EC key", pemOf(devKeyPEMType, ecPKCS8), "dev key is not RSA"},
-		{"dev type around garbage", pemOf(devKeyPEMType, []byte("garbage")), "key.pem: "},
+		{"dev type around an EC key", pemOf(keyPEMType, ecPKCS8), "dev key is not RSA"},
+		{"dev type around garbage", pemOf(keyPEMType, []byte("garbage")), "key.pem: "},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -134,16 +164,16 @@ func TestLoadDevKeyRefusesOtherKeys(t *testing.T) {
 			if err := os.WriteFile(path, tc.data, 0o600); err != nil {
 				t.Fatal(err)
 			}
-			k, err := LoadDevKey(path)
+			k, err := LoadKey(path)
 			if err == nil {
 				t.Fatalf("loaded a key that is not a dev key (%d bits)", k.N.BitLen())
 			}
 			if !strings.Contains(err.Error(), tc.msg) {
 				t.Errorf("error %q, want %q", err, tc.msg)
 			}
-			// LoadOrCreateDevKey must refuse it too, not overwrite it.
-			if _, err := LoadOrCreateDevKey(path); err == nil {
-				t.Error("LoadOrCreateDevKey accepted or replaced a foreign key file")
+			// LoadOrCreateKey must refuse it too, not overwrite it.
+			if _, err := LoadOrCreateKey(path); err == nil {
+				t.Error("LoadOrCreateKey accepted or replaced a foreign key file")
 			}
 			if after, _ := os.ReadFile(path); !slices.Equal(after, tc.data) {
 				t.Error("the foreign key file was changed")
@@ -152,7 +182,7 @@ func TestLoadDevKeyRefusesOtherKeys(t *testing.T) {
 	}
 
 	// A missing file is reported as such, so the CLI can say "run rlsproxy dev first".
-	_, err = LoadDevKey(filepath.Join(t.TempDir(), "none.pem"))
+	_, err = LoadKey(filepath.Join(t.TempDir(), "none.pem"))
 	if !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("missing key file: %v, want ErrNotExist", err)
 	}
@@ -171,7 +201,7 @@ func parseUnverified(t *testing.T, tok string) (map[string]any, map[string]any) 
 }
 
 func TestMint(t *testing.T) {
-	d, err := NewDevIssuer("http://127.0.0.1:9999", issuerRSAKey())
+	d, err := New("http://127.0.0.1:9999", rsaKey())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -185,7 +215,7 @@ func TestMint(t *testing.T) {
 		}
 		for k, want := range map[string]any{
 			"iss": "http://127.0.0.1:9999", "sub": "alice", "token_use": "access",
-			"client_id": DevClientID, "username": "alice", "scope": "aws.cognito.signin.user.admin",
+			"client_id": ClientID, "username": "alice", "scope": "aws.cognito.signin.user.admin",
 		} {
 			if c[k] != want {
 				t.Errorf("%s = %v, want %v", k, c[k], want)
@@ -227,7 +257,7 @@ func TestMint(t *testing.T) {
 	t.Run("id token", func(t *testing.T) {
 		_, c := parseUnverified(t, mint(t, d, TokenRequest{Subject: "carol", TokenUse: "id"}))
 		for k, want := range map[string]any{
-			"token_use": "id", "aud": DevClientID, "cognito:username": "carol", "email_verified": true,
+			"token_use": "id", "aud": ClientID, "cognito:username": "carol", "email_verified": true,
 		} {
 			if c[k] != want {
 				t.Errorf("%s = %v (%T), want %v", k, c[k], c[k], want)
@@ -248,7 +278,7 @@ func TestMint(t *testing.T) {
 		if _, err := d.Sign(jwt.MapClaims{"sub": "a"}, "no-such-kid"); err == nil {
 			t.Error("signed with a key the issuer does not have")
 		}
-		empty, _ := NewDevIssuer("http://127.0.0.1:1")
+		empty, _ := New("http://127.0.0.1:1")
 		if _, err := empty.Mint(TokenRequest{Subject: "a"}); err == nil {
 			t.Error("an issuer without keys minted a token")
 		}
@@ -257,9 +287,9 @@ func TestMint(t *testing.T) {
 
 // TestDevIssuerJWKS: the issuer publishes every key, public parts only, with
 // the kid and alg that its tokens carry.
-func TestDevIssuerJWKS(t *testing.T) {
+func TestJWKS(t *testing.T) {
 	ec := newECKey(t)
-	d, err := NewDevIssuer("", issuerRSAKey(), ec)
+	d, err := New("", rsaKey(), ec)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -308,7 +338,7 @@ func TestDevIssuerJWKS(t *testing.T) {
 	}
 
 	// The key id derives from the public key: stable across restarts.
-	d2, _ := NewDevIssuer("", issuerRSAKey())
+	d2, _ := New("", rsaKey())
 	if d2.KeyIDs()[0] != ids[0] {
 		t.Error("the same key got another kid")
 	}
@@ -318,41 +348,7 @@ func TestDevIssuerJWKS(t *testing.T) {
 	if _, err := d.AddKey(edKey); err == nil || !strings.Contains(err.Error(), "unsupported key type") {
 		t.Errorf("AddKey(ed25519): %v", err)
 	}
-	if _, err := NewDevIssuer("", edKey); err == nil {
-		t.Error("NewDevIssuer accepted an ed25519 key")
-	}
-}
-
-// TestDevIssuerRoundTrip: what `rlsproxy dev` mints, `rlsproxy serve` pointed
-// at the dev issuer accepts, for both kinds of tokens and both key types.
-func TestDevIssuerRoundTrip(t *testing.T) {
-	ec := newECKey(t)
-	ti := newTestIssuer(t, ec, issuerRSAKey())
-	cfg := ti.baseConfig()
-	cfg.TokenUse = "any"
-	v := ti.start(t, cfg)
-	for _, use := range []string{"access", "id"} {
-		for _, kid := range ti.KeyIDs() {
-			claims := jwt.MapClaims{
-				"iss": ti.URL, "sub": "dave", "exp": time.Now().Add(time.Minute).Unix(),
-				"token_use": use, "client_id": DevClientID, "aud": DevClientID,
-			}
-			tok, err := ti.Sign(claims, kid)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, err := v.Verify(context.Background(), tok); err != nil {
-				t.Errorf("%s token signed with %s refused: %v", use, kid, err)
-			}
-		}
-		tok := mint(t, ti.DevIssuer, TokenRequest{Subject: "dave", TokenUse: use})
-		if _, err := v.Verify(context.Background(), tok); err != nil {
-			t.Errorf("minted %s token refused: %v", use, err)
-		}
-	}
-	// The first key signs by default: here the EC key.
-	hdr, _ := parseUnverified(t, mint(t, ti.DevIssuer, TokenRequest{Subject: "dave"}))
-	if hdr["alg"] != "ES256" {
-		t.Errorf("default key alg %v, want ES256", hdr["alg"])
+	if _, err := New("", edKey); err == nil {
+		t.Error("New accepted an ed25519 key")
 	}
 }

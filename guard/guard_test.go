@@ -1,4 +1,4 @@
-package session
+package guard
 
 import (
 	"fmt"
@@ -6,6 +6,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/rlsproxy/rlsproxy/session"
 )
 
 // The guard's tests: every attack class of THREATS.md in every spelling it
@@ -13,9 +15,9 @@ import (
 // resets, the FunctionCall message, the lexical pre-check, the cache, a fuzz
 // target for the pre-check's safety property, and benchmarks.
 
-var guardPolicy = Policy{DefaultRole: "authenticated", ClaimsSetting: "request.jwt.claims", ClaimPrefix: "jwt.claims."}
+var guardPolicy = session.Policy{DefaultRole: "authenticated", ClaimsSetting: "request.jwt.claims", ClaimPrefix: "jwt.claims."}
 
-func newTestGuard() *Guard { return NewGuard(guardPolicy, 1000) }
+func newTestGuard() *Guard { return New(guardPolicy, 1000) }
 
 // The guard takes the bytes of the protocol message; the tables hold text.
 func guardQuery(g *Guard, sql string) Verdict { return g.Query([]byte(sql), Lexing{}) }
@@ -355,7 +357,7 @@ var guardGaps = []struct{ sql, rule, why string }{
 	{"DROP POLICY notes_owner ON notes", "row_security", "DropStmt of a policy is not refused, ALTER POLICY is"},
 }
 
-// checkGuardRejection checks rule, SQLSTATE and message of a rejection.
+// checkGuardRejection checks rule, kind and message of a rejection.
 func checkGuardRejection(t *testing.T, sql string, v Verdict, rule string) {
 	t.Helper()
 	if v.Reject == nil {
@@ -366,12 +368,12 @@ func checkGuardRejection(t *testing.T, sql string, v Verdict, rule string) {
 	if r.Rule != rule {
 		t.Errorf("%q: rejected by rule %q, want %q (message %q)", sql, r.Rule, rule, r.Msg)
 	}
-	wantCode := "42501"
+	wantKind := Forbidden
 	if r.Rule == "parse_error" {
-		wantCode = "42601"
+		wantKind = Unreadable
 	}
-	if r.Code != wantCode {
-		t.Errorf("%q: SQLSTATE %q, want %s", sql, r.Code, wantCode)
+	if r.Kind != wantKind {
+		t.Errorf("%q: kind %d, want %d", sql, r.Kind, wantKind)
 	}
 	if v.Resets {
 		t.Errorf("%q: a rejected message reports Resets", sql)
@@ -808,17 +810,10 @@ func checkFastPath(t *testing.T, g *Guard, sql string) {
 	}
 }
 
-// cacheLen returns the entries of the guard's cache, checking that map and
-// list agree.
+// guardCacheLen returns the entries of the guard's cache.
 func guardCacheLen(t *testing.T, g *Guard) int {
 	t.Helper()
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	n := len(g.cache[0]) + len(g.cache[1])
-	if n != g.lru.Len() {
-		t.Errorf("cache maps hold %d entries, LRU list %d", n, g.lru.Len())
-	}
-	return n
+	return g.verdicts.Len()
 }
 
 func TestGuardCache(t *testing.T) {
@@ -851,7 +846,7 @@ func TestGuardCache(t *testing.T) {
 		}
 	})
 	t.Run("bounded", func(t *testing.T) {
-		g := NewGuard(guardPolicy, 2)
+		g := New(guardPolicy, 2)
 		texts := []guardAttack{
 			{"SET ROLE a", "role"},
 			{"SELECT set_config('role', 'b', false)", "set_config"},
@@ -873,10 +868,8 @@ func TestGuardCache(t *testing.T) {
 			}
 		}
 		// The most recent text is still cached; the oldest was evicted.
-		g.mu.Lock()
-		_, newest := g.cache[0]["UPDATE t SET x = 3"]
-		_, oldest := g.cache[0]["SET ROLE a"]
-		g.mu.Unlock()
+		_, newest := g.verdicts.Get(cacheKey{0, "UPDATE t SET x = 3"})
+		_, oldest := g.verdicts.Get(cacheKey{0, "SET ROLE a"})
 		if !newest || oldest {
 			t.Errorf("LRU order: newest cached %v (want true), oldest cached %v (want false)", newest, oldest)
 		}
@@ -894,7 +887,7 @@ func TestGuardCache(t *testing.T) {
 		}
 	})
 	t.Run("no cache", func(t *testing.T) {
-		g := NewGuard(guardPolicy, 0)
+		g := New(guardPolicy, 0)
 		for i := 0; i < 2; i++ {
 			checkGuardRejection(t, "SET ROLE a", guardQuery(g, "SET ROLE a"), "role")
 		}
@@ -913,7 +906,7 @@ func TestGuardCache(t *testing.T) {
 		}
 	})
 	t.Run("concurrent", func(t *testing.T) {
-		g := NewGuard(guardPolicy, 4)
+		g := New(guardPolicy, 4)
 		var wg sync.WaitGroup
 		for w := 0; w < 8; w++ {
 			wg.Add(1)
@@ -954,12 +947,12 @@ func FuzzGuard(f *testing.F) {
 	for _, sql := range guardHotPath {
 		f.Add(sql)
 	}
-	g := NewGuard(guardPolicy, 256)
+	g := New(guardPolicy, 256)
 	f.Fuzz(func(t *testing.T, sql string) {
 		b := []byte(sql)
 		for _, v := range []Verdict{g.Query(b, Lexing{}), g.Parse(b, Lexing{})} {
-			if v.Reject != nil && (v.Reject.Rule == "" || v.Reject.Code == "") {
-				t.Errorf("%q: rejection without rule or code: %+v", sql, v.Reject)
+			if v.Reject != nil && (v.Reject.Rule == "" || v.Reject.Msg == "") {
+				t.Errorf("%q: rejection without rule or message: %+v", sql, v.Reject)
 			}
 			if v.Reject != nil && v.Resets {
 				t.Errorf("%q: rejected and Resets", sql)

@@ -1,94 +1,19 @@
-package session
+package guard
 
 import (
 	"bytes"
-	"container/list"
 	"fmt"
 	"strings"
-	"sync"
-	"unicode/utf8"
 
 	pg_query "github.com/pganalyze/pg_query_go/v6"
 	"google.golang.org/protobuf/reflect/protoreflect"
-
-	"github.com/rlsproxy/rlsproxy/internal/sandbox"
 )
 
 // This file holds every rule of the SQL guard: what a client may not send
-// because it could change the session's identity or run code out of sight.
-// Decisions come from PostgreSQL's own grammar (pg_query parses with the
-// server's parser), never from regular expressions; a word scan keeps
-// statements with nothing suspicious off the parser, and a bounded cache
-// keeps repeated statement texts from being parsed twice.
-
-// Rejection is a refused message: the rule it broke and what the client is told.
-type Rejection struct {
-	Rule string // label for metrics, e.g. "role"
-	Msg  string
-	// Code is the SQLSTATE: 42501, or 42601 when the text does not parse.
-	Code string
-}
-
-// Verdict is the guard's decision on one message.
-type Verdict struct {
-	Reject *Rejection
-	// Resets is set when the message resets the role or settings (RESET
-	// ALL, DISCARD ALL, RESET ROLE, SET SESSION AUTHORIZATION DEFAULT):
-	// it may pass, and the proxy re-establishes role and claims right after it.
-	Resets bool
-}
-
-// Lexing is how the server reads a session's statements, as it reports
-// it: the guard reads them the same way.
-type Lexing struct {
-	// NonStandardStrings is standard_conforming_strings off: a backslash
-	// escapes in every string literal, not only in E'...'.
-	NonStandardStrings bool
-}
-
-// Guard judges the statements clients send. It is safe for concurrent use.
-type Guard struct {
-	policy Policy
-	// helpers parse long statements (guard_isolate.go); nil: all in process.
-	helpers *sandbox.Pool
-	limits  ParseLimits
-
-	mu sync.Mutex
-	// cache holds verdicts by statement text, one map per protocol (simple
-	// Query, extended Parse) and way of reading string literals, in
-	// least-recently-used order.
-	cache [4]map[string]*list.Element
-	lru   *list.List
-	max   int
-}
-
-type cacheEntry struct {
-	mode int
-	sql  string
-	v    Verdict
-}
-
-// maxCachedStatement bounds the texts kept in the cache: long texts are
-// usually one-offs (bulk inserts) and would crowd out the repeated ones.
-const maxCachedStatement = 4 << 10
-
-// NewGuard returns a guard for the policy's protected settings, caching the
-// verdicts of up to cacheSize statement texts.
-func NewGuard(p Policy, cacheSize int) *Guard {
-	return &Guard{policy: p, cache: [4]map[string]*list.Element{{}, {}, {}, {}}, lru: list.New(), max: cacheSize}
-}
-
-// Query judges a simple-protocol Query message, which may hold several
-// statements: one forbidden statement rejects the whole message. Resets
-// pass only as the trailing statements of the message, so that nothing runs
-// between a reset and the proxy re-establishing the session. lex is how the
-// server reads the session's statements.
-func (g *Guard) Query(sql []byte, lex Lexing) Verdict { return g.judge(sql, false, lex) }
-
-// Parse judges the statement of an extended-protocol Parse message. Resets
-// are refused there: the statement may run later, any number of times, with
-// other statements between, where the proxy cannot follow it.
-func (g *Guard) Parse(sql []byte, lex Lexing) Verdict { return g.judge(sql, true, lex) }
+// because it could change the session's identity or run code out of sight,
+// and the words without which no statement can break a rule. How a text is
+// read (readings.go), parsed (parse.go, isolate.go) and cached (guard.go) is
+// elsewhere.
 
 // largeObjectFunctions are the functions libpq's large-object interface calls
 // by OID with the FunctionCall message (pg_proc OIDs, stable across versions).
@@ -96,154 +21,6 @@ var largeObjectFunctions = map[uint32]string{
 	952: "lo_open", 953: "lo_close", 954: "loread", 955: "lowrite", 956: "lo_lseek",
 	957: "lo_creat", 958: "lo_tell", 964: "lo_unlink", 715: "lo_create", 1004: "lo_truncate",
 	3170: "lo_lseek64", 3171: "lo_tell64", 3172: "lo_truncate64",
-}
-
-// FunctionCall judges a FunctionCall message, which calls a function by OID
-// with no SQL at all (set_config is OID 2078). Only the large-object
-// functions pass.
-func (g *Guard) FunctionCall(oid uint32) Verdict {
-	if _, ok := largeObjectFunctions[oid]; ok {
-		return Verdict{}
-	}
-	return reject("function_call", fmt.Sprintf("the FunctionCall protocol message (function OID %d) is not allowed through rlsproxy; only large-object functions may be called that way", oid))
-}
-
-// judge takes the statement text as the bytes of the message, so that the
-// common cases (nothing suspicious, or a cached text) allocate nothing.
-func (g *Guard) judge(b []byte, extended bool, lex Lexing) Verdict {
-	if !suspicious(b) {
-		return Verdict{}
-	}
-	mode := 0
-	if extended {
-		mode = 1
-	}
-	if lex.NonStandardStrings {
-		mode += 2
-	}
-	cacheable := len(b) <= maxCachedStatement && g.max > 0
-	if cacheable {
-		g.mu.Lock()
-		if e, ok := g.cache[mode][string(b)]; ok {
-			g.lru.MoveToFront(e)
-			v := e.Value.(*cacheEntry).v
-			g.mu.Unlock()
-			return v
-		}
-		g.mu.Unlock()
-	}
-	sql := string(b)
-	v := g.decide(sql, extended, lex)
-	if cacheable {
-		g.mu.Lock()
-		if _, ok := g.cache[mode][sql]; !ok {
-			g.cache[mode][sql] = g.lru.PushFront(&cacheEntry{mode, sql, v})
-			if g.lru.Len() > g.max {
-				old := g.lru.Remove(g.lru.Back()).(*cacheEntry)
-				delete(g.cache[old.mode], old.sql)
-			}
-		}
-		g.mu.Unlock()
-	}
-	return v
-}
-
-// decideHere parses sql as the server reads it and applies the rules to
-// every node of every statement: under the reading lex names, which must
-// parse, and under every other reading the server could apply (see
-// readings.go), each of which either fails to lex (the server would refuse
-// the statement read so) or must parse and get the same verdict.
-func (g *Guard) decideHere(sql string, extended bool, lex Lexing) Verdict {
-	if nonASCIIDollarTag(sql) {
-		return reject("dollar_quote", "dollar-quoted strings with non-ASCII tags are not allowed through rlsproxy: the server matches tags after converting the statement to its encoding, where different characters can become one; use an ASCII tag ($$ or $x$)")
-	}
-	raw := sql
-	if !utf8.ValidString(sql) {
-		// Not UTF-8: a session in another ASCII-safe encoding (LATIN1,
-		// EUC_JP, ...), where every byte from 0x80 up belongs to a
-		// non-ASCII character, as the lexer sees it once the server has
-		// converted it. (A UTF8 session's server refuses such bytes.)
-		sql = maskHighBytes(sql)
-	}
-	tree, err := parseTree(sql, lex.NonStandardStrings)
-	if err != nil {
-		// PostgreSQL would refuse it too; refusing here keeps a text the
-		// guard cannot read from ever reaching the server.
-		return Verdict{Reject: &Rejection{Rule: "parse_error", Code: "42601", Msg: err.Error()}}
-	}
-	v := g.verdict(tree, extended)
-	if v.Reject != nil {
-		return v
-	}
-	for _, r := range otherReadings(raw, sql, lex) {
-		other, err := parseTree(r.sql, r.scsOff)
-		if err != nil {
-			if !lexes(r.sql, r.scsOff) {
-				continue // the server's lexer refuses the statement read so
-			}
-			// It splits into tokens but does not parse: the server, whose
-			// grammar is not pg_query's (PostgreSQL 17's), might run it.
-			return reject("string_reading", "the statement reads as other SQL "+r.why+", which rlsproxy's parser cannot check: "+err.Error())
-		}
-		if ov := g.verdict(other, extended); ov != v {
-			if ov.Reject != nil {
-				return Verdict{Reject: rejection(ov.Reject.Rule, ov.Reject.Msg+" (read as the server does "+r.why+")")}
-			}
-			return reject("string_reading", "the statement does different things read as the server does "+r.why+": rlsproxy does not pass it")
-		}
-	}
-	return v
-}
-
-func onOff(off bool) string {
-	if off {
-		return "off"
-	}
-	return "on"
-}
-
-// verdict applies the rules to every statement of a parse tree.
-func (g *Guard) verdict(tree *pg_query.ParseResult, extended bool) Verdict {
-	var v Verdict
-	copyIn := false
-	for i, raw := range tree.Stmts {
-		if c := raw.Stmt.GetCopyStmt(); c != nil && c.IsFrom && c.Filename == "" {
-			copyIn = true
-		}
-		resets, rej := g.statement(raw.Stmt)
-		if rej != nil {
-			return Verdict{Reject: rej}
-		}
-		if resets {
-			if extended {
-				return reject("reset_in_extended_protocol", "RESET ALL, DISCARD ALL, RESET ROLE and SET SESSION AUTHORIZATION DEFAULT are allowed through rlsproxy only as a simple query, not as a prepared statement")
-			}
-			v.Resets = true
-		} else if v.Resets {
-			return reject("reset_position", fmt.Sprintf("statement %d follows a reset of the role or settings in the same message; through rlsproxy a reset must be the last statement of its message", i+1))
-		}
-	}
-	if v.Resets && copyIn {
-		// The client waits after a reset until the session is
-		// re-established, and the server would wait for its COPY data.
-		return reject("reset_position", "a reset of the role or settings cannot share its message with COPY ... FROM STDIN through rlsproxy: send it as a message of its own")
-	}
-	return v
-}
-
-// statement applies the rules to one statement and everything inside it.
-func (g *Guard) statement(stmt *pg_query.Node) (resets bool, rej *Rejection) {
-	if vs := stmt.GetVariableSetStmt(); vs != nil {
-		resets = vs.Kind == pg_query.VariableSetKind_VAR_RESET_ALL || (isReset(vs) && g.policy.Protected(vs.Name))
-	}
-	if d := stmt.GetDiscardStmt(); d != nil && d.Target == pg_query.DiscardMode_DISCARD_ALL {
-		resets = true
-	}
-	walk(stmt.ProtoReflect(), func(m protoreflect.Message) bool {
-		rej = g.node(m.Interface())
-		return rej == nil
-	})
-	return resets, rej
 }
 
 // node is the rule for one parse-tree node.
@@ -412,38 +189,9 @@ func lexableEncodingArgs(args []*pg_query.Node) *Rejection {
 	return rejection("client_encoding", "client_encoding may be set through rlsproxy only to one constant encoding name")
 }
 
-func rejection(rule, msg string) *Rejection { return &Rejection{Rule: rule, Msg: msg, Code: "42501"} }
+func rejection(rule, msg string) *Rejection { return &Rejection{Rule: rule, Msg: msg, Kind: Forbidden} }
 
 func reject(rule, msg string) Verdict { return Verdict{Reject: rejection(rule, msg)} }
-
-// walk visits m and every message below it, depth first, until visit
-// returns false.
-func walk(m protoreflect.Message, visit func(protoreflect.Message) bool) bool {
-	if !m.IsValid() {
-		return true
-	}
-	if !visit(m) {
-		return false
-	}
-	ok := true
-	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
-		if fd.Kind() != protoreflect.MessageKind {
-			return true
-		}
-		switch {
-		case fd.IsList():
-			l := v.List()
-			for i := 0; i < l.Len() && ok; i++ {
-				ok = walk(l.Get(i).Message(), visit)
-			}
-		case fd.IsMap():
-		default:
-			ok = walk(v.Message(), visit)
-		}
-		return ok
-	})
-	return ok
-}
 
 // suspiciousWords are the words without which no statement can break a
 // rule: every rule above needs one of them in the text. The scan folds case

@@ -1,6 +1,8 @@
-package session_test
+package dbsetup_test
 
 import (
+	"github.com/rlsproxy/rlsproxy/internal/dbsetup"
+
 	"context"
 	"strconv"
 	"strings"
@@ -32,7 +34,7 @@ func TestBootstrapSQL(t *testing.T) {
 	policy := session.Policy{DefaultRole: "authenticated", RoleMap: []session.RoleRule{{Group: "g", Role: "boot_editor"}},
 		ClaimsSetting: "request.jwt.claims", ClaimPrefix: "jwt.claims."}
 	signer := testSigner(t)
-	sql, err := session.BootstrapSQL(session.BootstrapOptions{Policy: policy, Login: "authenticator", Database: "boot",
+	sql, err := dbsetup.BootstrapSQL(dbsetup.BootstrapOptions{Policy: policy, Login: "authenticator", Database: "boot",
 		Signer: signer, Leeway: 30 * time.Second, Harden: true})
 	if err != nil {
 		t.Fatal(err)
@@ -122,7 +124,7 @@ func TestBootstrapSQL(t *testing.T) {
 func itoa(n int64) string { return strconv.FormatInt(n, 10) }
 
 func TestBootstrapSQLRefusesLoginAsMappedRole(t *testing.T) {
-	_, err := session.BootstrapSQL(session.BootstrapOptions{Policy: session.Policy{DefaultRole: "authenticator", ClaimsSetting: "c.d"}, Login: "authenticator"})
+	_, err := dbsetup.BootstrapSQL(dbsetup.BootstrapOptions{Policy: session.Policy{DefaultRole: "authenticator", ClaimsSetting: "c.d"}, Login: "authenticator"})
 	if err == nil {
 		t.Fatal("the login role as a mapped role was accepted")
 	}

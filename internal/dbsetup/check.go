@@ -1,6 +1,10 @@
-package session
+package dbsetup
 
 import (
+	"github.com/rlsproxy/rlsproxy/internal/sqlquote"
+
+	"github.com/rlsproxy/rlsproxy/session"
+
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -13,7 +17,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgtype"
 
@@ -44,12 +47,12 @@ type Finding struct {
 
 // CheckOptions describe the proxy configuration to check a database against.
 type CheckOptions struct {
-	Policy Policy
+	Policy session.Policy
 	// Login is the service login role (the --upstream user); empty means
 	// the session user of the connection.
 	Login string
 	// Signer is the --signing-key-file secret; nil when claims are unsigned.
-	Signer *Signer
+	Signer *session.Signer
 	// Connect opens a new connection with the --upstream credentials, for
 	// the round trip that proves sessions work and the signing key matches.
 	// It must be a separate connection: Install commits its settings and
@@ -138,7 +141,7 @@ func (c *checker) run(ctx context.Context) error {
 // returns false when the role does not exist, since the other checks ask
 // about its memberships.
 func (c *checker) checkLogin(ctx context.Context) (bool, error) {
-	login := ident(c.login)
+	login := sqlquote.Ident(c.login)
 	if slices.Contains(c.o.Policy.Roles(), c.login) {
 		c.problem("login-role", "map tokens to roles without LOGIN (see rlsproxy sql) and keep "+login+" for the proxy alone",
 			"the login role %s is also a mapped role: clients would run as the service login, which can switch to every mapped role", c.login)
@@ -197,9 +200,9 @@ func (c *checker) checkMappedRoles(ctx context.Context) (bool, error) {
 	}
 	for _, r := range rows {
 		name := r.str(0)
-		role := ident(name)
+		role := sqlquote.Ident(name)
 		if !r.bool(1) {
-			c.problem("mapped-role", "rlsproxy sql | psql (as a superuser), or: CREATE ROLE "+role+" NOLOGIN; GRANT "+role+" TO "+ident(c.login)+";",
+			c.problem("mapped-role", "rlsproxy sql | psql (as a superuser), or: CREATE ROLE "+role+" NOLOGIN; GRANT "+role+" TO "+sqlquote.Ident(c.login)+";",
 				"role %s does not exist: sessions mapped to it cannot open", name)
 			continue
 		}
@@ -209,7 +212,7 @@ func (c *checker) checkMappedRoles(ctx context.Context) (bool, error) {
 		}
 		if !r.bool(8) {
 			c.unreachable = append(c.unreachable, name)
-			c.problem("mapped-role", "GRANT "+role+" TO "+ident(c.login)+";",
+			c.problem("mapped-role", "GRANT "+role+" TO "+sqlquote.Ident(c.login)+";",
 				"the login role %s is not a member of role %s: the proxy cannot switch sessions to it", c.login, name)
 		}
 		for _, a := range []struct {
@@ -265,7 +268,7 @@ func (c *checker) checkMemberships(ctx context.Context) (bool, error) {
 		if path != "" {
 			via = " (through " + path + ")"
 		}
-		c.problem("membership", "REVOKE "+ident(name)+" FROM "+ident(member)+";",
+		c.problem("membership", "REVOKE "+sqlquote.Ident(name)+" FROM "+sqlquote.Ident(member)+";",
 			"the login role %s is a member of role %s%s, which is not a mapped role: a session that escapes its mapped role can SET ROLE %s and gain its rights",
 			c.login, name, via, name)
 	}
@@ -311,7 +314,7 @@ func (c *checker) checkTables(ctx context.Context) (bool, error) {
 		read, write, truncate, owns := r.bool(7), r.bool(8), r.bool(9), r.bool(10)
 		ext, invoker := r.str(11), r.bool(12)
 		name := schema + "." + rel
-		qname := pgx.Identifier{schema, rel}.Sanitize()
+		qname := sqlquote.Ident(schema, rel)
 		// Objects of an extension (PostGIS's spatial_ref_sys, ...) are
 		// usually public reference data: flag them, but as a warning.
 		add, note := c.problem, ""
@@ -328,7 +331,7 @@ func (c *checker) checkTables(ctx context.Context) (bool, error) {
 			continue
 		case "m":
 			if read {
-				c.warning("view", "REVOKE ALL ON "+qname+" FROM "+ident(role)+", PUBLIC;",
+				c.warning("view", "REVOKE ALL ON "+qname+" FROM "+sqlquote.Ident(role)+", PUBLIC;",
 					"materialized view %s holds rows read with the rights of its owner %s, and role %s can read it: row-level security does not apply to materialized views%s",
 					name, owner, role, note)
 			}
@@ -341,7 +344,7 @@ func (c *checker) checkTables(ctx context.Context) (bool, error) {
 		ownerFix := "ALTER TABLE " + qname + " OWNER TO <a role that is not mapped>;  -- at the least: ALTER TABLE " + qname + " FORCE ROW LEVEL SECURITY;"
 		switch {
 		case !rls && (read || write):
-			fix := "ALTER TABLE " + qname + " ENABLE ROW LEVEL SECURITY;  -- and CREATE POLICY ... ON " + qname + "; or: REVOKE ALL ON " + qname + " FROM " + ident(role) + ", PUBLIC;"
+			fix := "ALTER TABLE " + qname + " ENABLE ROW LEVEL SECURITY;  -- and CREATE POLICY ... ON " + qname + "; or: REVOKE ALL ON " + qname + " FROM " + sqlquote.Ident(role) + ", PUBLIC;"
 			if owns {
 				fix += "  -- and " + ownerFix
 			}
@@ -356,7 +359,7 @@ func (c *checker) checkTables(ctx context.Context) (bool, error) {
 				"table %s is owned by %s: FORCE ROW LEVEL SECURITY applies RLS to it, but as owner its sessions can still DISABLE row-level security, drop policies or drop the table%s",
 				name, ownedBy, note)
 		case truncate:
-			add("table-truncate", "REVOKE TRUNCATE ON "+qname+" FROM "+ident(role)+", PUBLIC;",
+			add("table-truncate", "REVOKE TRUNCATE ON "+qname+" FROM "+sqlquote.Ident(role)+", PUBLIC;",
 				"role %s can TRUNCATE table %s, which row-level security does not restrict: any session can delete every row%s",
 				role, name, note)
 		}
@@ -390,7 +393,7 @@ func (c *checker) checkLoginTables(ctx context.Context) (bool, error) {
 		return false, err
 	}
 	for _, r := range rows {
-		qname := pgx.Identifier{r.str(0), r.str(1)}.Sanitize()
+		qname := sqlquote.Ident(r.str(0), r.str(1))
 		c.problem("table-owner", "ALTER TABLE "+qname+" OWNER TO <a role that is not the login role>;",
 			"table %s.%s is owned by the login role %s and does not FORCE row-level security: a session that gets back to the login role sees every row",
 			r.str(0), r.str(1), c.login)
@@ -418,12 +421,12 @@ func (c *checker) checkSchemas(ctx context.Context) (bool, error) {
 	for _, r := range rows {
 		schema, role, owner := r.str(0), r.str(1), r.str(2)
 		if r.bool(3) {
-			c.problem("schema", "ALTER SCHEMA "+ident(schema)+" OWNER TO <a role that is not mapped>;",
+			c.problem("schema", "ALTER SCHEMA "+sqlquote.Ident(schema)+" OWNER TO <a role that is not mapped>;",
 				"schema %s is owned by %s, whose rights role %s has: its sessions can drop, rename or replace any table in it",
 				schema, owner, role)
 			continue
 		}
-		c.warning("schema", "REVOKE CREATE ON SCHEMA "+ident(schema)+" FROM PUBLIC, "+ident(role)+";",
+		c.warning("schema", "REVOKE CREATE ON SCHEMA "+sqlquote.Ident(schema)+" FROM PUBLIC, "+sqlquote.Ident(role)+";",
 			"role %s can create objects in schema %s: sessions can plant functions, tables or views there that other sessions of the same role then run or read",
 			role, schema)
 	}
@@ -459,25 +462,25 @@ func (c *checker) checkPrivileges(ctx context.Context) (bool, error) {
 	for _, r := range rows {
 		role := r.str(0)
 		if r.bool(1) {
-			c.warning("temp", "REVOKE TEMPORARY ON DATABASE "+ident(c.database)+" FROM PUBLIC, "+ident(role)+";"+harden,
+			c.warning("temp", "REVOKE TEMPORARY ON DATABASE "+sqlquote.Ident(c.database)+" FROM PUBLIC, "+sqlquote.Ident(role)+";"+harden,
 				"role %s may create temporary objects in database %s: temporary functions, triggers and rules run code that a statement filter does not see", role, c.database)
 		}
 		if langs := r.str(6); langs != "" {
 			for _, l := range strings.Split(langs, ",") {
-				c.warning("language", "REVOKE USAGE ON LANGUAGE "+ident(l)+" FROM PUBLIC, "+ident(role)+";"+harden,
+				c.warning("language", "REVOKE USAGE ON LANGUAGE "+sqlquote.Ident(l)+" FROM PUBLIC, "+sqlquote.Ident(role)+";"+harden,
 					"role %s may use language %s: DO blocks and functions run dynamic SQL that a statement filter does not see", role, l)
 			}
 		}
 		if r.bool(2) {
-			c.warning("set_config", "REVOKE EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) FROM PUBLIC, "+ident(role)+";  -- then GRANT it to "+ident(c.login)+harden,
+			c.warning("set_config", "REVOKE EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) FROM PUBLIC, "+sqlquote.Ident(role)+";  -- then GRANT it to "+sqlquote.Ident(c.login)+harden,
 				"role %s may execute set_config(): a session can rewrite its own claim settings (unless the guard or signed claims stop it)", role)
 		}
 		if r.bool(3) || r.bool(4) {
-			c.warning("signal-backend", "REVOKE EXECUTE ON FUNCTION pg_catalog.pg_terminate_backend(integer, bigint), pg_catalog.pg_cancel_backend(integer) FROM PUBLIC, "+ident(role)+";"+harden,
+			c.warning("signal-backend", "REVOKE EXECUTE ON FUNCTION pg_catalog.pg_terminate_backend(integer, bigint), pg_catalog.pg_cancel_backend(integer) FROM PUBLIC, "+sqlquote.Ident(role)+";"+harden,
 				"role %s may execute pg_terminate_backend() or pg_cancel_backend(): all its sessions share the role, so any user can end or cancel other users' sessions", role)
 		}
 		if r.bool(5) {
-			c.warning("pg_stat_activity", "REVOKE SELECT ON pg_catalog.pg_stat_activity FROM PUBLIC, "+ident(role)+";  -- then GRANT it to pg_monitor, "+ident(c.login)+harden,
+			c.warning("pg_stat_activity", "REVOKE SELECT ON pg_catalog.pg_stat_activity FROM PUBLIC, "+sqlquote.Ident(role)+";  -- then GRANT it to pg_monitor, "+sqlquote.Ident(c.login)+harden,
 				"role %s may read pg_stat_activity: all its sessions share the role, so any user sees the queries of other users' sessions", role)
 		}
 	}
@@ -531,7 +534,7 @@ func (c *checker) checkAuth(ctx context.Context) (bool, error) {
 		case role == "":
 			// No mapped role exists (reported already): nothing to grant.
 		case !r.bool(3):
-			c.problem("auth", "GRANT USAGE ON SCHEMA auth TO "+ident(role)+"; GRANT EXECUTE ON FUNCTION "+fn+" TO "+ident(role)+";",
+			c.problem("auth", "GRANT USAGE ON SCHEMA auth TO "+sqlquote.Ident(role)+"; GRANT EXECUTE ON FUNCTION "+fn+" TO "+sqlquote.Ident(role)+";",
 				"role %s may not call %s: its sessions fail on every policy that calls it", role, fn)
 			broken = true
 		}
@@ -558,7 +561,7 @@ func (c *checker) checkAuth(ctx context.Context) (bool, error) {
 	}
 	if signed {
 		if rows[0].bool(0) {
-			c.warning("signing-key", "REVOKE ALL ON auth.signing_key FROM "+ident(c.login)+";",
+			c.warning("signing-key", "REVOKE ALL ON auth.signing_key FROM "+sqlquote.Ident(c.login)+";",
 				"the login role %s can read auth.signing_key: a session that gets back to the login role can read the key and sign any claims", c.login)
 		}
 		if readers := rows[0].str(1); readers != "" {
@@ -600,8 +603,8 @@ func (c *checker) roundTrip(ctx context.Context, bootstrap string, signed bool) 
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 
-	if err := Install(ctx, conn, grant, c.o.Signer); err != nil {
-		c.problem("round-trip", "GRANT "+ident(grant.Role)+" TO "+ident(c.login)+";  -- or: "+bootstrap,
+	if err := session.Install(ctx, conn, grant, c.o.Signer); err != nil {
+		c.problem("round-trip", "GRANT "+sqlquote.Ident(grant.Role)+" TO "+sqlquote.Ident(c.login)+";  -- or: "+bootstrap,
 			"the login role %s cannot open a session as role %s: %v", c.login, grant.Role, err)
 		return nil
 	}
@@ -640,7 +643,7 @@ func (c *checker) roundTrip(ctx context.Context, bootstrap string, signed bool) 
 	if _, err := conn.Exec(ctx, "RESET ROLE").ReadAll(); err != nil {
 		return fmt.Errorf("round trip: %w", err)
 	}
-	if err := Install(ctx, conn, grant, other); err != nil {
+	if err := session.Install(ctx, conn, grant, other); err != nil {
 		return fmt.Errorf("round trip with a wrong key: %w", err)
 	}
 	if sub, err := userID(ctx, conn); err == nil {
@@ -653,7 +656,7 @@ func (c *checker) roundTrip(ctx context.Context, bootstrap string, signed bool) 
 // testGrant builds the grant the proxy would install for a token of
 // CheckSubject that maps to the default role (or the first mapped group),
 // through Policy.Grant, so the settings are those of a real session.
-func (c *checker) testGrant() (*Grant, error) {
+func (c *checker) testGrant() (*session.Grant, error) {
 	p := c.o.Policy
 	claims := map[string]any{
 		"sub": CheckSubject,
@@ -680,12 +683,12 @@ func userID(ctx context.Context, conn *pgconn.PgConn) (string, error) {
 	return string(res.Rows[0][0]), nil
 }
 
-func randomSigner() (*Signer, error) {
-	b := make([]byte, minSigningKey)
+func randomSigner() (*session.Signer, error) {
+	b := make([]byte, 32)
 	if _, err := rand.Read(b); err != nil {
 		return nil, err
 	}
-	return NewSigner([]byte(hex.EncodeToString(b)))
+	return session.NewSigner([]byte(hex.EncodeToString(b)))
 }
 
 // row is one result row in text format.
@@ -730,12 +733,10 @@ func (c *checker) query(ctx context.Context, sql string, args ...any) ([]row, er
 	return rows, nil
 }
 
-func ident(s string) string { return pgx.Identifier{s}.Sanitize() }
-
 func identList(names []string) string {
 	q := make([]string, len(names))
 	for i, n := range names {
-		q[i] = ident(n)
+		q[i] = sqlquote.Ident(n)
 	}
 	return strings.Join(q, ", ")
 }

@@ -1,6 +1,10 @@
-package session
+package dbsetup
 
 import (
+	"github.com/rlsproxy/rlsproxy/internal/sqlquote"
+
+	"github.com/rlsproxy/rlsproxy/session"
+
 	_ "embed"
 	"encoding/hex"
 	"fmt"
@@ -8,24 +12,22 @@ import (
 	"strings"
 	"text/template"
 	"time"
-
-	"github.com/jackc/pgx/v5"
 )
 
 //go:embed bootstrap.sql
 var bootstrapSQL string
 
 var bootstrapTemplate = template.Must(template.New("bootstrap").Funcs(template.FuncMap{
-	"ident":   func(s string) string { return pgx.Identifier{s}.Sanitize() },
-	"literal": quoteLiteral,
+	"ident":   func(s string) string { return sqlquote.Ident(s) },
+	"literal": sqlquote.Literal,
 }).Parse(bootstrapSQL))
 
 // BootstrapOptions describe the database side of a proxy configuration.
 type BootstrapOptions struct {
-	Policy   Policy
+	Policy   session.Policy
 	Login    string // the --upstream user
 	Database string // for the hardening statements
-	Signer   *Signer
+	Signer   *session.Signer
 	Leeway   time.Duration
 	Harden   bool
 }
@@ -49,7 +51,7 @@ func BootstrapSQL(o BootstrapOptions) (string, error) {
 	}
 	quoted := make([]string, len(roles))
 	for i, r := range roles {
-		quoted[i] = pgx.Identifier{r}.Sanitize()
+		quoted[i] = sqlquote.Ident(r)
 	}
 	claims := o.Policy.ClaimsSetting
 	if claims == "" {
@@ -57,7 +59,7 @@ func BootstrapSQL(o BootstrapOptions) (string, error) {
 	}
 	data := map[string]any{
 		"Roles": roles, "RoleList": strings.Join(quoted, ", "), "Login": o.Login, "Database": o.Database,
-		"ClaimsSetting": claims, "SignatureSetting": SignatureSetting, "Signed": o.Signer != nil,
+		"ClaimsSetting": claims, "SignatureSetting": session.SignatureSetting, "Signed": o.Signer != nil,
 		"LeewaySeconds": int(o.Leeway.Seconds()), "Harden": o.Harden,
 	}
 	if o.Signer != nil {
@@ -70,22 +72,3 @@ func BootstrapSQL(o BootstrapOptions) (string, error) {
 	}
 	return b.String(), nil
 }
-
-// Roles lists the roles sessions can run as, in a stable order.
-func (p Policy) Roles() []string {
-	var roles []string
-	add := func(r string) {
-		if r != "" && !slices.Contains(roles, r) {
-			roles = append(roles, r)
-		}
-	}
-	add(p.DefaultRole)
-	for _, r := range p.RoleMap {
-		add(r.Role)
-	}
-	add(p.AnonymousRole)
-	return roles
-}
-
-// quoteLiteral quotes s as an SQL string literal (standard_conforming_strings on).
-func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
