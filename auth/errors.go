@@ -27,7 +27,3 @@ func (e *Error) Error() string { return e.Msg }
 
 func invalid(reason, msg string) *Error    { return &Error{Kind: Invalid, Reason: reason, Msg: msg} }
 func notAllowed(reason, msg string) *Error { return &Error{Kind: NotAllowed, Reason: reason, Msg: msg} }
-
-// NewNotAllowed builds a NotAllowed rejection for rules decided outside this
-// package, such as a token whose groups map to no role.
-func NewNotAllowed(reason, msg string) *Error { return notAllowed(reason, msg) }

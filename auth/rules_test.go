@@ -231,16 +231,6 @@ func TestRulesCheckExpiresAt(t *testing.T) {
 	}
 }
 
-// TestNewNotAllowed: rejections decided outside the package (no role for the
-// token) keep the NotAllowed kind.
-func TestNewNotAllowed(t *testing.T) {
-	err := error(NewNotAllowed("no_role", "token maps to no database role"))
-	var e *Error
-	if !errors.As(err, &e) || e.Kind != NotAllowed || e.Reason != "no_role" || err.Error() != "token maps to no database role" {
-		t.Errorf("NewNotAllowed gave %#v", err)
-	}
-}
-
 // withClaims sets extra's claims on c and returns it; a nil value deletes
 // the claim.
 func withClaims(c, extra map[string]any) map[string]any {

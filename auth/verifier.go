@@ -159,9 +159,6 @@ func New(ctx context.Context, cfg Config) (*Verifier, error) {
 // Close stops the background key refresh.
 func (v *Verifier) Close() { v.cancel() }
 
-// Issuer returns the configured issuer.
-func (v *Verifier) Issuer() string { return v.cfg.Issuer }
-
 // Ready reports whether the issuer's keys are loaded.
 func (v *Verifier) Ready(ctx context.Context) bool {
 	return v.keys.loaded(ctx)

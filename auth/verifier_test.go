@@ -885,9 +885,6 @@ func TestNewConfigErrors(t *testing.T) {
 func TestNewDefaults(t *testing.T) {
 	ti := newTestIssuer(t)
 	v := ti.start(t, Config{Rules: Rules{Issuer: ti.URL + "/"}})
-	if v.Issuer() != ti.URL+"/" {
-		t.Errorf("Issuer() = %q", v.Issuer())
-	}
 	if v.cfg.JWKSURL != ti.URL+"/.well-known/jwks.json" {
 		t.Errorf("JWKS URL %q", v.cfg.JWKSURL)
 	}

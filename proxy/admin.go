@@ -54,7 +54,7 @@ func (r *readiness) check(ctx context.Context) string {
 	defer r.mu.Unlock()
 	if time.Since(r.checked) > 5*time.Second {
 		ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		r.err = r.s.cfg.Dialer.Ping(ctx)
+		r.err = r.s.cfg.Pool.Ping(ctx)
 		cancel()
 		r.checked = time.Now()
 	}

@@ -76,7 +76,10 @@ func toClientError(err error) *clientError {
 	if errors.Is(err, session.ErrPoolExhausted) {
 		return &clientError{code: codeTooManyConnections, msg: "rlsproxy: " + err.Error(), reason: "pool_exhausted"}
 	}
-	var se *session.Error
+	if errors.Is(err, session.ErrNoRole) {
+		return &clientError{code: codeInvalidAuthorization, msg: err.Error(), reason: "no_role"}
+	}
+	var se *session.OpenError
 	if errors.As(err, &se) {
 		ce := &clientError{code: codeUnableToConnect, msg: se.Error(), reason: "upstream_connect"}
 		if se.Stage == session.StageInstall {

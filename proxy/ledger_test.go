@@ -196,7 +196,7 @@ func TestLedgerOwnBatch(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			l := newLedger()
-			b := (&session.Upstream{PID: 1}).InstallBatch(g, 'I')
+			b := session.NewUpstream(nil, 1, g).Reinstall('I')
 			l.sentOwn(b)
 			var routes, events string
 			var err error

@@ -19,7 +19,6 @@ import (
 
 	"github.com/rlsproxy/rlsproxy/internal/demo"
 	"github.com/rlsproxy/rlsproxy/internal/proxytest"
-	"github.com/rlsproxy/rlsproxy/proxy"
 )
 
 // The guard and the server must read the same statement. The server lexes a
@@ -687,7 +686,7 @@ func TestLexingServerDefaults(t *testing.T) {
 	}
 	for _, d := range lexDrivers {
 		t.Run(d.name, func(t *testing.T) {
-			p := proxytest.Start(t, pg, append([]proxytest.Option{func(c *proxy.Config) { c.Databases = []string{"*"} }}, d.opts...)...)
+			p := proxytest.Start(t, pg, append([]proxytest.Option{func(c *proxytest.Setup) { c.Databases = []string{"*"} }}, d.opts...)...)
 			token := p.Token(t, "user1")
 			for db, enc := range map[string]string{"lexing_db_sjis": "SJIS", "lexing_db_role": "BIG5"} {
 				c, e, _ := lexStartup(t, p, token, db)
@@ -1223,7 +1222,7 @@ func TestLexingDollarQuoteTags(t *testing.T) {
 	if err := pg.Exec(ctx, "postgres", "CREATE DATABASE "+db+" ENCODING 'EUC_JP' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"); err != nil {
 		t.Fatal(err)
 	}
-	p = proxytest.Start(t, pg, func(c *proxy.Config) { c.Databases = []string{"*"} })
+	p = proxytest.Start(t, pg, func(c *proxytest.Setup) { c.Databases = []string{"*"} })
 	c, e, _ := lexStartup(t, p, p.Token(t, "user1"), db, "client_encoding", "UTF8")
 	if e != nil {
 		t.Fatalf("UTF8 session on an EUC_JP database: %s", e.Message)

@@ -47,7 +47,6 @@ import (
 
 	"github.com/rlsproxy/rlsproxy/internal/demo"
 	"github.com/rlsproxy/rlsproxy/internal/proxytest"
-	"github.com/rlsproxy/rlsproxy/proxy"
 )
 
 const (
@@ -96,7 +95,7 @@ func TestProperty(t *testing.T) {
 	for _, m := range modes {
 		t.Run(m.name, func(t *testing.T) {
 			clock := &ptClock{}
-			p := proxytest.Start(t, pg, append(m.opts, func(c *proxy.Config) { c.Now = clock.now })...)
+			p := proxytest.Start(t, pg, append(m.opts, func(c *proxytest.Setup) { c.Now = clock.now })...)
 			h := newPropertyHarness(t, p, clock)
 			t.Run("stray CopyData attack", func(t *testing.T) { testStrayCopyDataAttack(t, h) })
 			t.Run("random sequences", func(t *testing.T) { testRandomSequences(t, h, seed, iterations) })

@@ -50,7 +50,6 @@ const (
 // the login role.
 type relay struct {
 	up      *session.Upstream
-	grant   *session.Grant
 	metrics *Metrics
 	guard   *sessionGuard // nil with --guard off
 	ledger  *ledger
@@ -115,11 +114,11 @@ type relay struct {
 	bytesUp, bytesDown atomic.Int64
 }
 
-func newRelay(up *session.Upstream, g *session.Grant, m *Metrics, sg *sessionGuard, held *byteBudget) *relay {
+func newRelay(up *session.Upstream, m *Metrics, sg *sessionGuard, held *byteBudget) *relay {
 	if held == nil {
 		held = newByteBudget(maxHeldForGuard)
 	}
-	return &relay{up: up, grant: g, metrics: m, guard: sg, ledger: newLedger(), held: held}
+	return &relay{up: up, metrics: m, guard: sg, ledger: newLedger(), held: held}
 }
 
 // paused reports whether the client side must wait.
@@ -391,7 +390,7 @@ func (r *relay) fromServer(in []byte, out [][]byte) (int, [][]byte) {
 		switch ev {
 		case resetDone:
 			if status := r.ledger.txStatus(); status != 'E' {
-				b := r.up.InstallBatch(r.grant, status)
+				b := r.up.Reinstall(status)
 				r.ledger.sentOwn(b)
 				r.inject = append(r.inject, b.Frames...)
 				break

@@ -17,14 +17,14 @@ import (
 // why, if it is to be told.
 func (r *relay) runConns(client net.Conn, clientR *wire.Reader, toClient, toServer []byte) {
 	up := r.up
-	r.clientBuf, r.serverBuf = clientR.Size(), up.Reader.Size()
+	r.clientBuf, r.serverBuf = clientR.Size(), up.Reader().Size()
 	resume := make(chan struct{}, 1)
 	r.setStop(func() {
 		// Reads stop at once; a write under way may finish (the answers
 		// that come before a FATAL, the statements a client sent before
 		// Terminate), within a second.
 		now := time.Now()
-		for _, c := range []net.Conn{client, up.Conn} {
+		for _, c := range []net.Conn{client, up.Conn()} {
 			_ = c.SetReadDeadline(now)
 			_ = c.SetWriteDeadline(now.Add(time.Second))
 		}
@@ -36,12 +36,12 @@ func (r *relay) runConns(client net.Conn, clientR *wire.Reader, toClient, toServ
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		r.pump(up.Reader, client, false, toClient, resume)
+		r.pump(up.Reader(), client, false, toClient, resume)
 	}()
-	r.pump(clientR, up.Conn, true, toServer, resume)
+	r.pump(clientR, up.Conn(), true, toServer, resume)
 	<-done
 
-	_ = up.Conn.SetDeadline(time.Time{})
+	_ = up.Conn().SetDeadline(time.Time{})
 	if r.fatal != nil {
 		_ = client.SetDeadline(time.Now().Add(time.Second))
 		_, _ = client.Write(encodeError(nil, "FATAL", r.fatal))
@@ -86,7 +86,7 @@ func (r *relay) pump(src *wire.Reader, dst net.Conn, fromClient bool, first []by
 		if own := r.takeInject(fromClient); own != nil {
 			// The client side waits (the relay holds it), so this is the
 			// only writer upstream.
-			if _, err := r.up.Conn.Write(own); err != nil {
+			if _, err := r.up.Conn().Write(own); err != nil {
 				r.upstreamDirty = true
 				r.lost(false, err)
 			}

@@ -73,8 +73,8 @@ func newDriverSession(t *testing.T, guard *sessionGuard, serverRcvbuf int) *driv
 	s := &driverSession{done: make(chan struct{})}
 	s.client, s.proxyCli = socketPair(t, 0)
 	s.proxyUp, s.server = socketPair(t, serverRcvbuf)
-	up := &session.Upstream{Conn: s.proxyUp, Reader: wire.NewReader(s.proxyUp, 32<<10, 64<<20), TxStatus: 'I'}
-	s.r = newRelay(up, nil, NewMetrics(prometheus.NewRegistry()), guard, nil)
+	up := session.NewUpstream(s.proxyUp, 1, &session.Grant{Role: "authenticated"})
+	s.r = newRelay(up, NewMetrics(prometheus.NewRegistry()), guard, nil)
 	s.clientR = wire.NewReader(s.proxyCli, 32<<10, 64<<20)
 	return s
 }
@@ -164,7 +164,7 @@ func TestDriverAnswersBeforeExpiry(t *testing.T) {
 // upstream, and the rest of it is dropped: the server holds half a frame,
 // so the connection must not go back to the pool.
 func TestDriverExpiryMidStreamNotReusable(t *testing.T) {
-	r := newRelay(&session.Upstream{}, nil, NewMetrics(prometheus.NewRegistry()), nil, nil)
+	r := newRelay(session.NewUpstream(nil, 1, &session.Grant{Role: "authenticated"}), NewMetrics(prometheus.NewRegistry()), nil, nil)
 	r.clientBuf, r.serverBuf = 64, 64
 	var upstream []byte
 	feed := func(b []byte) {

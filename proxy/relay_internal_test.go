@@ -40,7 +40,7 @@ func TestRelaySplitsAnywhere(t *testing.T) {
 	}
 	for _, buf := range []int{16, 64, 1 << 16} { // frames larger than buf are streamed
 		for _, chunk := range []int{1, 3, 7, 100, 4096} {
-			r := newRelay(&session.Upstream{}, nil, nil, nil, nil)
+			r := newRelay(session.NewUpstream(nil, 1, &session.Grant{Role: "authenticated"}), nil, nil, nil)
 			r.clientBuf, r.serverBuf = buf, buf
 			if got := feedAll(t, r.fromClient, client, buf, chunk); !bytes.Equal(got, client) {
 				t.Fatalf("buf %d chunk %d: client bytes changed in relay", buf, chunk)
@@ -106,7 +106,7 @@ func BenchmarkRelayTransaction(b *testing.B) {
 		g     *sessionGuard
 	}{{"prepared/guard-off", prepared, nil}, {"prepared/guard-on", prepared, guard}, {"simple/guard-off", simple, nil}, {"simple/guard-on", simple, guard}} {
 		b.Run(tc.name, func(b *testing.B) {
-			r := newRelay(&session.Upstream{}, nil, nil, tc.g, nil)
+			r := newRelay(session.NewUpstream(nil, 1, &session.Grant{Role: "authenticated"}), nil, tc.g, nil)
 			r.clientBuf, r.serverBuf = 1<<16, 1<<16
 			out := make([][]byte, 0, 8)
 			for b.Loop() {
@@ -131,7 +131,7 @@ func FuzzRelay(f *testing.F) {
 	f.Add([]byte{'Q', 0, 0, 0, 3}, uint8(1), uint8(8))
 	f.Fuzz(func(t *testing.T, stream []byte, chunk, buf uint8) {
 		for _, client := range []bool{true, false} {
-			r := newRelay(&session.Upstream{}, nil, nil, nil, nil)
+			r := newRelay(session.NewUpstream(nil, 1, &session.Grant{Role: "authenticated"}), nil, nil, nil)
 			r.clientBuf, r.serverBuf = int(buf)+6, int(buf)+6
 			feed := r.fromServer
 			if client {
@@ -185,7 +185,7 @@ func FuzzRelayGuarded(f *testing.F) {
 	f.Add([]byte("Q\x00\x00\x00\x0bSELECT\x00"), uint8(1), uint8(8))
 	g := newSessionGuard(guard.New(session.Policy{ClaimsSetting: "request.jwt.claims", ClaimPrefix: "jwt.claims."}, 64), nil)
 	f.Fuzz(func(t *testing.T, stream []byte, chunk, buf uint8) {
-		r := newRelay(&session.Upstream{}, &session.Grant{Role: "authenticated"}, nil, g, nil)
+		r := newRelay(session.NewUpstream(nil, 1, &session.Grant{Role: "authenticated"}), nil, g, nil)
 		r.clientBuf, r.serverBuf = int(buf)+6, int(buf)+6
 		var out, held []byte
 		rest := stream
@@ -226,7 +226,7 @@ func FuzzRelayGuarded(f *testing.F) {
 func TestGuardFramesShareABudget(t *testing.T) {
 	g := newSessionGuard(guard.New(session.Policy{ClaimsSetting: "request.jwt.claims", ClaimPrefix: "jwt.claims."}, 64), nil)
 	held := newByteBudget(1000)
-	r := newRelay(&session.Upstream{}, &session.Grant{Role: "authenticated"}, nil, g, held)
+	r := newRelay(session.NewUpstream(nil, 1, &session.Grant{Role: "authenticated"}), nil, g, held)
 	r.clientBuf, r.serverBuf = 64, 64
 	big, _ := (&pgproto3.Query{String: "SELECT '" + strings.Repeat("x", 2000) + "'"}).Encode(nil)
 	small, _ := (&pgproto3.Query{String: "SELECT 1"}).Encode(nil)

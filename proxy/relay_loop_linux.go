@@ -74,26 +74,26 @@ func (ls *relayLoops) close() {
 // It returns false, having changed nothing, when a connection is not a
 // plain socket (TLS) or cannot be taken off the runtime's poller.
 func (ls *relayLoops) run(r *relay, client net.Conn, clientR *wire.Reader) bool {
-	if ls == nil || !plainSocket(client) || !plainSocket(r.up.Conn) {
+	if ls == nil || !plainSocket(client) || !plainSocket(r.up.Conn()) {
 		return false
 	}
 	cfd, err := takeFD(client)
 	if err != nil {
 		return false
 	}
-	sfd, err := takeFD(r.up.Conn)
+	sfd, err := takeFD(r.up.Conn())
 	if err != nil {
 		_ = unix.Close(cfd)
 		return false
 	}
 	// From here the descriptors are the loop's; the net.Conns are closed.
 	_ = client.Close()
-	_ = r.up.Conn.Close()
+	_ = r.up.Conn().Close()
 
 	l := ls.loops[ls.next.Add(1)%uint32(len(ls.loops))]
 	s := &loopSession{r: r, done: make(chan struct{})}
 	s.client = loopSide{s: s, fd: cfd, client: true, peer: &s.server, in: bytes.Clone(clientR.Buffered())}
-	s.server = loopSide{s: s, fd: sfd, peer: &s.client, in: bytes.Clone(r.up.Reader.Buffered())}
+	s.server = loopSide{s: s, fd: sfd, peer: &s.client, in: bytes.Clone(r.up.Reader().Buffered())}
 	r.clientBuf, r.serverBuf = relayBuffer, relayBuffer
 	r.handOffOver = handOffOver
 	r.setStop(func() { l.post(func() { l.finish(s) }) })
@@ -127,8 +127,7 @@ func (ls *relayLoops) run(r *relay, client net.Conn, clientR *wire.Reader) bool 
 		r.serverBoundary = false
 		up = closedConn{}
 	}
-	r.up.Conn = up
-	r.up.Reader.Reset(up)
+	r.up.Rebind(up, nil)
 	return true
 }
 
@@ -141,19 +140,20 @@ func (ls *relayLoops) handOff(r *relay, s *loopSession, cfd, sfd int, clientR *w
 	if err != nil {
 		_ = unix.Close(sfd)
 		r.end(endClientClosed, nil)
-		r.up.Conn, r.serverBoundary = closedConn{}, false
+		r.up.Rebind(closedConn{}, nil)
+		r.serverBoundary = false
 		return true
 	}
 	up, err := fdConn(sfd)
 	if err != nil {
 		_ = client.Close()
 		r.end(endServerClosed, upstreamLost(err))
-		r.up.Conn, r.serverBoundary = closedConn{}, false
+		r.up.Rebind(closedConn{}, nil)
+		r.serverBoundary = false
 		return true
 	}
-	r.up.Conn = up
+	r.up.Rebind(up, s.serverIn)
 	clientR.ResetBuffered(client, s.clientIn)
-	r.up.Reader.ResetBuffered(up, s.serverIn)
 	r.runConns(client, clientR, s.clientPend, s.serverPend)
 	return true
 }

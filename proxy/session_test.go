@@ -15,7 +15,6 @@ import (
 
 	"github.com/rlsproxy/rlsproxy/auth"
 	"github.com/rlsproxy/rlsproxy/internal/proxytest"
-	"github.com/rlsproxy/rlsproxy/proxy"
 	"github.com/rlsproxy/rlsproxy/session"
 )
 
@@ -122,7 +121,7 @@ func withVerifier(t *testing.T, p *proxytest.Proxy, r auth.Rules) proxytest.Opti
 			t.Fatal("verifier never loaded the JWKS")
 		}
 	}
-	return func(c *proxy.Config) { c.Verifier = v }
+	return func(c *proxytest.Setup) { c.Verifier = v }
 }
 
 // The first group of the token, in the token's order, that the role map
@@ -130,7 +129,7 @@ func withVerifier(t *testing.T, p *proxytest.Proxy, r auth.Rules) proxytest.Opti
 // --role empty it is refused with 28000.
 func TestRoleMapping(t *testing.T) {
 	rules := []session.RoleRule{{Group: "admins", Role: "admin"}, {Group: "editors", Role: "editor"}}
-	p := proxytest.Start(t, pg, func(c *proxy.Config) { c.Policy.RoleMap = rules })
+	p := proxytest.Start(t, pg, func(c *proxytest.Setup) { c.Policy.RoleMap = rules })
 	for _, tc := range []struct {
 		groups []string
 		want   string
@@ -153,7 +152,7 @@ func TestRoleMapping(t *testing.T) {
 		t.Errorf("admin sees %d notes, want 3", n)
 	}
 
-	noDefault := proxytest.Start(t, pg, func(c *proxy.Config) { c.Policy.RoleMap = rules; c.Policy.DefaultRole = "" })
+	noDefault := proxytest.Start(t, pg, func(c *proxytest.Setup) { c.Policy.RoleMap = rules; c.Policy.DefaultRole = "" })
 	e := connectErr(t, noDefault.DSN("user1", noDefault.Token(t, "user1", "unmapped")))
 	if e.Code != "28000" || !strings.Contains(e.Message, "no database role") {
 		t.Fatalf("unmapped token without --role: %s %s", e.Code, e.Message)
@@ -163,7 +162,7 @@ func TestRoleMapping(t *testing.T) {
 // A client whose user is "anonymous" gets --anonymous-role without a token;
 // with no anonymous role it must send a token like anyone else.
 func TestAnonymous(t *testing.T) {
-	p := proxytest.Start(t, pg, func(c *proxy.Config) { c.Policy.AnonymousRole = "anon" })
+	p := proxytest.Start(t, pg, func(c *proxytest.Setup) { c.Policy.AnonymousRole = "anon" })
 	conn := connect(t, p, "anonymous", "")
 	if got := queryStrings(t, conn, "SELECT current_user::text"); got[0] != "anon" {
 		t.Fatalf("anonymous role = %s", got[0])
@@ -229,13 +228,7 @@ func TestUpstreamFailures(t *testing.T) {
 		closed := l.Addr().String()
 		l.Close() // nothing listens there now
 		bad := strings.Replace(pg.Upstream, fmt.Sprintf("127.0.0.1:%d", pg.Port), closed, 1)
-		p := proxytest.Start(t, pg, func(c *proxy.Config) {
-			d, err := session.NewDialer(bad + "&connect_timeout=2")
-			if err != nil {
-				t.Fatal(err)
-			}
-			c.Dialer = d
-		})
+		p := proxytest.Start(t, pg, func(c *proxytest.Setup) { c.Upstream = bad + "&connect_timeout=2" })
 		e := connectErr(t, p.DSN("user1", p.Token(t, "user1")))
 		if e.Severity != "FATAL" || e.Code != "08001" || !strings.Contains(e.Message, "upstream connection failed") {
 			t.Fatalf("got %s %s %q", e.Severity, e.Code, e.Message)
@@ -243,7 +236,7 @@ func TestUpstreamFailures(t *testing.T) {
 	})
 	t.Run("role", func(t *testing.T) {
 		for role, msg := range map[string]string{"nosuchrole": "does not exist", "outsider": "may not switch"} {
-			p := proxytest.Start(t, pg, func(c *proxy.Config) { c.Policy.DefaultRole = role })
+			p := proxytest.Start(t, pg, func(c *proxytest.Setup) { c.Policy.DefaultRole = role })
 			e := connectErr(t, p.DSN("user1", p.Token(t, "user1")))
 			if e.Severity != "FATAL" || e.Code != "08006" || !strings.Contains(e.Message, msg) {
 				t.Fatalf("role %s: got %s %s %q", role, e.Severity, e.Code, e.Message)
@@ -285,7 +278,7 @@ func TestTokenExpiry(t *testing.T) {
 		}
 	})
 	t.Run("ignore", func(t *testing.T) {
-		p := proxytest.Start(t, pg, func(c *proxy.Config) { c.TerminateOnExpiry = false })
+		p := proxytest.Start(t, pg, func(c *proxytest.Setup) { c.TerminateOnExpiry = false })
 		conn := connect(t, p, "user1", mint(p, time.Second))
 		time.Sleep(1500 * time.Millisecond)
 		if _, err := conn.Exec(ctx, "SELECT 1"); err != nil {

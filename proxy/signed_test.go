@@ -8,11 +8,10 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/rlsproxy/rlsproxy/internal/proxytest"
-	"github.com/rlsproxy/rlsproxy/proxy"
 )
 
 // withSigner signs every session's claims with the test key.
-func withSigner(c *proxy.Config) { c.Dialer.Signer = signer }
+func withSigner(s *proxytest.Setup) { s.Signer = signer }
 
 // signedRows reads signed_notes, whose policy is user_id = (SELECT
 // auth.user_id()): it returns the rows, or the error auth.* raised.

@@ -156,7 +156,7 @@ func TestProtocol32NegotiatedDown(t *testing.T) {
 // Startup packets PostgreSQL would drop are dropped: too long, too slow,
 // and unknown major versions are refused.
 func TestStartupLimits(t *testing.T) {
-	p := proxytest.Start(t, pg, func(c *proxy.Config) { c.StartupTimeout = 300 * time.Millisecond })
+	p := proxytest.Start(t, pg, func(c *proxytest.Setup) { c.StartupTimeout = 300 * time.Millisecond })
 
 	t.Run("over 10000 bytes", func(t *testing.T) {
 		c := dialRaw(t, p.Addr)
@@ -240,7 +240,7 @@ func TestDatabases(t *testing.T) {
 	if e := connectErr(t, dsn); e.Code != "3D000" || !strings.Contains(e.Message, "not served") {
 		t.Fatalf("got %s %s", e.Code, e.Message)
 	}
-	any := proxytest.Start(t, pg, func(c *proxy.Config) { c.Databases = []string{"*"} })
+	any := proxytest.Start(t, pg, func(c *proxytest.Setup) { c.Databases = []string{"*"} })
 	out, err := psql(t, strings.Replace(any.DSN("user1", ""), "dbname=app", "dbname=postgres", 1), any.Token(t, "user1"), "-c", "SELECT current_database()")
 	if err != nil || out != "postgres" {
 		t.Fatalf("with --databases '*': %q %v", out, err)
@@ -249,7 +249,7 @@ func TestDatabases(t *testing.T) {
 
 // Beyond --max-client-conns, clients get 53300.
 func TestMaxClientConns(t *testing.T) {
-	p := proxytest.Start(t, pg, func(c *proxy.Config) { c.MaxClientConns = 2 })
+	p := proxytest.Start(t, pg, func(c *proxytest.Setup) { c.MaxClientConns = 2 })
 	connect(t, p, "user1", p.Token(t, "user1"))
 	connect(t, p, "user2", p.Token(t, "user2"))
 	if e := connectErr(t, p.DSN("user1", p.Token(t, "user1"))); e.Code != "53300" {
@@ -302,11 +302,11 @@ func TestPlaintextFromRemotePeer(t *testing.T) {
 		t.Fatalf("got %s %q", e.Code, e.Message)
 	}
 
-	insecure := proxytest.StartListener(t, pg, listen(), func(c *proxy.Config) { c.InsecurePlaintext = true })
+	insecure := proxytest.StartListener(t, pg, listen(), func(c *proxytest.Setup) { c.InsecurePlaintext = true })
 	connect(t, insecure, "user1", insecure.Token(t, "user1"))
 
 	ca := newTestCA(t)
-	secure := proxytest.StartListener(t, pg, listen(), func(c *proxy.Config) { c.TLS = ca.serverConfig })
+	secure := proxytest.StartListener(t, pg, listen(), func(c *proxytest.Setup) { c.TLS = ca.serverConfig })
 	out, err := psql(t, secure.DSN("user1", "")+" sslmode=require", secure.Token(t, "user1"), "-c", "SELECT count(*) FROM notes")
 	if err != nil || out != "2" {
 		t.Fatalf("TLS from a remote peer: %q %v", out, err)
@@ -318,7 +318,7 @@ func TestPlaintextFromRemotePeer(t *testing.T) {
 // answered N.
 func TestTLS(t *testing.T) {
 	ca := newTestCA(t)
-	p := proxytest.Start(t, pg, func(c *proxy.Config) { c.TLS = ca.serverConfig })
+	p := proxytest.Start(t, pg, func(c *proxytest.Setup) { c.TLS = ca.serverConfig })
 	tok := p.Token(t, "user1")
 	for _, mode := range []string{
 		"sslmode=require",
@@ -436,7 +436,7 @@ func TestShutdownDrains(t *testing.T) {
 // even a good token is refused with a clear message until the allowance
 // refills; other addresses and loopback are not affected.
 func TestAuthFailuresRateLimited(t *testing.T) {
-	limited := func(c *proxy.Config) {
+	limited := func(c *proxytest.Setup) {
 		c.InsecurePlaintext = true
 		c.AuthFailureBurst, c.AuthFailureInterval = 3, time.Minute
 	}

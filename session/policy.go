@@ -1,10 +1,14 @@
-// Package session opens upstream PostgreSQL sessions for authenticated
-// identities: it decides the role and claim settings of a session (Policy) and
-// installs them on a connection made with the service credentials (Dialer).
+// Package session turns an authenticated identity into an upstream
+// PostgreSQL session: the role and claim settings it runs with (policy.go),
+// their signature (signing.go), the service login (dialer.go), the
+// connection and what it knows of itself (upstream.go), the proxy's own
+// round trips on it and their proof (proof.go), and the pool that keeps
+// connections between client sessions (pool.go).
 package session
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"slices"
@@ -56,6 +60,9 @@ func (p Policy) Validate() error {
 	return nil
 }
 
+// ErrNoRole is a valid token the policy maps to no role.
+var ErrNoRole = errors.New("token maps to no database role: none of its groups is in --role-map and --role is empty")
+
 // Grant is what one session runs as.
 type Grant struct {
 	Role     string
@@ -72,7 +79,7 @@ type Setting struct{ Name, Value string }
 func (p Policy) Grant(id *auth.Identity, log *slog.Logger) (*Grant, error) {
 	role := p.roleFor(id.Claims[p.RoleClaim])
 	if role == "" {
-		return nil, auth.NewNotAllowed("no_role", "token maps to no database role: none of its groups is in --role-map and --role is empty")
+		return nil, ErrNoRole
 	}
 	g := &Grant{Role: role, Claims: string(id.ClaimsJSON)}
 	if p.ClaimsSetting != "" {

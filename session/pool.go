@@ -8,18 +8,20 @@ import (
 	"strings"
 	"sync"
 	"time"
-
-	"github.com/jackc/pgx/v5/pgproto3"
 )
 
-// Pool keeps upstream connections between client sessions. A connection is
-// returned only after a reset that is proved: ROLLBACK if needed, DISCARD
-// ALL (role, settings, prepared statements, temporary tables, advisory
-// locks, LISTEN), then a query showing the role is the login role and no
-// claims are left. Connections are kept per database and startup parameters,
-// since those are fixed when a connection is opened.
+// Pool hands out upstream connections with a session's grant installed,
+// and keeps them between client sessions. A connection is kept only after a
+// reset that is proved: ROLLBACK if needed, DISCARD ALL (role, settings,
+// prepared statements, temporary tables, advisory locks, LISTEN), then a
+// query showing the role is the login role and no claims are left.
+// Connections are kept per database and startup parameters, since those are
+// fixed when a connection is opened. The pool holds the policy its sessions
+// are set up by: the proxy asks it for a grant, and its reset checks the
+// claims setting.
 type Pool struct {
 	dialer *Dialer
+	policy Policy
 	cfg    PoolConfig
 
 	mu     sync.Mutex
@@ -47,8 +49,6 @@ type PoolConfig struct {
 	IdleTimeout time.Duration
 	// MaxLifetime closes connections older than this when they are released.
 	MaxLifetime time.Duration
-	// ClaimsSetting is the setting the reset proof checks is empty.
-	ClaimsSetting string
 }
 
 type pooled struct {
@@ -61,9 +61,10 @@ type pooled struct {
 // ErrPoolExhausted is returned when no upstream connection frees up in time.
 var ErrPoolExhausted = errors.New("all upstream connections are in use")
 
-// NewPool returns a pool opening connections with d.
-func NewPool(d *Dialer, cfg PoolConfig) *Pool {
-	p := &Pool{dialer: d, cfg: cfg, idle: map[string][]*pooled{}, returned: make(chan struct{}, 1), stop: make(chan struct{})}
+// NewPool returns a pool opening connections with d for sessions set up by
+// policy.
+func NewPool(d *Dialer, policy Policy, cfg PoolConfig) *Pool {
+	p := &Pool{dialer: d, policy: policy, cfg: cfg, idle: map[string][]*pooled{}, returned: make(chan struct{}, 1), stop: make(chan struct{})}
 	if cfg.MaxConns > 0 {
 		p.slots = make(chan struct{}, cfg.MaxConns)
 	}
@@ -76,16 +77,25 @@ func NewPool(d *Dialer, cfg PoolConfig) *Pool {
 	return p
 }
 
-// Dialer returns the dialer the pool opens connections with.
-func (p *Pool) Dialer() *Dialer { return p.dialer }
+// Policy is how the pool's sessions are set up.
+func (p *Pool) Policy() Policy { return p.policy }
+
+// Database is the database of the upstream DSN, a client's default.
+func (p *Pool) Database() string { return p.dialer.Database() }
+
+// Ping proves that the database answers the service login.
+func (p *Pool) Ping(ctx context.Context) error {
+	conn, err := p.dialer.Connect(ctx)
+	if err != nil {
+		return err
+	}
+	return conn.Close(ctx)
+}
 
 // Get returns a connection to database with the grant installed: an idle one
 // that passes the install (its health check), or a new one. At MaxConns it
 // waits for a connection to come back or to close, up to WaitTimeout.
 func (p *Pool) Get(ctx context.Context, database string, params map[string]string, g *Grant) (*Upstream, error) {
-	if database == "" {
-		database = p.dialer.Database()
-	}
 	key := poolKey(database, params)
 	var timeout <-chan time.Time
 	for {
@@ -132,14 +142,16 @@ func (p *Pool) openNew(ctx context.Context, key, database string, params map[str
 }
 
 // Release hands a connection back after its session. clean tells that the
-// session ended between statements, with every frame read; only then is the
-// connection reset and kept, otherwise it is closed.
-func (p *Pool) Release(ctx context.Context, up *Upstream, clean bool) {
+// session ended between statements, with every frame read and nothing owed;
+// only then is the connection reset and kept, otherwise it is closed.
+// txStatus is the transaction status the server last reported.
+func (p *Pool) Release(ctx context.Context, up *Upstream, clean bool, txStatus byte) {
 	if !clean || p.cfg.Size <= 0 || (p.cfg.MaxLifetime > 0 && time.Since(up.born) > p.cfg.MaxLifetime) {
 		p.discard(up)
 		return
 	}
-	if err := up.reset(ctx, p.cfg.ClaimsSetting); err != nil {
+	up.txStatus = txStatus
+	if err := up.reset(ctx, p.policy.ClaimsSetting); err != nil {
 		p.discard(up)
 		return
 	}
@@ -155,6 +167,16 @@ func (p *Pool) Release(ctx context.Context, up *Upstream, clean bool) {
 	case p.returned <- struct{}{}:
 	default:
 	}
+}
+
+// Stats reports the connections open (idle or in use) and idle.
+func (p *Pool) Stats() (open, idle int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, l := range p.idle {
+		idle += len(l)
+	}
+	return p.open, idle
 }
 
 // Close closes the idle connections; connections in use close when released.
@@ -175,16 +197,6 @@ func (p *Pool) Close() {
 	for _, pc := range all {
 		p.discard(pc.up)
 	}
-}
-
-// Stats reports the open and idle connections.
-func (p *Pool) Stats() (open, idle int) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for _, l := range p.idle {
-		idle += len(l)
-	}
-	return p.open, idle
 }
 
 func (p *Pool) takeIdle(key string) *pooled {
@@ -294,54 +306,4 @@ func poolKey(database string, params map[string]string) string {
 		b.WriteString(params[k])
 	}
 	return b.String()
-}
-
-// reset undoes a session: see resetBatch.
-func (u *Upstream) reset(ctx context.Context, claimsSetting string) error {
-	if claimsSetting == "" {
-		claimsSetting = "request.jwt.claims"
-	}
-	return u.roundTrip(ctx, resetBatch(u.TxStatus, claimsSetting))
-}
-
-// roundTrip sends one of the proxy's own batches on an idle connection and
-// reads its answers, each checked by the batch. ParameterStatus updates
-// u.Params; notices are dropped. Nothing may follow the last answer: any
-// byte left unread means the answers were not all the batch's.
-func (u *Upstream) roundTrip(ctx context.Context, b *Batch) error {
-	deadline := time.Now().Add(10 * time.Second)
-	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
-		deadline = d
-	}
-	_ = u.Conn.SetDeadline(deadline)
-	defer u.Conn.SetDeadline(time.Time{})
-	if _, err := u.Conn.Write(b.Frames); err != nil {
-		return err
-	}
-	for {
-		typ, body, err := u.Reader.ReadMessage()
-		if err != nil {
-			return err
-		}
-		if typ == 'S' {
-			var ps pgproto3.ParameterStatus
-			if ps.Decode(body) == nil {
-				u.Params[ps.Name] = ps.Value
-			}
-		}
-		if Async(typ) {
-			continue
-		}
-		done, err := b.Answer(typ, body)
-		if err != nil {
-			return err
-		}
-		if done {
-			if n := len(u.Reader.Buffered()); n > 0 {
-				return fmt.Errorf("%d unexpected bytes after the answers to the proxy's own statements", n)
-			}
-			u.TxStatus = b.status
-			return nil
-		}
-	}
 }

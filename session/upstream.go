@@ -13,129 +13,81 @@ import (
 	"github.com/rlsproxy/rlsproxy/internal/wire"
 )
 
-// Stage says where opening an upstream session failed.
-type Stage int
-
-const (
-	StageConnect Stage = iota // the service login failed
-	StageInstall              // the login worked, the role or settings did not
-)
-
-// Error is a failure to open an upstream session.
-type Error struct {
-	Stage Stage
-	Err   error
-}
-
-func (e *Error) Error() string {
-	if e.Stage == StageConnect {
-		return "upstream connection failed: " + e.Err.Error()
-	}
-	return "upstream session setup failed: " + e.Err.Error()
-}
-
-func (e *Error) Unwrap() error { return e.Err }
-
-// Dialer opens upstream sessions with the service credentials.
-type Dialer struct {
-	// Config is the parsed --upstream DSN; it is copied for every connection.
-	Config *pgconn.Config
-	// BufferSize is the read buffer of each upstream connection.
-	BufferSize int
-	// MaxMessage bounds messages read whole from upstream.
-	MaxMessage int
-	// Signer, when set, signs the claims of every session (--signing-key-file).
-	Signer *Signer
-}
-
-// NewDialer parses an upstream DSN (URL or keyword/value, libpq rules,
-// PG* environment variables included).
-func NewDialer(dsn string) (*Dialer, error) {
-	cfg, err := pgconn.ParseConfig(dsn)
-	if err != nil {
-		return nil, fmt.Errorf("--upstream: %w", err)
-	}
-	if cfg.ConnectTimeout == 0 {
-		cfg.ConnectTimeout = 10 * time.Second
-	}
-	return &Dialer{Config: cfg, BufferSize: 32 << 10, MaxMessage: 64 << 20}, nil
-}
-
-// Database returns the database of the upstream DSN.
-func (d *Dialer) Database() string { return d.Config.Database }
-
-// User returns the service login role.
-func (d *Dialer) User() string { return d.Config.User }
-
-// Upstream is an established upstream session, taken over from pgconn so its
-// frames can be relayed raw. It may outlive a client session.
+// Upstream is one upstream connection, taken over from pgconn so its frames
+// can be relayed raw, with what the proxy knows of it. It may serve many
+// client sessions in turn (the pool's). The relay reads and writes its
+// socket; everything else about it changes only through its methods.
 type Upstream struct {
-	Conn      net.Conn
-	Reader    *wire.Reader
-	PID       uint32
-	SecretKey []byte
-	// Params are the server's ParameterStatus values, for the client.
-	Params map[string]string
-	// TxStatus is the transaction status of the last ReadyForQuery.
-	TxStatus byte
+	conn      net.Conn
+	reader    *wire.Reader
+	pid       uint32
+	secretKey []byte
+	// params are the server's ParameterStatus values, for the client.
+	params map[string]string
+	// txStatus is the transaction status the server last reported.
+	txStatus byte
+	// grant is the identity installed; signer signs its claims.
+	grant  *Grant
+	signer *Signer
 
 	key  string    // the pool key: database and startup parameters
 	born time.Time // when the connection was opened
-	// addr is the server's address, for cancel requests: Conn may be
-	// replaced while a session is relayed (proxy/relay_loop_linux.go).
+	// addr is the server's address, for cancel requests: the socket is
+	// rebound while a session is relayed (proxy/relay_loop_linux.go).
 	addr net.Addr
-
-	signer *Signer
 }
 
-// InstallBatch returns the batch that installs g on this connection, now in
-// transaction status status, with a fresh nonce: the relay sends it to
-// re-establish the session after a client's reset.
-func (u *Upstream) InstallBatch(g *Grant, status byte) *Batch {
-	return installBatch(g, u.signer, u.PID, status)
+// Conn is the connection's socket, for the relay.
+func (u *Upstream) Conn() net.Conn { return u.conn }
+
+// Reader reads the socket, holding what was read and not yet relayed.
+func (u *Upstream) Reader() *wire.Reader { return u.reader }
+
+// Rebind gives the connection a new socket for the same server connection
+// (the relay's event loop takes sockets off the Go runtime and hands them
+// back), with buffered as bytes already read from it.
+func (u *Upstream) Rebind(c net.Conn, buffered []byte) {
+	u.conn = c
+	u.reader.ResetBuffered(c, buffered)
 }
 
-// Open connects to database with the given startup parameters, installs the
-// grant, and hands over the raw connection.
-func (d *Dialer) Open(ctx context.Context, database string, params map[string]string, g *Grant) (*Upstream, error) {
-	cfg := d.Config.Copy()
-	if database != "" {
-		cfg.Database = database
+// Parameter returns a setting the server reported (ParameterStatus).
+func (u *Upstream) Parameter(name string) string { return u.params[name] }
+
+// Greeting returns what a client reads once its session is ready:
+// AuthenticationOk, the server's ParameterStatus messages, the proxy's own
+// BackendKeyData (the server's never leaves the proxy) and ReadyForQuery.
+func (u *Upstream) Greeting(pid uint32, secret []byte) []byte {
+	out, _ := (&pgproto3.AuthenticationOk{}).Encode(nil)
+	for k, v := range u.params {
+		out, _ = (&pgproto3.ParameterStatus{Name: k, Value: v}).Encode(out)
 	}
-	for k, v := range params {
-		cfg.RuntimeParams[k] = v
-	}
-	conn, err := pgconn.ConnectConfig(ctx, cfg)
-	if err != nil {
-		return nil, &Error{Stage: StageConnect, Err: err}
-	}
-	hc, err := conn.Hijack()
-	if err != nil {
-		conn.Close(context.Background())
-		return nil, &Error{Stage: StageInstall, Err: err}
-	}
-	u := &Upstream{
-		Conn:      hc.Conn,
-		addr:      hc.Conn.RemoteAddr(),
-		Reader:    wire.NewReader(hc.Conn, d.BufferSize, d.MaxMessage),
-		PID:       hc.PID,
-		SecretKey: hc.SecretKey,
-		Params:    hc.ParameterStatuses,
-		TxStatus:  hc.TxStatus,
-		signer:    d.Signer,
-	}
-	if err := u.install(ctx, g); err != nil {
-		_ = u.Close()
-		return nil, &Error{Stage: StageInstall, Err: err}
-	}
-	return u, nil
+	out, _ = (&pgproto3.BackendKeyData{ProcessID: pid, SecretKey: secret}).Encode(out)
+	out, _ = (&pgproto3.ReadyForQuery{TxStatus: u.txStatus}).Encode(out)
+	return out
+}
+
+// Reinstall returns the batch that installs the connection's grant again,
+// with a fresh nonce, on the connection now in transaction status status:
+// the relay sends it to re-establish the session after a client's reset.
+func (u *Upstream) Reinstall(status byte) *Batch {
+	return installBatch(u.grant, u.signer, u.pid, status)
 }
 
 // install sets the grant on the connection, idle, in one round trip and one
 // transaction (it is also the health check of a connection taken from the
 // pool).
 func (u *Upstream) install(ctx context.Context, g *Grant) error {
-	err := u.roundTrip(ctx, installBatch(g, u.signer, u.PID, 'I'))
+	err := u.roundTrip(ctx, installBatch(g, u.signer, u.pid, 'I'))
+	if err == nil {
+		u.grant = g
+		return nil
+	}
+	return installError(g, err)
+}
+
+// installError says what an install's error means for an operator.
+func installError(g *Grant, err error) error {
 	var se *ServerError
 	if errors.As(err, &se) {
 		switch se.Code {
@@ -174,12 +126,15 @@ func Install(ctx context.Context, conn *pgconn.PgConn, g *Grant, signer *Signer)
 			for {
 				msg, rerr := conn.ReceiveMessage(ctx)
 				if _, z := msg.(*pgproto3.ReadyForQuery); rerr != nil || z {
-					return err
+					return installError(g, err)
 				}
 			}
 		}
-		if err != nil || done {
-			return err
+		if err != nil {
+			return installError(g, err)
+		}
+		if done {
+			return nil
 		}
 	}
 }
@@ -196,7 +151,7 @@ func (u *Upstream) Cancel(ctx context.Context) error {
 	if dl, ok := ctx.Deadline(); ok {
 		_ = c.SetDeadline(dl)
 	}
-	msg, err := (&pgproto3.CancelRequest{ProcessID: u.PID, SecretKey: u.SecretKey}).Encode(nil)
+	msg, err := (&pgproto3.CancelRequest{ProcessID: u.pid, SecretKey: u.secretKey}).Encode(nil)
 	if err != nil {
 		return err
 	}
@@ -210,16 +165,57 @@ func (u *Upstream) Cancel(ctx context.Context) error {
 
 // Close ends the upstream session politely (Terminate, then close).
 func (u *Upstream) Close() error {
-	_ = u.Conn.SetWriteDeadline(time.Now().Add(time.Second))
-	_, _ = u.Conn.Write([]byte{'X', 0, 0, 0, 4})
-	return u.Conn.Close()
+	_ = u.conn.SetWriteDeadline(time.Now().Add(time.Second))
+	_, _ = u.conn.Write([]byte{'X', 0, 0, 0, 4})
+	return u.conn.Close()
 }
 
-// Ping checks that the upstream accepts the service login.
-func (d *Dialer) Ping(ctx context.Context) error {
-	conn, err := pgconn.ConnectConfig(ctx, d.Config.Copy())
-	if err != nil {
+// reset undoes a session: see resetBatch.
+func (u *Upstream) reset(ctx context.Context, claimsSetting string) error {
+	if claimsSetting == "" {
+		claimsSetting = "request.jwt.claims"
+	}
+	return u.roundTrip(ctx, resetBatch(u.txStatus, claimsSetting))
+}
+
+// roundTrip sends one of the proxy's own batches on an idle connection and
+// reads its answers, each checked by the batch. ParameterStatus updates
+// u.Params; notices are dropped. Nothing may follow the last answer: any
+// byte left unread means the answers were not all the batch's.
+func (u *Upstream) roundTrip(ctx context.Context, b *Batch) error {
+	deadline := time.Now().Add(10 * time.Second)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	_ = u.conn.SetDeadline(deadline)
+	defer u.conn.SetDeadline(time.Time{})
+	if _, err := u.conn.Write(b.Frames); err != nil {
 		return err
 	}
-	return conn.Close(ctx)
+	for {
+		typ, body, err := u.reader.ReadMessage()
+		if err != nil {
+			return err
+		}
+		if typ == 'S' {
+			var ps pgproto3.ParameterStatus
+			if ps.Decode(body) == nil {
+				u.params[ps.Name] = ps.Value
+			}
+		}
+		if Async(typ) {
+			continue
+		}
+		done, err := b.Answer(typ, body)
+		if err != nil {
+			return err
+		}
+		if done {
+			if n := len(u.reader.Buffered()); n > 0 {
+				return fmt.Errorf("%d unexpected bytes after the answers to the proxy's own statements", n)
+			}
+			u.txStatus = b.status
+			return nil
+		}
+	}
 }

@@ -1,6 +1,7 @@
 package session_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -85,22 +86,27 @@ func TestInstallIsAtomic(t *testing.T) {
 
 func TestOpenAndCancel(t *testing.T) {
 	ctx := context.Background()
-	d, err := session.NewDialer(upstream)
+	d, err := session.NewDialer(upstream, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	up, err := d.Open(ctx, "", map[string]string{"application_name": "opened"}, &session.Grant{Role: "authenticated"})
+	up, err := d.Open(ctx, d.Database(), map[string]string{"application_name": "opened"}, &session.Grant{Role: "authenticated"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer up.Close()
-	if up.TxStatus != 'I' || up.Params["application_name"] != "opened" || up.PID == 0 {
-		t.Fatalf("upstream: tx %q params %v pid %d", up.TxStatus, up.Params, up.PID)
+	if g := up.Greeting(1, []byte{0, 0, 0, 1}); up.Parameter("application_name") != "opened" || !bytes.HasSuffix(g, []byte{'Z', 0, 0, 0, 5, 'I'}) {
+		t.Fatalf("upstream: params %q, greeting %q", up.Parameter("application_name"), g)
 	}
-	if err := d.Ping(ctx); err != nil {
+	if err := up.Cancel(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := session.NewDialer("postgres://%zz"); err == nil {
+	pool := session.NewPool(d, session.Policy{DefaultRole: "authenticated"}, session.PoolConfig{})
+	defer pool.Close()
+	if err := pool.Ping(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := session.NewDialer("postgres://%zz", nil); err == nil {
 		t.Fatal("a bad DSN parsed")
 	}
 }

@@ -14,8 +14,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgconn"
-
 	"github.com/rlsproxy/rlsproxy/session"
 )
 
@@ -49,22 +47,17 @@ func checkTo(w io.Writer, args []string) error {
 	}
 	// NewDialer parses the DSN as serve does, connect timeout included, so
 	// check connects exactly as the proxy would.
-	dialer, err := session.NewDialer(o.upstream)
-	if err != nil {
-		return err
-	}
-	opts := dbsetup.CheckOptions{
-		Policy: policy,
-		Login:  dialer.User(),
-		Connect: func(ctx context.Context) (*pgconn.PgConn, error) {
-			return pgconn.ConnectConfig(ctx, dialer.Config.Copy())
-		},
-	}
+	var signer *session.Signer
 	if o.signingKeyFile != "" {
-		if opts.Signer, err = session.LoadSigner(o.signingKeyFile); err != nil {
+		if signer, err = session.LoadSigner(o.signingKeyFile); err != nil {
 			return err
 		}
 	}
+	dialer, err := session.NewDialer(o.upstream, signer)
+	if err != nil {
+		return err
+	}
+	opts := dbsetup.CheckOptions{Policy: policy, Login: dialer.User(), Signer: signer, Connect: dialer.Connect}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()

@@ -45,7 +45,14 @@ func runProxy(ctx context.Context, o *serveOptions, log *slog.Logger, ready func
 	if o.upstream == "" {
 		return errors.New("--upstream is required: the DSN of the service login, e.g. postgres://authenticator:secret@db:5432/app")
 	}
-	dialer, err := session.NewDialer(o.upstream)
+	var signer *session.Signer
+	if o.signingKeyFile != "" {
+		var err error
+		if signer, err = session.LoadSigner(o.signingKeyFile); err != nil {
+			return err
+		}
+	}
+	dialer, err := session.NewDialer(o.upstream, signer)
 	if err != nil {
 		return err
 	}
@@ -65,11 +72,6 @@ func runProxy(ctx context.Context, o *serveOptions, log *slog.Logger, ready func
 		log.Warn("--guard off: clients can change their role and claims with SQL; only signed claims (--signing-key-file) and the database's privileges protect identity")
 	default:
 		return fmt.Errorf("--guard must be on or off, not %q", o.guard)
-	}
-	if o.signingKeyFile != "" {
-		if dialer.Signer, err = session.LoadSigner(o.signingKeyFile); err != nil {
-			return err
-		}
 	}
 	var terminate bool
 	switch o.onTokenExpiry {
@@ -124,12 +126,12 @@ func runProxy(ctx context.Context, o *serveOptions, log *slog.Logger, ready func
 		tlsConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	}
 
-	pool := session.NewPool(dialer, session.PoolConfig{
+	pool := session.NewPool(dialer, policy, session.PoolConfig{
 		Size: o.poolSize, MaxConns: o.maxUpstreamConns, WaitTimeout: o.poolWait,
-		IdleTimeout: o.poolIdle, MaxLifetime: o.poolLifetime, ClaimsSetting: policy.ClaimsSetting,
+		IdleTimeout: o.poolIdle, MaxLifetime: o.poolLifetime,
 	})
 	srv, err := proxy.New(proxy.Config{
-		Verifier: verifier, Policy: policy, Dialer: dialer, Pool: pool, Guard: sqlGuard,
+		Verifier: verifier, Pool: pool, Guard: sqlGuard,
 		Databases: splitList(o.databases), TLS: tlsConfig, InsecurePlaintext: o.insecurePlaintext,
 		MaxClientConns: o.maxClientConns, StartupTimeout: o.startupTimeout, TerminateOnExpiry: terminate, ExpiryLeeway: o.leeway,
 		RelayLoops: o.relayLoops,

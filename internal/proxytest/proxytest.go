@@ -87,27 +87,36 @@ type Proxy struct {
 	logs     *syncBuffer
 }
 
-// Option changes the proxy's configuration before it starts.
-type Option func(*proxy.Config)
+// Setup is what a test proxy is made of. Options change it before the proxy
+// starts; the pool (Config.Pool) is built from the fields after Config.
+type Setup struct {
+	proxy.Config
+	Upstream   string // DSN of the service login
+	Policy     session.Policy
+	Signer     *session.Signer
+	PoolConfig session.PoolConfig
+}
+
+// Option changes the setup before the proxy starts.
+type Option func(*Setup)
 
 // Pooled keeps up to size upstream connections between sessions, with at
 // most maxConns open (0: no bound).
 func Pooled(size, maxConns int) Option {
-	return func(c *proxy.Config) {
-		c.Pool = session.NewPool(c.Dialer, session.PoolConfig{Size: size, MaxConns: maxConns,
-			WaitTimeout: 500 * time.Millisecond, ClaimsSetting: c.Policy.ClaimsSetting})
+	return func(s *Setup) {
+		s.PoolConfig = session.PoolConfig{Size: size, MaxConns: maxConns, WaitTimeout: 500 * time.Millisecond}
 	}
 }
 
 // GuardOff turns the SQL guard off.
-func GuardOff(c *proxy.Config) { c.Guard = nil }
+func GuardOff(s *Setup) { s.Guard = nil }
 
 // GoroutineRelay relays every session with a goroutine per direction, as
 // TLS sessions are, instead of on the event loops.
-func GoroutineRelay(c *proxy.Config) { c.RelayLoops = -1 }
+func GoroutineRelay(s *Setup) { s.RelayLoops = -1 }
 
 // RelayLoops sets the number of event loops.
-func RelayLoops(n int) Option { return func(c *proxy.Config) { c.RelayLoops = n } }
+func RelayLoops(n int) Option { return func(s *Setup) { s.RelayLoops = n } }
 
 // DefaultPolicy is the policy the tests start from.
 func DefaultPolicy() session.Policy {
@@ -164,30 +173,33 @@ func StartListener(t testing.TB, pg *Postgres, l net.Listener, opts ...Option) *
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	dialer, err := session.NewDialer(pg.Upstream)
-	if err != nil {
-		t.Fatal(err)
-	}
 	logs := &syncBuffer{}
 	sqlGuard := guard.New(DefaultPolicy(), 1000)
 	if err := sqlGuard.IsolateParsing(guard.ParseLimits{}); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(sqlGuard.Close)
-	cfg := proxy.Config{
-		Verifier: verifier, Policy: DefaultPolicy(), Dialer: dialer,
-		Guard:             sqlGuard,
-		TerminateOnExpiry: true, StartupTimeout: 10 * time.Second,
-		Logger:  slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
-		Metrics: metrics,
+	setup := Setup{
+		Config: proxy.Config{
+			Verifier: verifier, Guard: sqlGuard,
+			TerminateOnExpiry: true, StartupTimeout: 10 * time.Second,
+			Logger:  slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+			Metrics: metrics,
+		},
+		Upstream: pg.Upstream,
+		Policy:   DefaultPolicy(),
 	}
-	Pooled(4, 0)(&cfg) // the suite runs pooled, as production does by default
+	Pooled(4, 0)(&setup) // the suite runs pooled, as production does by default
 	for _, o := range opts {
-		o(&cfg)
+		o(&setup)
 	}
-	if cfg.Pool.Dialer() != cfg.Dialer { // an option replaced the dialer
-		Pooled(4, 0)(&cfg)
+	dialer, err := session.NewDialer(setup.Upstream, setup.Signer)
+	if err != nil {
+		t.Fatal(err)
 	}
+	cfg := setup.Config
+	cfg.Pool = session.NewPool(dialer, setup.Policy, setup.PoolConfig)
+	t.Cleanup(cfg.Pool.Close)
 	srv, err := proxy.New(cfg)
 	if err != nil {
 		t.Fatal(err)

@@ -87,9 +87,6 @@ func (b *Reader) Peek() (typ byte, size int, complete, ok bool, err error) {
 	return typ, size, ok && b.r+size <= b.w, ok, err
 }
 
-// Fits reports whether a message of size bytes can be held in the buffer whole.
-func (b *Reader) Fits(size int) bool { return size <= len(b.buf) }
-
 // ReadMessage returns the next whole message, reading and growing the buffer as
 // needed up to the Reader's maximum. body excludes the header.
 func (b *Reader) ReadMessage() (typ byte, body []byte, err error) {
@@ -167,42 +164,3 @@ func Header(b []byte) (typ byte, size int, ok bool, err error) {
 
 // Size is the capacity of the buffer.
 func (b *Reader) Size() int { return len(b.buf) }
-
-// CopyN passes the next n bytes of the stream to w, buffered ones first, in
-// writes of at most the buffer size. It is how a frame too large for the
-// buffer is relayed without holding it whole.
-func (b *Reader) CopyN(w io.Writer, n int) error {
-	for n > 0 {
-		if b.r == b.w {
-			if err := b.Fill(); err != nil {
-				if err == io.EOF {
-					err = io.ErrUnexpectedEOF
-				}
-				return err
-			}
-		}
-		chunk := min(n, b.w-b.r)
-		if _, err := w.Write(b.buf[b.r : b.r+chunk]); err != nil {
-			return err
-		}
-		b.r += chunk
-		n -= chunk
-	}
-	return nil
-}
-
-// ReadFull fills p from the stream, buffered bytes first. It is how a frame
-// too large for the buffer is read whole when it must be inspected.
-func (b *Reader) ReadFull(p []byte) error {
-	n := copy(p, b.buf[b.r:b.w])
-	b.r += n
-	if n < len(p) {
-		if _, err := io.ReadFull(b.rd, p[n:]); err != nil {
-			if err == io.EOF {
-				err = io.ErrUnexpectedEOF
-			}
-			return err
-		}
-	}
-	return nil
-}

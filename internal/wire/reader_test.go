@@ -72,24 +72,6 @@ func TestReadStartup(t *testing.T) {
 	}
 }
 
-func TestCopyN(t *testing.T) {
-	data := bytes.Repeat([]byte("0123456789"), 100)
-	r := NewReader(iotest.HalfReader(bytes.NewReader(data)), 32, 0)
-	if err := r.Fill(); err != nil {
-		t.Fatal(err)
-	}
-	var out bytes.Buffer
-	if err := r.CopyN(&out, 995); err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(out.Bytes(), data[:995]) {
-		t.Fatal("CopyN passed the wrong bytes")
-	}
-	if err := r.CopyN(&out, 10); !errors.Is(err, io.ErrUnexpectedEOF) {
-		t.Fatalf("past the end: %v", err)
-	}
-}
-
 // FuzzReader feeds arbitrary bytes through the startup and message paths:
 // they must fail cleanly, never panic or over-read.
 func FuzzReader(f *testing.F) {
