@@ -13,17 +13,16 @@ import (
 	"github.com/rlsproxy/rlsproxy/session"
 )
 
-// Parsing a statement costs the guard far more than the statement: up to
-// about 240 bytes of memory per byte of SQL and 1.3 s per MB (`SELECT
-// 1,1,...`), and pg_query recurses once per level of an expression, about
-// 350 bytes of C stack each, so `SELECT 1+1+...` with 24,000 terms (48 KB)
-// overflows an 8 MB thread stack and kills the process. The guard therefore
-// parses in its own process only statements of up to MaxInProcessParse bytes,
-// at most ~2,000 levels deep (~0.7 MB of stack, ~1 MB of memory); longer ones
-// go to helper processes (internal/sandbox) with a memory limit and a time
-// limit, where a crash or an exhausted limit costs a helper, not the proxy,
-// and the statement is refused. Statements longer than ParseLimits.
-// MaxStatement are refused without parsing. See BENCHMARKS.md for figures.
+// Parsing a statement costs the guard far more than the statement, in
+// memory per byte of SQL, and pg_query recurses once per level of an
+// expression, so a long enough `SELECT 1+1+...` overflows a thread's stack
+// and kills the process (README, "No statement takes the proxy down";
+// figures in BENCHMARKS.md). The guard therefore parses in its own process
+// only statements of up to MaxInProcessParse bytes, too short to nest deep
+// enough; longer ones go to helper processes (internal/sandbox) with a
+// memory limit and a time limit, where a crash or an exhausted limit costs a
+// helper, not the proxy, and the statement is refused. Statements longer
+// than ParseLimits.MaxStatement are refused without parsing.
 
 // MaxInProcessParse is the longest statement text the guard parses in the
 // proxy's own process.

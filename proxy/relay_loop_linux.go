@@ -26,10 +26,8 @@ import (
 // sockets are taken off the Go runtime's poller for the length of the
 // session: a loop reads a socket once per readiness and writes on at once,
 // where a goroutine per direction pays a failed read, a park and a wake-up
-// per message (pprof: 12% of the proxy's CPU in the scheduler), and
-// measured 25-29 µs of proxy CPU per pgbench transaction against
-// PgBouncer's 16-17 (see BENCHMARKS.md). Sessions are spread over the loops
-// in turn.
+// per message in the Go scheduler (README, "Design notes"; figures in
+// BENCHMARKS.md). Sessions are spread over the loops in turn.
 type relayLoops struct {
 	loops []*relayLoop
 	next  atomic.Uint32

@@ -63,10 +63,9 @@ type Config struct {
 	// BufferSize is the read buffer of each client connection.
 	BufferSize int
 	// RelayLoops is the number of event loops that relay plaintext sessions
-	// (relay_loop_linux.go): 0 means one per two CPUs the runtime uses (on
-	// two cores one loop batches more per wake-up: 19 against 23 µs of CPU
-	// per pgbench transaction), negative means none, every session relayed
-	// by a goroutine per direction.
+	// (relay_loop_linux.go): 0 means one per two CPUs the runtime uses (a
+	// loop with more sessions batches more per wake-up), negative means
+	// none, every session relayed by a goroutine per direction.
 	RelayLoops int
 	// MaxTokenBytes bounds the password message.
 	MaxTokenBytes int

@@ -13,6 +13,10 @@ import (
 	"github.com/rlsproxy/rlsproxy/guard"
 )
 
+// This file is the guard's wire side: it hands whole frames to the guard
+// (guard/rules.go holds every rule) and turns refusals into frames that fail
+// in the server in order.
+
 // maxInspected bounds a Query, Parse or FunctionCall the guard reads whole:
 // the most a session holds of one message. A longer one is refused (54000)
 // without being held.
