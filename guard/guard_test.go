@@ -92,6 +92,25 @@ var guardAttacks = []guardAttack{
 	{"SELECT set_config('jwt.'||'claims.sub', 'u2', false)", "set_config"},
 	{"SELECT set_config(concat('r', 'ole'), 'admin', false)", "set_config"},
 	{"SELECT set_config(setting_name => 'role', new_value => 'admin', is_local => false)", "set_config"},
+	{"SELECT set_config(new_value => 'admin', setting_name => 'role', is_local => false)", "set_config"},
+	{"SELECT set_config(new_value => 'u2', is_local => false, setting_name => 'jwt.claims.sub')", "set_config"},
+	{"SELECT set_config('ROLE', 'admin', false)", "set_config"},
+	{"SELECT set_config('role'::text, 'admin', false)", "set_config"},
+	{"SELECT set_config(U&'\\0072ole', 'admin', false)", "set_config"},
+	{"SELECT set_config(E'rol\\x65', 'admin', false)", "set_config"},
+	{"SELECT set_config($$role$$, 'admin', false)", "set_config"},
+	{"SELECT set_config('JWT.Claims.Sub', 'u2', false)", "set_config"},
+	{"SELECT set_config('request.jwt.claims', '{}', false)", "set_config"},
+	{"SELECT set_config('rlsproxy.claims_signature', '', false)", "set_config"},
+	{"SELECT set_config('is_superuser', 'on', false)", "set_config"},
+	{"SELECT set_config($1, 'admin', false)", "set_config"},
+	{"SELECT set_config((SELECT 'role'), 'admin', false)", "set_config"},
+	{"SELECT set_config(n, v, false) FROM (VALUES ('role', 'admin')) s(n, v)", "set_config"},
+	{"SELECT set_config(lower('ROLE'), 'admin', false)", "set_config"},
+	{"SELECT set_config('role', 'admin')", "set_config"},
+	{"SELECT set_config(VARIADIC ARRAY['role', 'admin', 'false'])", "set_config"},
+	{"SELECT set_config('client_encoding', 'SJIS', false)", "client_encoding"},
+	{"SELECT set_config('client_encoding', current_setting('x.enc'), false)", "client_encoding"},
 	{"SELECT set_config('jwt.claims.sub', 'u2', true)", "set_config"},
 	{"SELECT * FROM set_config('jwt.claims.sub', 'u2', false)", "set_config"},
 	{"SELECT * FROM ROWS FROM (set_config('jwt.claims.sub', 'u2', false))", "set_config"},
@@ -258,6 +277,8 @@ var guardAttacks = []guardAttack{
 	{"load '$libdir/passwordcheck'", "hidden_code"},
 	{"CREATE EXTENSION dblink", "hidden_code"},
 	{"CREATE EXTENSION IF NOT EXISTS tablefunc SCHEMA pg_temp", "hidden_code"},
+	{"CREATE EXTENSION IF NOT EXISTS tablefunc CASCADE", "hidden_code"},
+	{"CREATE EXTENSION IF NOT EXISTS tablefunc VERSION '1.0'", "hidden_code"},
 	{"ALTER EXTENSION dblink UPDATE", "hidden_code"},
 	{"ALTER EXTENSION dblink ADD FUNCTION f()", "hidden_code"},
 
@@ -452,6 +473,17 @@ func TestGuardGaps(t *testing.T) {
 // guardLookAlikes must pass: they share words with the attacks but change
 // nothing about the session's identity.
 var guardLookAlikes = []string{
+	// set_config of a setting that carries no identity, by a constant name,
+	// anywhere: what pg_dump, migration tools and drivers send.
+	"SELECT pg_catalog.set_config('search_path', '', false)",
+	// What TypeORM sends at start: the server skips an installed extension.
+	`CREATE EXTENSION IF NOT EXISTS "uuid-ossp"`,
+	"select set_config('lock_timeout', '3600000', true)",
+	"with x as (select set_config('lock_timeout', '3600000', true)) select * from x",
+	"SELECT set_config('statement_timeout', '0', false), set_config('app.tenant', $1, true)",
+	"SELECT set_config(setting_name => 'search_path', new_value => 'app, public', is_local => true)",
+	"SELECT set_config('client_encoding', 'UTF8', false)",
+	"SELECT set_config('standard_conforming_strings'::text, 'on', false)",
 	"UPDATE t SET role = 'x'",
 	"UPDATE t SET set_config = 1",
 	"UPDATE t SET role = 'x', set_config = 2 WHERE id = $1",
@@ -1059,5 +1091,38 @@ func BenchmarkGuardStatement(b *testing.B) {
 				i++
 			}
 		})
+	}
+}
+
+// With AllowCode the guard passes code it cannot see into (what Sequelize's
+// findOrCreate and sync() send), and nothing else: statements that change
+// identity in sight stay refused, in a function body too.
+func TestGuardAllowCode(t *testing.T) {
+	g := New(guardPolicy, 100, AllowCode)
+	for sql, rule := range map[string]string{
+		// passes
+		"DO $$BEGIN IF NOT EXISTS (SELECT 1 FROM pg_type WHERE typname = 'enum_users_status') THEN CREATE TYPE enum_users_status AS ENUM ('a', 'b'); END IF; END$$": "",
+		"CREATE OR REPLACE FUNCTION pg_temp.sequelize_upsert(OUT created boolean, OUT primary_key text) AS $func$ BEGIN created := true; END $func$ LANGUAGE plpgsql": "",
+		"CREATE TRIGGER t BEFORE INSERT ON notes FOR EACH ROW EXECUTE FUNCTION f()": "",
+		"SELECT query_to_xml('SELECT 1', true, false, '')": "",
+		// still refused
+		"SET ROLE admin": "role",
+		"SELECT set_config('jwt.claims.sub', 'u2', false)": "set_config",
+		"CREATE FUNCTION pg_temp.f() RETURNS void LANGUAGE sql BEGIN ATOMIC SELECT set_config('role', 'admin', false); END": "set_config",
+		"ALTER ROLE authenticator PASSWORD 'x'": "alter_role",
+		"SELECT dblink('x', 'y')": "foreign_connection",
+		"LOAD 'x'": "hidden_code",
+	} {
+		v := g.Query([]byte(sql), Lexing{})
+		switch {
+		case rule == "" && v.Reject != nil:
+			t.Errorf("%q refused: %s", sql, v.Reject.Msg)
+		case rule != "" && (v.Reject == nil || v.Reject.Rule != rule):
+			t.Errorf("%q: %+v, want rule %s", sql, v.Reject, rule)
+		}
+	}
+	// Without it, the refusal says what would pass it.
+	if v := newTestGuard().Query([]byte("DO $$BEGIN END$$"), Lexing{}); v.Reject == nil || !strings.Contains(v.Reject.Msg, "--guard-allow-code") {
+		t.Errorf("DO without AllowCode: %+v", v.Reject)
 	}
 }

@@ -57,12 +57,22 @@ func init() {
 	var g *Guard
 	sandbox.Serve(guardSandbox, func(req []byte) []byte {
 		once.Do(func() {
-			var p session.Policy
-			_ = json.Unmarshal([]byte(os.Getenv(policyEnv)), &p)
-			g = New(p, 0)
+			var c helperConfig
+			_ = json.Unmarshal([]byte(os.Getenv(policyEnv)), &c)
+			var opts []Option
+			if c.AllowCode {
+				opts = append(opts, AllowCode)
+			}
+			g = New(c.Policy, 0, opts...)
 		})
 		return answerParse(g, req)
 	})
+}
+
+// helperConfig is the guard a helper judges as: its rules' inputs.
+type helperConfig struct {
+	Policy    session.Policy
+	AllowCode bool
 }
 
 // parseRequest is what the guard asks a helper: the verdict on one text.
@@ -99,7 +109,7 @@ func (g *Guard) IsolateParsing(l ParseLimits) error {
 	if l.Timeout <= 0 {
 		l.Timeout = 15 * time.Second
 	}
-	policy, err := json.Marshal(g.policy)
+	policy, err := json.Marshal(helperConfig{Policy: g.policy, AllowCode: g.allowCode})
 	if err != nil {
 		return err
 	}

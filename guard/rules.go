@@ -30,7 +30,11 @@ func (g *Guard) node(n any) *Rejection {
 		return g.setting(n)
 	case *pg_query.FuncCall:
 		if len(n.Funcname) > 0 {
-			return function(n.Funcname[len(n.Funcname)-1].GetString_().GetSval(), false)
+			name := n.Funcname[len(n.Funcname)-1].GetString_().GetSval()
+			if strings.EqualFold(name, "set_config") {
+				return g.setConfig(n)
+			}
+			return function(name, false)
 		}
 	case *pg_query.A_Indirection:
 		// (expr).f is PostgreSQL's attribute notation for f(expr).
@@ -49,15 +53,15 @@ func (g *Guard) node(n any) *Rejection {
 			}
 		}
 	case *pg_query.DoStmt:
-		return rejection("do", "DO blocks are not allowed through rlsproxy: they run code the guard cannot see")
+		return rejection("do", "DO blocks are not allowed through rlsproxy: they run code the guard cannot see"+allowCodeHint)
 	case *pg_query.CreateFunctionStmt:
-		return rejection("create_function", "creating functions or procedures is not allowed through rlsproxy")
+		return rejection("create_function", "creating functions or procedures is not allowed through rlsproxy: they run code the guard cannot see"+allowCodeHint)
 	case *pg_query.AlterFunctionStmt:
-		return rejection("alter_function", "altering functions or procedures is not allowed through rlsproxy")
+		return rejection("alter_function", "altering functions or procedures is not allowed through rlsproxy"+allowCodeHint)
 	case *pg_query.CreateTrigStmt, *pg_query.CreateEventTrigStmt, *pg_query.AlterEventTrigStmt:
-		return rejection("trigger", "creating or altering triggers is not allowed through rlsproxy")
+		return rejection("trigger", "creating or altering triggers is not allowed through rlsproxy: they run code the guard cannot see"+allowCodeHint)
 	case *pg_query.RuleStmt:
-		return rejection("rule", "creating rules is not allowed through rlsproxy")
+		return rejection("rule", "creating rules is not allowed through rlsproxy: they run statements the guard cannot see"+allowCodeHint)
 	case *pg_query.CreateRoleStmt, *pg_query.AlterRoleStmt, *pg_query.AlterRoleSetStmt, *pg_query.DropRoleStmt,
 		*pg_query.GrantRoleStmt, *pg_query.ReassignOwnedStmt, *pg_query.AlterOwnerStmt:
 		return rejection("alter_role", "changing roles, role memberships or ownership is not allowed through rlsproxy")
@@ -95,9 +99,19 @@ func (g *Guard) node(n any) *Rejection {
 		}
 	case *pg_query.AlterDatabaseSetStmt, *pg_query.AlterSystemStmt:
 		return rejection("alter_settings", "changing stored settings (ALTER DATABASE/SYSTEM ... SET) is not allowed through rlsproxy")
+	case *pg_query.CreateExtensionStmt:
+		// What ORMs send at start (TypeORM's "uuid-ossp"): the server skips
+		// an extension already installed, with a notice, and creating one
+		// needs a privilege the client roles need not have (CREATE on the
+		// database; untrusted ones, superuser). Anything more (a schema of
+		// the client's choosing, a version, CASCADE) stays refused.
+		if n.IfNotExists && len(n.Options) == 0 {
+			return nil
+		}
+		return rejection("hidden_code", "creating extensions is not allowed through rlsproxy: they run code the guard cannot see (CREATE EXTENSION IF NOT EXISTS name, without options, passes: the server skips an installed one)")
 	case *pg_query.DefineStmt, *pg_query.CreateCastStmt, *pg_query.CreateTransformStmt, *pg_query.CreateConversionStmt,
 		*pg_query.CreateOpClassStmt, *pg_query.CreateOpFamilyStmt, *pg_query.CreatePLangStmt,
-		*pg_query.CreateExtensionStmt, *pg_query.AlterExtensionStmt, *pg_query.AlterExtensionContentsStmt, *pg_query.LoadStmt:
+		*pg_query.AlterExtensionStmt, *pg_query.AlterExtensionContentsStmt, *pg_query.LoadStmt:
 		return rejection("hidden_code", "defining operators, aggregates, casts, languages or extensions is not allowed through rlsproxy: they run code the guard cannot see")
 	case *pg_query.CreateForeignServerStmt, *pg_query.CreateUserMappingStmt, *pg_query.AlterUserMappingStmt,
 		*pg_query.CreateSubscriptionStmt, *pg_query.AlterSubscriptionStmt:
@@ -135,6 +149,67 @@ func (g *Guard) setting(vs *pg_query.VariableSetStmt) *Rejection {
 	return rejection("claims_setting", fmt.Sprintf("setting %s is not allowed through rlsproxy: it carries the identity of the session", vs.Name))
 }
 
+// setConfig is the rule for set_config(setting_name, new_value, is_local),
+// which pg_dump and migration tools call for their own settings
+// (search_path, lock_timeout): it passes when the setting's name is a
+// constant naming an unprotected setting, wherever the call is. A name the
+// guard cannot read before the statement runs (a parameter, an expression,
+// a subquery, a column) could name any setting, the role among them.
+func (g *Guard) setConfig(call *pg_query.FuncCall) *Rejection {
+	if call.FuncVariadic || call.AggStar || len(call.Args) != 3 {
+		return setConfigRejection
+	}
+	var name, value *pg_query.Node
+	for i, arg := range call.Args {
+		if na := arg.GetNamedArgExpr(); na != nil {
+			switch strings.ToLower(na.Name) {
+			case "setting_name":
+				name = na.Arg
+			case "new_value":
+				value = na.Arg
+			}
+			continue
+		}
+		switch i {
+		case 0:
+			name = arg
+		case 1:
+			value = arg
+		}
+	}
+	setting, ok := constantString(name)
+	if !ok {
+		return setConfigRejection
+	}
+	if g.policy.Protected(setting) {
+		return rejection("set_config", fmt.Sprintf("set_config of %s is not allowed through rlsproxy: it carries the identity of the session", setting))
+	}
+	if strings.EqualFold(setting, "client_encoding") {
+		encoding, ok := constantString(value)
+		if !ok {
+			return rejection("client_encoding", "client_encoding may be set through rlsproxy only to one constant encoding name")
+		}
+		if err := LexableEncoding(encoding); err != nil {
+			return rejection("client_encoding", err.Error())
+		}
+	}
+	return nil
+}
+
+var setConfigRejection = rejection("set_config", "set_config is allowed through rlsproxy only with a constant setting name (it could otherwise change the role and the claim settings)")
+
+// constantString returns the value of a string constant, also one cast to a
+// type ('x'::text).
+func constantString(n *pg_query.Node) (string, bool) {
+	if tc := n.GetTypeCast(); tc != nil {
+		n = tc.Arg
+	}
+	if c := n.GetAConst(); c != nil && c.GetSval() != nil {
+		return c.GetSval().Sval, true
+	}
+	return "", false
+}
+
 // isReset reports a SET that puts a setting back to its session default.
 func isReset(vs *pg_query.VariableSetStmt) bool {
 	switch vs.Kind {
@@ -153,11 +228,9 @@ func isReset(vs *pg_query.VariableSetStmt) bool {
 func function(name string, attribute bool) *Rejection {
 	name = strings.ToLower(name)
 	switch {
-	case name == "set_config" && !attribute:
-		return rejection("set_config", "set_config is not allowed through rlsproxy: it can change the role and the claim settings")
 	case !attribute && (strings.Contains(name, "_to_xml") || name == "ts_rewrite" || name == "connectby" || name == "xpath_table"),
 		name == "ts_stat", strings.HasPrefix(name, "crosstab"):
-		return rejection("query_executor", fmt.Sprintf("%s is not allowed through rlsproxy: it runs a query given as text", name))
+		return rejection("query_executor", fmt.Sprintf("%s is not allowed through rlsproxy: it runs a query given as text", name)+allowCodeHint)
 	case strings.HasPrefix(name, "dblink"):
 		return rejection("foreign_connection", fmt.Sprintf("%s is not allowed through rlsproxy: it opens a connection as another user", name))
 	case name == "pg_terminate_backend", name == "pg_cancel_backend":
@@ -188,6 +261,13 @@ func lexableEncodingArgs(args []*pg_query.Node) *Rejection {
 	}
 	return rejection("client_encoding", "client_encoding may be set through rlsproxy only to one constant encoding name")
 }
+
+// hiddenCode are the rules AllowCode lifts: code the guard cannot see into.
+var hiddenCode = map[string]bool{"do": true, "create_function": true, "alter_function": true,
+	"trigger": true, "rule": true, "query_executor": true}
+
+// allowCodeHint tells an operator what would let hidden code through.
+const allowCodeHint = " (a proxy whose database enforces identity itself may pass such code: --guard-allow-code)"
 
 func rejection(rule, msg string) *Rejection { return &Rejection{Rule: rule, Msg: msg, Kind: Forbidden} }
 
