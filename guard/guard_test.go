@@ -1101,17 +1101,17 @@ func TestGuardAllowCode(t *testing.T) {
 	g := New(guardPolicy, 100, AllowCode)
 	for sql, rule := range map[string]string{
 		// passes
-		"DO $$BEGIN IF NOT EXISTS (SELECT 1 FROM pg_type WHERE typname = 'enum_users_status') THEN CREATE TYPE enum_users_status AS ENUM ('a', 'b'); END IF; END$$": "",
+		"DO $$BEGIN IF NOT EXISTS (SELECT 1 FROM pg_type WHERE typname = 'enum_users_status') THEN CREATE TYPE enum_users_status AS ENUM ('a', 'b'); END IF; END$$":   "",
 		"CREATE OR REPLACE FUNCTION pg_temp.sequelize_upsert(OUT created boolean, OUT primary_key text) AS $func$ BEGIN created := true; END $func$ LANGUAGE plpgsql": "",
-		"CREATE TRIGGER t BEFORE INSERT ON notes FOR EACH ROW EXECUTE FUNCTION f()": "",
-		"SELECT query_to_xml('SELECT 1', true, false, '')": "",
+		"CREATE TRIGGER t BEFORE INSERT ON notes FOR EACH ROW EXECUTE FUNCTION f()":                                                                                   "",
+		"SELECT query_to_xml('SELECT 1', true, false, '')":                                                                                                            "",
 		// still refused
 		"SET ROLE admin": "role",
-		"SELECT set_config('jwt.claims.sub', 'u2', false)": "set_config",
+		"SELECT set_config('jwt.claims.sub', 'u2', false)":                                                                  "set_config",
 		"CREATE FUNCTION pg_temp.f() RETURNS void LANGUAGE sql BEGIN ATOMIC SELECT set_config('role', 'admin', false); END": "set_config",
-		"ALTER ROLE authenticator PASSWORD 'x'": "alter_role",
-		"SELECT dblink('x', 'y')": "foreign_connection",
-		"LOAD 'x'": "hidden_code",
+		"ALTER ROLE authenticator PASSWORD 'x'":                                                                             "alter_role",
+		"SELECT dblink('x', 'y')":                                                                                           "foreign_connection",
+		"LOAD 'x'":                                                                                                          "hidden_code",
 	} {
 		v := g.Query([]byte(sql), Lexing{})
 		switch {
