@@ -69,11 +69,30 @@ func (d *Dialer) Connect(ctx context.Context) (*pgconn.PgConn, error) {
 	return pgconn.ConnectConfig(ctx, d.config.Copy())
 }
 
+// ConnectAs logs in as the proxy does for a session of mapped role role
+// (its own login, with a signing key; the service login without) and
+// nothing more: for `rlsproxy check`'s round trip.
+func (d *Dialer) ConnectAs(ctx context.Context, role string) (*pgconn.PgConn, error) {
+	cfg := d.config.Copy()
+	if d.signer != nil {
+		cfg.User = LoginFor(d.config.User, role)
+		cfg.Password = d.signer.LoginPassword(cfg.User)
+	}
+	return pgconn.ConnectConfig(ctx, cfg)
+}
+
 // Open connects to database with the given startup parameters, installs the
-// grant, and hands over the raw connection.
+// grant, and hands over the raw connection. With a signing key it logs in as
+// the grant's role's own login (logins.go), and refuses a login that carries
+// settings of its own: a session that reached that login (RESET ROLE) could
+// have planted them for every later session (ALTER ROLE ... SET).
 func (d *Dialer) Open(ctx context.Context, database string, params map[string]string, g *Grant) (*Upstream, error) {
 	cfg := d.config.Copy()
 	cfg.Database = database
+	if d.signer != nil {
+		cfg.User = LoginFor(d.config.User, g.Role)
+		cfg.Password = d.signer.LoginPassword(cfg.User)
+	}
 	for k, v := range params {
 		cfg.RuntimeParams[k] = v
 	}
@@ -96,7 +115,7 @@ func (d *Dialer) Open(ctx context.Context, database string, params map[string]st
 		txStatus:  hc.TxStatus,
 		signer:    d.signer,
 	}
-	if err := u.install(ctx, g); err != nil {
+	if err := u.open(ctx, g); err != nil {
 		_ = u.Close()
 		return nil, &OpenError{Stage: StageInstall, Err: err}
 	}

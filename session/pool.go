@@ -96,7 +96,7 @@ func (p *Pool) Ping(ctx context.Context) error {
 // that passes the install (its health check), or a new one. At MaxConns it
 // waits for a connection to come back or to close, up to WaitTimeout.
 func (p *Pool) Get(ctx context.Context, database string, params map[string]string, g *Grant) (*Upstream, error) {
-	key := poolKey(database, params)
+	key := poolKey(g.Role, database, params)
 	var timeout <-chan time.Time
 	for {
 		if pc := p.takeIdle(key); pc != nil {
@@ -291,13 +291,18 @@ func (p *Pool) janitor() {
 	}
 }
 
-func poolKey(database string, params map[string]string) string {
+// poolKey is what connections are kept by: the role they serve (with
+// per-role logins, each logs in as its role's own), the database and the
+// startup parameters, all fixed at login.
+func poolKey(role, database string, params map[string]string) string {
 	keys := make([]string, 0, len(params))
 	for k := range params {
 		keys = append(keys, k)
 	}
 	slices.Sort(keys)
 	var b strings.Builder
+	b.WriteString(role)
+	b.WriteByte(0)
 	b.WriteString(database)
 	for _, k := range keys {
 		b.WriteByte(0)

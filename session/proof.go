@@ -4,6 +4,7 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"strconv"
 
@@ -210,6 +211,31 @@ func installBatch(g *Grant, signer *Signer, pid uint32, status byte) *Batch {
 		b.provedBy(fmt.Sprintf("the switch to role %q", g.Role)))
 	b.sync()
 	return b
+}
+
+// plantedSQL shows that the login role carries no setting of its own, in this
+// database or any (ALTER ROLE ... SET): the logins rlsproxy sql creates have
+// none, so one found was planted, by a session that reached its login.
+// (pg_settings would not show a planted claim: custom settings are not in
+// it until set.)
+const plantedSQL = `SELECT NOT EXISTS (SELECT FROM pg_catalog.pg_db_role_setting s
+	WHERE s.setrole = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = session_user)
+	AND s.setdatabase IN (0, (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()))), $1::text`
+
+// plantedCheck returns b with the proof that the login carries no setting of
+// its own put ahead of its statements, in the same transaction.
+func plantedCheck(b *Batch) *Batch {
+	// Its own nonce, and so its own statement name.
+	c := &Batch{nonce: b.nonce + "p", status: b.status}
+	c.exec(plantedSQL, []uint32{textOID}, nil, [][]byte{[]byte(c.nonce)}, func(cols [][]byte) error {
+		if len(cols) == 2 && string(cols[1]) == c.nonce && string(cols[0]) == "f" {
+			return errors.New("the login role carries settings of its own (ALTER ROLE ... SET), which a client session may have planted: refusing the connection (`rlsproxy check` lists them; `rlsproxy sql` removes them)")
+		}
+		return c.provedBy("the check for planted settings")(cols)
+	})
+	c.Frames = append(c.Frames, b.Frames...)
+	c.want = append(c.want, b.want...)
+	return c
 }
 
 // resetProofSQL shows that a reset connection carries nothing of the last

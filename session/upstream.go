@@ -78,7 +78,21 @@ func (u *Upstream) Reinstall(status byte) *Batch {
 // transaction (it is also the health check of a connection taken from the
 // pool).
 func (u *Upstream) install(ctx context.Context, g *Grant) error {
-	err := u.roundTrip(ctx, installBatch(g, u.signer, u.pid, 'I'))
+	return u.installWith(ctx, installBatch(g, u.signer, u.pid, 'I'), g)
+}
+
+// open is install on a connection just logged in: with per-role logins, it
+// also proves that the login carries no setting of its own.
+func (u *Upstream) open(ctx context.Context, g *Grant) error {
+	b := installBatch(g, u.signer, u.pid, 'I')
+	if u.signer != nil {
+		b = plantedCheck(b)
+	}
+	return u.installWith(ctx, b, g)
+}
+
+func (u *Upstream) installWith(ctx context.Context, b *Batch, g *Grant) error {
+	err := u.roundTrip(ctx, b)
 	if err == nil {
 		u.grant = g
 		return nil

@@ -1,10 +1,6 @@
 package dbsetup
 
 import (
-	"github.com/rlsproxy/rlsproxy/internal/sqlquote"
-
-	"github.com/rlsproxy/rlsproxy/session"
-
 	_ "embed"
 	"encoding/hex"
 	"fmt"
@@ -12,6 +8,9 @@ import (
 	"strings"
 	"text/template"
 	"time"
+
+	"github.com/rlsproxy/rlsproxy/internal/sqlquote"
+	"github.com/rlsproxy/rlsproxy/session"
 )
 
 //go:embed bootstrap.sql
@@ -19,6 +18,13 @@ var bootstrapSQL string
 
 var bootstrapTemplate = template.Must(template.New("bootstrap").Funcs(template.FuncMap{
 	"ident":   func(s string) string { return sqlquote.Ident(s) },
+	"idents": func(names []string) string {
+		q := make([]string, len(names))
+		for i, n := range names {
+			q[i] = sqlquote.Ident(n)
+		}
+		return strings.Join(q, ", ")
+	},
 	"literal": sqlquote.Literal,
 }).Parse(bootstrapSQL))
 
@@ -30,6 +36,15 @@ type BootstrapOptions struct {
 	Signer   *session.Signer
 	Leeway   time.Duration
 	Harden   bool
+	// Transition keeps the --upstream login a member of the mapped roles,
+	// as before per-role logins, so that proxies not yet restarted with the
+	// signing key keep working: run the SQL again without it once they are.
+	Transition bool
+}
+
+// roleLogin is a mapped role's own login (session.LoginFor).
+type roleLogin struct {
+	Role, Name, Verifier string
 }
 
 // BootstrapSQL renders the SQL a DBA runs once: roles, the auth schema, the
@@ -65,6 +80,18 @@ func BootstrapSQL(o BootstrapOptions) (string, error) {
 	if o.Signer != nil {
 		ipad, opad := o.Signer.Pads()
 		data["IPad"], data["OPad"] = hex.EncodeToString(ipad), hex.EncodeToString(opad)
+		var logins []roleLogin
+		var names []string
+		for _, r := range roles {
+			name := session.LoginFor(o.Login, r)
+			v, err := o.Signer.LoginVerifier(name)
+			if err != nil {
+				return "", err
+			}
+			logins = append(logins, roleLogin{Role: r, Name: name, Verifier: v})
+			names = append(names, name)
+		}
+		data["Logins"], data["LoginNames"], data["Transition"] = logins, names, o.Transition
 	}
 	var b strings.Builder
 	if err := bootstrapTemplate.Execute(&b, data); err != nil {

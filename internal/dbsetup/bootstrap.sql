@@ -4,13 +4,16 @@
 -- It is idempotent: running it again, or where the roles exist, is harmless.
 {{- if not .Signed}}
 -- Claims are not signed (no --signing-key-file): the auth.* functions trust
--- the claim settings, which only the SQL guard then protects.
+-- the claim settings, and the login role of --upstream can reach every
+-- mapped role, so only the SQL guard protects identity. With
+-- --signing-key-file, this SQL creates one login per mapped role instead
+-- and the database enforces both (README, "Security").
 {{- end}}
 BEGIN;
 
--- 1. Roles. The login role of --upstream is a member of the mapped roles
--- only; none of them is SUPERUSER, BYPASSRLS or CREATEROLE, and none of them
--- should own the tables that RLS protects (owners bypass RLS without FORCE).
+-- 1. Roles. None of them is SUPERUSER, BYPASSRLS or CREATEROLE, and none of
+-- them should own the tables that RLS protects (owners bypass RLS without
+-- FORCE).
 DO $roles$
 BEGIN
 {{- range .Roles}}
@@ -22,13 +25,48 @@ BEGIN
     -- Set its password afterwards: \password {{.Login}}
     CREATE ROLE {{ident .Login}} LOGIN NOINHERIT;
   END IF;
+{{- range .Logins}}
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = {{literal .Name}}) THEN
+    CREATE ROLE {{ident .Name}} LOGIN NOINHERIT;
+  END IF;
+{{- end}}
 END
 $roles$;
 {{- range .Roles}}
 ALTER ROLE {{ident .}} NOSUPERUSER NOBYPASSRLS NOCREATEROLE NOCREATEDB NOLOGIN;
-GRANT {{ident .}} TO {{ident $.Login}};
 {{- end}}
 ALTER ROLE {{ident .Login}} NOSUPERUSER NOBYPASSRLS NOCREATEROLE NOCREATEDB NOINHERIT;
+{{- if .Signed}}
+
+-- One login per mapped role, a member of that role only, so that the
+-- database itself keeps each session in its role: whatever SQL runs in it
+-- (RESET ROLE, SET ROLE, SET SESSION AUTHORIZATION, DISCARD ALL), a session
+-- can reach its mapped role and its login, which is NOINHERIT and holds no
+-- privilege. The proxy logs in as them with passwords derived from the
+-- signing key; here they are set as SCRAM verifiers, so no password appears.
+-- Settings on them are removed: a session that reached its login could have
+-- planted some (ALTER ROLE ... SET), and the proxy refuses such a login.
+{{- range .Logins}}
+ALTER ROLE {{ident .Name}} LOGIN NOINHERIT NOSUPERUSER NOBYPASSRLS NOCREATEROLE NOCREATEDB PASSWORD {{literal .Verifier}};
+ALTER ROLE {{ident .Name}} RESET ALL;
+ALTER ROLE {{ident .Name}} IN DATABASE {{ident $.Database}} RESET ALL;
+GRANT {{ident .Role}} TO {{ident .Name}};
+{{- end}}
+{{- if .Transition}}
+-- Transition: the --upstream login stays a member of the mapped roles while
+-- proxies without --signing-key-file still log in as it. Run this SQL again
+-- without --transition once every proxy runs with the signing key.
+GRANT {{.RoleList}} TO {{ident .Login}};
+{{- else}}
+-- The --upstream login is a member of no mapped role: it is the login of
+-- `rlsproxy check` and of the proxy's readiness probe only.
+REVOKE {{.RoleList}} FROM {{ident .Login}};
+{{- end}}
+{{- else}}
+{{- range .Roles}}
+GRANT {{ident .}} TO {{ident $.Login}};
+{{- end}}
+{{- end}}
 
 -- 2. The auth schema: auth.session(), auth.claims() and auth.user_id(), with
 -- the names and meanings of Neon's pg_session_jwt, so policies port as they are.
@@ -116,9 +154,9 @@ GRANT EXECUTE ON FUNCTION auth.session(), auth.claims(), auth.user_id() TO {{.Ro
 REVOKE TEMPORARY ON DATABASE {{ident .Database}} FROM PUBLIC;
 -- No procedural code from the client roles (DO blocks, functions):
 REVOKE USAGE ON LANGUAGE plpgsql FROM PUBLIC;
--- No set_config for anyone but the login role, which installs the claims:
+-- No set_config for anyone but the login roles, which install the claims:
 REVOKE EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO {{ident .Login}};
+GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO {{ident .Login}}{{if .Signed}}, {{idents .LoginNames}}{{end}};
 -- No ending or cancelling of other users' sessions (they share a role):
 REVOKE EXECUTE ON FUNCTION pg_catalog.pg_terminate_backend(integer, bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION pg_catalog.pg_cancel_backend(integer) FROM PUBLIC;
