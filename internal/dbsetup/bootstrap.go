@@ -17,7 +17,7 @@ import (
 var bootstrapSQL string
 
 var bootstrapTemplate = template.Must(template.New("bootstrap").Funcs(template.FuncMap{
-	"ident":   func(s string) string { return sqlquote.Ident(s) },
+	"ident": func(s string) string { return sqlquote.Ident(s) },
 	"idents": func(names []string) string {
 		q := make([]string, len(names))
 		for i, n := range names {
