@@ -1,8 +1,6 @@
 package main
 
 import (
-	"github.com/rlsproxy/rlsproxy/internal/dbsetup"
-
 	"context"
 	"errors"
 	"flag"
@@ -14,7 +12,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/rlsproxy/rlsproxy/session"
+	"github.com/rlsproxy/rlsproxy/internal/dbsetup"
 )
 
 // errFindings means `rlsproxy check` printed at least one problem: main
@@ -33,31 +31,15 @@ func cmdCheck(args []string) error { return checkTo(os.Stdout, args) }
 // checkTo is cmdCheck writing its report to w.
 func checkTo(w io.Writer, args []string) error {
 	fs := flag.NewFlagSet("rlsproxy check", flag.ContinueOnError)
-	var o serveOptions
+	var o checkOptions
 	o.register(fs)
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	if o.upstream == "" {
-		return errors.New("--upstream is required: the DSN of the service login, e.g. postgres://authenticator:secret@db:5432/app")
-	}
-	policy, err := o.policy()
+	opts, err := o.config()
 	if err != nil {
 		return err
 	}
-	// NewDialer parses the DSN as serve does, connect timeout included, so
-	// check connects exactly as the proxy would.
-	var signer *session.Signer
-	if o.signingKeyFile != "" {
-		if signer, err = session.LoadSigner(o.signingKeyFile); err != nil {
-			return err
-		}
-	}
-	dialer, err := session.NewDialer(o.upstream, signer)
-	if err != nil {
-		return err
-	}
-	opts := dbsetup.CheckOptions{Policy: policy, Login: dialer.User(), Signer: signer, Connect: dialer.Connect}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()

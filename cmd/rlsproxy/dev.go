@@ -1,11 +1,8 @@
 package main
 
 import (
-	"github.com/rlsproxy/rlsproxy/internal/devissuer"
-
 	"context"
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
 	"net"
@@ -18,7 +15,9 @@ import (
 	"time"
 
 	"github.com/rlsproxy/rlsproxy/internal/demo"
+	"github.com/rlsproxy/rlsproxy/internal/devissuer"
 	"github.com/rlsproxy/rlsproxy/internal/pgtemp"
+	"github.com/rlsproxy/rlsproxy/session"
 )
 
 // devState is what `rlsproxy dev` leaves for `rlsproxy token`.
@@ -39,31 +38,32 @@ func defaultDevDir() string {
 func cmdDev(args []string) error {
 	fs := flag.NewFlagSet("rlsproxy dev", flag.ContinueOnError)
 	var o serveOptions
-	o.register(fs)
-	devDir := fs.String("dev-dir", defaultDevDir(), "`directory` holding the dev issuer's key")
-	issuerListen := fs.String("issuer-listen", "127.0.0.1:0", "`address` of the dev issuer's JWKS")
-	ttl := fs.Duration("ttl", time.Hour, "lifetime of the printed demo tokens")
+	var d devOptions
+	o.registerProxy(fs) // not the issuer's flags: dev is the issuer
+	d.registerDev(fs)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), "Usage of rlsproxy dev: serve's flags but the issuer's (dev runs its own issuer; use rlsproxy serve for a real one), and its own:\n")
+		fs.PrintDefaults()
+	}
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	if o.issuer != "" || o.cognitoPool != "" {
-		return errors.New("rlsproxy dev runs its own issuer: use rlsproxy serve for a real one")
-	}
-	log, err := newLogger(o.logFormat, o.logLevel)
+	log := o.logger(os.Stderr)
+	cfg, err := o.config(log, &d)
 	if err != nil {
 		return err
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
-	if err := os.MkdirAll(*devDir, 0o700); err != nil {
+	if err := os.MkdirAll(cfg.dev.dir, 0o700); err != nil {
 		return err
 	}
-	key, err := devissuer.LoadOrCreateKey(filepath.Join(*devDir, "dev-key.pem"))
+	key, err := devissuer.LoadOrCreateKey(filepath.Join(cfg.dev.dir, "dev-key.pem"))
 	if err != nil {
 		return err
 	}
-	il, err := net.Listen("tcp", *issuerListen)
+	il, err := net.Listen("tcp", cfg.dev.issuerListen)
 	if err != nil {
 		return fmt.Errorf("--issuer-listen: %w", err)
 	}
@@ -73,29 +73,33 @@ func cmdDev(args []string) error {
 	}
 	go func() { _ = (&http.Server{Handler: issuer, ReadHeaderTimeout: 5 * time.Second}).Serve(il) }()
 	state, _ := json.Marshal(devState{Issuer: issuer.URL})
-	if err := os.WriteFile(filepath.Join(*devDir, "issuer.json"), state, 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(cfg.dev.dir, "issuer.json"), state, 0o600); err != nil {
 		return err
 	}
+	cfg.auth.Issuer = issuer.URL
 
 	upstreamNote := o.upstream
-	if o.upstream == "" {
+	if cfg.dialer == nil {
 		fmt.Fprintln(os.Stderr, "rlsproxy dev: starting a throwaway PostgreSQL...")
 		cluster, err := pgtemp.Start(ctx, pgtemp.Options{})
 		if err != nil {
 			return err
 		}
 		defer cluster.Stop()
-		if o.upstream, err = demo.Setup(ctx, cluster); err != nil {
+		dsn, err := demo.Setup(ctx, cluster)
+		if err != nil {
+			return err
+		}
+		if cfg.dialer, err = session.NewDialer(dsn, cfg.signer); err != nil {
 			return err
 		}
 		upstreamNote = fmt.Sprintf("throwaway PostgreSQL on 127.0.0.1:%d, database %s (removed on exit)", cluster.Port, demo.Database)
 	}
-	o.issuer, o.clientID = issuer.URL, issuer.ClientID
 
-	return runProxy(ctx, &o, log, func(addrs []net.Addr) {
+	return runProxy(ctx, cfg, log, func(addrs []net.Addr) {
 		tokens := map[string]string{}
 		for _, sub := range []string{"user1", "user2"} {
-			tokens[sub], _ = issuer.Mint(devissuer.TokenRequest{Subject: sub, TTL: *ttl})
+			tokens[sub], _ = issuer.Mint(devissuer.TokenRequest{Subject: sub, TTL: cfg.dev.ttl})
 		}
 		fmt.Print(devBanner(addrs, issuer.URL, upstreamNote, tokens))
 	})

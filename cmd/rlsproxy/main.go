@@ -22,14 +22,17 @@ Usage:
   rlsproxy [serve] [flags]   run the proxy (rlsproxy serve -h lists the flags)
   rlsproxy dev [flags]       run a demo: throwaway Postgres, local issuer, proxy, ready psql lines
   rlsproxy token --sub S     mint a token with the dev issuer's key
-  rlsproxy sql [--signing-key-file F] [--harden]
+  rlsproxy sql [--upstream DSN] [role flags] [--signing-key-file F] [--leeway D] [--harden] [--transition]
                              print the bootstrap SQL: roles, auth schema, signing key, hardening
-  rlsproxy check --upstream DSN [--signing-key-file F]
+  rlsproxy check --upstream DSN [role flags] [--signing-key-file F]
                              report what in the database weakens RLS; exit 1 on a problem
   rlsproxy health [--ready]  exit 0 if the running proxy's /healthz (or /readyz) answers 200
   rlsproxy version           print version and build information
 
-Every flag can also be set as RLSPROXY_<FLAG>, e.g. RLSPROXY_UPSTREAM.
+Each command takes only the flags it uses (rlsproxy <command> -h lists them); the role
+flags are --role, --role-claim, --role-map, --anonymous-role, --claims-setting and
+--claim-prefix. Every flag can also be set as RLSPROXY_<FLAG>, e.g. RLSPROXY_UPSTREAM; the
+command line wins.
 `
 
 func main() {

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -30,113 +29,51 @@ func cmdServe(args []string) error {
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	log, err := newLogger(o.logFormat, o.logLevel)
+	log := o.logger(os.Stderr)
+	cfg, err := o.config(log, nil)
 	if err != nil {
 		return err
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	return runProxy(ctx, &o, log, nil)
+	return runProxy(ctx, cfg, log, nil)
 }
 
-// runProxy builds the proxy from o and serves until ctx is done, then drains.
-// ready, if set, is called once the listeners are open.
-func runProxy(ctx context.Context, o *serveOptions, log *slog.Logger, ready func(addrs []net.Addr)) error {
-	if o.upstream == "" {
-		return errors.New("--upstream is required: the DSN of the service login, e.g. postgres://authenticator:secret@db:5432/app")
-	}
-	var signer *session.Signer
-	if o.signingKeyFile != "" {
-		var err error
-		if signer, err = session.LoadSigner(o.signingKeyFile); err != nil {
-			return err
-		}
-	}
-	dialer, err := session.NewDialer(o.upstream, signer)
-	if err != nil {
-		return err
-	}
-	policy, err := o.policy()
-	if err != nil {
-		return err
-	}
+// runProxy builds the proxy cfg describes and serves until ctx is done, then
+// drains. ready, if set, is called once the listeners are open. Every error
+// here comes from the world (a port taken, a helper that cannot start), not
+// from a flag: config has judged those.
+func runProxy(ctx context.Context, cfg *serveConfig, log *slog.Logger, ready func(addrs []net.Addr)) error {
 	var sqlGuard *guard.Guard
-	switch o.guard {
-	case "on":
-		sqlGuard = guard.New(policy, 10000)
-		if err := sqlGuard.IsolateParsing(guard.ParseLimits{Helpers: o.guardParsers, Memory: uint64(o.guardParserMemory) << 20}); err != nil {
+	if cfg.guard != nil {
+		sqlGuard = guard.New(cfg.policy, cfg.guard.cacheSize)
+		limits := cfg.guard.limits
+		limits.Logger = log
+		if err := sqlGuard.IsolateParsing(limits); err != nil {
 			return err
 		}
 		defer sqlGuard.Close()
-	case "off":
-		log.Warn("--guard off: clients can change their role and claims with SQL; only signed claims (--signing-key-file) and the database's privileges protect identity")
-	default:
-		return fmt.Errorf("--guard must be on or off, not %q", o.guard)
-	}
-	var terminate bool
-	switch o.onTokenExpiry {
-	case "terminate":
-		terminate = true
-	case "ignore":
-	default:
-		return fmt.Errorf("--on-token-expiry must be terminate or ignore, not %q", o.onTokenExpiry)
 	}
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	metrics := proxy.NewMetrics(reg)
 
-	issuer := o.issuer
-	cognito := false
-	switch {
-	case o.cognitoRegion != "" || o.cognitoPool != "":
-		if o.cognitoRegion == "" || o.cognitoPool == "" || o.issuer != "" {
-			return errors.New("give --cognito-region with --cognito-user-pool-id, or --issuer, not both")
-		}
-		issuer, cognito = auth.CognitoIssuer(o.cognitoRegion, o.cognitoPool), true
-	default:
-		cognito = auth.IsCognitoIssuer(issuer)
-	}
+	// The verifier outlives ctx: the drain after it is done still has
+	// sessions in startup whose tokens need the keys.
 	vctx, cancelVerifier := context.WithCancel(context.Background())
 	defer cancelVerifier()
-	verifier, err := auth.New(vctx, auth.Config{
-		Rules: auth.Rules{
-			Issuer: issuer, Cognito: cognito, TokenUse: o.tokenUse,
-			ClientIDs: splitList(o.clientID), Audiences: splitList(o.audience), Leeway: o.leeway,
-		},
-		JWKSURL:         o.jwksURL,
-		RefreshInterval: o.jwksRefresh,
-		OnFetch:         metrics.JWKSFetched,
-		CacheSize:       o.tokenCacheSize,
-		OnCacheLookup:   metrics.TokenCacheLookup,
-	})
+	authConfig := cfg.auth
+	authConfig.OnFetch, authConfig.OnCacheLookup = metrics.JWKSFetched, metrics.TokenCacheLookup
+	verifier, err := auth.New(vctx, authConfig)
 	if err != nil {
 		return err
 	}
-	if !cognito && o.clientID == "" && o.audience == "" {
-		log.Warn("no --audience or --client-id: tokens issued to any client of the issuer are accepted", "issuer", issuer)
-	}
 
-	var tlsConfig *tls.Config
-	if o.tlsCert != "" || o.tlsKey != "" {
-		cert, err := tls.LoadX509KeyPair(o.tlsCert, o.tlsKey)
-		if err != nil {
-			return fmt.Errorf("--tls-cert/--tls-key: %w", err)
-		}
-		tlsConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
-	}
-
-	pool := session.NewPool(dialer, policy, session.PoolConfig{
-		Size: o.poolSize, MaxConns: o.maxUpstreamConns, WaitTimeout: o.poolWait,
-		IdleTimeout: o.poolIdle, MaxLifetime: o.poolLifetime,
-	})
-	srv, err := proxy.New(proxy.Config{
-		Verifier: verifier, Pool: pool, Guard: sqlGuard,
-		Databases: splitList(o.databases), TLS: tlsConfig, InsecurePlaintext: o.insecurePlaintext,
-		MaxClientConns: o.maxClientConns, StartupTimeout: o.startupTimeout, TerminateOnExpiry: terminate, ExpiryLeeway: o.leeway,
-		RelayLoops: o.relayLoops,
-		Logger:     log, Metrics: metrics,
-	})
+	pc := cfg.proxy
+	pc.Verifier, pc.Guard, pc.Logger, pc.Metrics = verifier, sqlGuard, log, metrics
+	pc.Pool = session.NewPool(cfg.dialer, cfg.policy, cfg.pool)
+	srv, err := proxy.New(pc)
 	if err != nil {
 		return err
 	}
@@ -147,25 +84,22 @@ func runProxy(ctx context.Context, o *serveOptions, log *slog.Logger, ready func
 			l.Close()
 		}
 	}()
-	for _, addr := range splitList(o.listen) {
+	for _, addr := range cfg.listen {
 		l, err := proxy.Listen(addr)
 		if err != nil {
 			return fmt.Errorf("--listen %s: %w", addr, err)
 		}
 		listeners = append(listeners, l)
 	}
-	if len(listeners) == 0 {
-		return errors.New("--listen is empty")
-	}
 
 	errc := make(chan error, len(listeners)+1)
 	var admin *http.Server
-	if o.adminListen != "" {
-		al, err := net.Listen("tcp", o.adminListen)
+	if cfg.admin != "" {
+		al, err := net.Listen("tcp", cfg.admin)
 		if err != nil {
-			return fmt.Errorf("--admin-listen %s: %w", o.adminListen, err)
+			return fmt.Errorf("--admin-listen %s: %w", cfg.admin, err)
 		}
-		admin = &http.Server{Handler: srv.AdminHandler(reg, o.pprof), ReadHeaderTimeout: 10 * time.Second}
+		admin = &http.Server{Handler: srv.AdminHandler(reg, cfg.pprof), ReadHeaderTimeout: 10 * time.Second}
 		go func() {
 			if err := admin.Serve(al); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				errc <- fmt.Errorf("admin listener: %w", err)
@@ -177,7 +111,7 @@ func runProxy(ctx context.Context, o *serveOptions, log *slog.Logger, ready func
 	for _, l := range listeners {
 		go func(l net.Listener) { errc <- srv.Serve(ctx, l) }(l)
 		addrs = append(addrs, l.Addr())
-		log.Info("listening", "addr", l.Addr().String(), "issuer", issuer, "upstream_user", dialer.User(), "upstream_database", dialer.Database())
+		log.Info("listening", "addr", l.Addr().String(), "issuer", cfg.auth.Issuer, "upstream_user", cfg.dialer.User(), "upstream_database", cfg.dialer.Database())
 	}
 	if ready != nil {
 		ready(addrs)
@@ -190,8 +124,8 @@ func runProxy(ctx context.Context, o *serveOptions, log *slog.Logger, ready func
 			log.Error("listener failed", "error", err)
 		}
 	}
-	log.Info("shutting down: no new connections; draining sessions", "deadline", o.shutdownTimeout)
-	sctx, cancel := context.WithTimeout(context.Background(), o.shutdownTimeout)
+	log.Info("shutting down: no new connections; draining sessions", "deadline", cfg.shutdownTimeout)
+	sctx, cancel := context.WithTimeout(context.Background(), cfg.shutdownTimeout)
 	defer cancel()
 	srv.Shutdown(sctx)
 	if admin != nil {
@@ -199,19 +133,4 @@ func runProxy(ctx context.Context, o *serveOptions, log *slog.Logger, ready func
 	}
 	log.Info("stopped")
 	return nil
-}
-
-func newLogger(format, level string) (*slog.Logger, error) {
-	var lv slog.Level
-	if err := lv.UnmarshalText([]byte(level)); err != nil {
-		return nil, fmt.Errorf("--log-level: %w", err)
-	}
-	opts := &slog.HandlerOptions{Level: lv}
-	switch format {
-	case "text":
-		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
-	case "json":
-		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
-	}
-	return nil, fmt.Errorf("--log-format must be text or json, not %q", format)
 }

@@ -1,8 +1,6 @@
 package main
 
 import (
-	"github.com/rlsproxy/rlsproxy/internal/devissuer"
-
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -10,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/rlsproxy/rlsproxy/internal/devissuer"
 )
 
 // claimFlags collects repeated --claim name=value flags.
@@ -36,7 +36,8 @@ func cmdToken(args []string) error {
 	sub := fs.String("sub", "", "subject (`user id`) of the token")
 	groups := fs.String("groups", "", "comma `list` of cognito:groups")
 	ttl := fs.Duration("ttl", time.Hour, "lifetime of the token")
-	use := fs.String("token-use", "access", "access or id")
+	var use string
+	enumVar(fs, &use, "token-use", "access", []string{"access", "id"}, "access or id")
 	devDir := fs.String("dev-dir", defaultDevDir(), "`directory` of rlsproxy dev's key")
 	extra := claimFlags{}
 	fs.Var(extra, "claim", "extra claim `name=value` (JSON values allowed); repeatable")
@@ -62,7 +63,7 @@ func cmdToken(args []string) error {
 	if err != nil {
 		return err
 	}
-	tok, err := issuer.Mint(devissuer.TokenRequest{Subject: *sub, Groups: splitList(*groups), TTL: *ttl, TokenUse: *use, Extra: extra})
+	tok, err := issuer.Mint(devissuer.TokenRequest{Subject: *sub, Groups: splitList(*groups), TTL: *ttl, TokenUse: use, Extra: extra})
 	if err != nil {
 		return err
 	}
