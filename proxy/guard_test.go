@@ -361,7 +361,7 @@ func TestGuardResetsReestablishSession(t *testing.T) {
 	}
 	assertStillUser1(t, conn)
 	// psql, which sends each line as a simple query.
-	out, err := psql(t, p.DSN("user1", ""), p.Token(t, "user1"), "-q", "-c", "DISCARD ALL", "-c", "SELECT current_user || ' ' || current_setting('jwt.claims.sub')")
+	out, err := psql(t, p.DSN("user1", ""), p.Token(t, "user1"), nil, "-q", "-c", "DISCARD ALL", "-c", "SELECT current_user || ' ' || current_setting('jwt.claims.sub')")
 	if err != nil || out != "authenticated user1" {
 		t.Fatalf("psql after DISCARD ALL: %q %v", out, err)
 	}

@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -136,51 +135,6 @@ func lexRead(t *testing.T, c *rawClient, n int) lexAnswers {
 	return a
 }
 
-// lexStartup opens a hand-spoken session on database db (the demo
-// database if empty) with the extra startup parameters, and reads up to
-// ReadyForQuery. It returns the session, or the error that ended the
-// startup and whether it came before the proxy asked for the token.
-func lexStartup(t *testing.T, p *proxytest.Proxy, token, db string, params ...string) (c *rawClient, refused *pgproto3.ErrorResponse, beforeToken bool) {
-	t.Helper()
-	if db == "" {
-		db = demo.Database
-	}
-	c = dialRaw(t, p.Addr)
-	if _, err := c.Write(startupPacket(3<<16, append([]string{"user", "lexing", "database", db}, params...)...)); err != nil {
-		t.Fatal(err)
-	}
-	asked := false
-	for {
-		m, err := c.fe.Receive()
-		if err != nil {
-			t.Fatalf("startup %q: %v", params, err)
-		}
-		switch m := m.(type) {
-		case *pgproto3.AuthenticationCleartextPassword:
-			asked = true
-			c.send(t, &pgproto3.PasswordMessage{Password: token})
-		case *pgproto3.ErrorResponse:
-			e := *m
-			if _, err := c.fe.Receive(); err == nil {
-				t.Errorf("startup %q: a message followed the error %s", params, e.Message)
-			}
-			return nil, &e, !asked
-		case *pgproto3.ReadyForQuery:
-			return c, nil, false
-		}
-	}
-}
-
-// lexSession is lexStartup for a session that must open.
-func lexSession(t *testing.T, p *proxytest.Proxy, token string, params ...string) *rawClient {
-	t.Helper()
-	c, e, _ := lexStartup(t, p, token, "", params...)
-	if e != nil {
-		t.Fatalf("startup %q refused: %s %s: %s", params, e.Severity, e.Code, e.Message)
-	}
-	return c
-}
-
 // lexQuery sends one Query and reads its answers.
 func lexQuery(t *testing.T, c *rawClient, sql string) lexAnswers {
 	t.Helper()
@@ -245,17 +199,6 @@ func lexAssertIdentity(t *testing.T, c *rawClient, sub, enc string) {
 	}
 }
 
-// lexSuper is a superuser connection to the demo database.
-func lexSuper(t *testing.T) *pgx.Conn {
-	t.Helper()
-	conn, err := pgx.Connect(context.Background(), pg.SuperDSN(demo.Database))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close(context.Background()) })
-	return conn
-}
-
 // lexLoginState is what a hidden statement could change for good: the
 // login role's password and its stored settings.
 func lexLoginState(t *testing.T, su *pgx.Conn) string {
@@ -287,12 +230,10 @@ func lexGuardLoginState(t *testing.T, su *pgx.Conn) {
 			}
 			_ = pg.Exec(context.Background(), "postgres", fmt.Sprintf(
 				"ALTER ROLE authenticator PASSWORD %s; ALTER ROLE authenticator RESET ALL; ALTER ROLE authenticator IN DATABASE %s RESET ALL",
-				lexQuoteLiteral(cfg.Password), demo.Database))
+				quoteLiteral(cfg.Password), demo.Database))
 		}
 	})
 }
-
-func lexQuoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
 
 // lexWaitGone waits until no backend runs with application_name app: a
 // backend reads and runs what is in its socket even after the proxy closed
@@ -311,18 +252,6 @@ func lexWaitGone(t *testing.T, su *pgx.Conn, app string) {
 			t.Fatalf("backend of %s still running", app)
 		}
 	}
-}
-
-// lexPsql runs psql through the proxy with extra environment variables.
-func lexPsql(t *testing.T, p *proxytest.Proxy, token string, env []string, sql string) (string, error) {
-	t.Helper()
-	if _, err := exec.LookPath("psql"); err != nil {
-		t.Fatal("psql not found: install postgresql-client")
-	}
-	cmd := exec.Command("psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", p.DSN("user1", ""), "-c", sql)
-	cmd.Env = append(cmd.Environ(), append([]string{"PGPASSWORD=" + token, "PGCONNECT_TIMEOUT=10"}, env...)...)
-	out, err := cmd.CombinedOutput()
-	return strings.TrimSpace(string(out)), err
 }
 
 // lexClientOnlySpellings are client_encoding values naming an encoding whose
@@ -346,7 +275,7 @@ func TestLexingStartupEncodings(t *testing.T) {
 	token := p.Token(t, "user1")
 	refused := func(t *testing.T, params []string, wantBeforeToken bool) {
 		t.Helper()
-		c, e, before := lexStartup(t, p, token, "", params...)
+		c, e, before := rawStartup(t, p, "user1", token, "", params...)
 		if c != nil {
 			t.Fatalf("startup %q opened a session (client_encoding %s)", params, lexValue(t, c, "SHOW client_encoding"))
 		}
@@ -405,7 +334,7 @@ func TestLexingStartupEncodings(t *testing.T) {
 	})
 	t.Run("psql PGCLIENTENCODING and PGOPTIONS", func(t *testing.T) {
 		for _, env := range [][]string{{"PGCLIENTENCODING=BIG5"}, {"PGOPTIONS=-c client_encoding=GBK"}, {"PGCLIENTENCODING=SJIS"}} {
-			out, err := lexPsql(t, p, token, env, "SELECT current_user")
+			out, err := psql(t, p.DSN("user1", ""), token, env, "-c", "SELECT current_user")
 			if err == nil || !strings.Contains(out, "FATAL") || !strings.Contains(out, "client_encoding") {
 				t.Errorf("psql with %s: %v: %s; want FATAL naming client_encoding", env, err, out)
 			}
@@ -434,7 +363,7 @@ func TestLexingStartupEncodings(t *testing.T) {
 			{[]string{"options", "-c application_name=client_encoding=SJIS"}, "UTF8"},
 			{[]string{"options", "-c standard_conforming_strings=off"}, "UTF8"},
 		} {
-			c, e, _ := lexStartup(t, p, token, "", tc.params...)
+			c, e, _ := rawStartup(t, p, "user1", token, "", tc.params...)
 			if e != nil {
 				t.Errorf("look-alike startup %q refused: %s %s: %s", tc.params, e.Severity, e.Code, e.Message)
 				continue
@@ -442,7 +371,7 @@ func TestLexingStartupEncodings(t *testing.T) {
 			lexAssertIdentity(t, c, "user1", tc.show)
 			c.Close()
 		}
-		c := lexSession(t, p, token, "options", "-c standard_conforming_strings=off")
+		c := rawSession(t, p, "user1", "options", "-c standard_conforming_strings=off")
 		if got := lexValue(t, c, "SHOW standard_conforming_strings"); got != "off" {
 			t.Errorf("standard_conforming_strings %s, want off", got)
 		}
@@ -459,11 +388,11 @@ func TestLexingStartupEncodings(t *testing.T) {
 		if got := queryStrings(t, conn, "SELECT current_user || ',' || current_setting('client_encoding')"); len(got) != 1 || got[0] != "authenticated,LATIN1" {
 			t.Errorf("pgx LATIN1 session: %v", got)
 		}
-		out, err := lexPsql(t, p, token, []string{"PGCLIENTENCODING=LATIN1"}, "SHOW client_encoding")
+		out, err := psql(t, p.DSN("user1", ""), token, []string{"PGCLIENTENCODING=LATIN1"}, "-c", "SHOW client_encoding")
 		if err != nil || out != "LATIN1" {
 			t.Errorf("psql PGCLIENTENCODING=LATIN1: %v: %s", err, out)
 		}
-		out, err = lexPsql(t, p, token, []string{"PGOPTIONS=-c standard_conforming_strings=off"}, "SHOW standard_conforming_strings")
+		out, err = psql(t, p.DSN("user1", ""), token, []string{"PGOPTIONS=-c standard_conforming_strings=off"}, "-c", "SHOW standard_conforming_strings")
 		if err != nil || out != "off" {
 			t.Errorf("psql PGOPTIONS scs off: %v: %s", err, out)
 		}
@@ -477,20 +406,19 @@ func TestLexingStartupEncodings(t *testing.T) {
 // own rules).
 func TestLexingControlsGuardOff(t *testing.T) {
 	p := proxytest.Start(t, pg, proxytest.GuardOff)
-	token := p.Token(t, "user1")
 	for _, params := range [][]string{
 		{"client_encoding", "mskanji"},
 		{"Client_Encoding", "SJIS"},
 		{"options", "--client-encoding=BIG5"},
 		{"options", `-c client_encoding=S\JIS`},
 	} {
-		c := lexSession(t, p, token, params...)
+		c := rawSession(t, p, "user1", params...)
 		if got := lexValue(t, c, "SHOW client_encoding"); got != "SJIS" && got != "BIG5" {
 			t.Errorf("guard off, startup %q: client_encoding %s", params, got)
 		}
 		c.Close()
 	}
-	c := lexSession(t, p, token)
+	c := rawSession(t, p, "user1")
 	for _, tc := range []struct{ sql, enc string }{
 		{"UPDATE pg_settings SET setting = 'LATIN1' WHERE name = 'client_encoding'", "LATIN1"},
 		{"CREATE TEMP VIEW lexing_v AS SELECT * FROM pg_settings", "LATIN1"},
@@ -526,8 +454,8 @@ var lexEncodingAttacks = []struct{ sql, word string }{
 	{"SET SESSION client_encoding = 'UHC'", "client_encoding"},
 	{"SET SESSION client_encoding TO 'JOHAB'", "client_encoding"},
 	{"SET client_encoding = 'SHIFT_JIS_2004'", "client_encoding"},
-	{"SELECT set_config('client_encoding', 'SJIS', false)", "set_config"},
-	{"SELECT pg_catalog.set_config('client_encoding', 'SJIS', false)", "set_config"},
+	{"SELECT set_config('client_encoding', 'SJIS', false)", "client_encoding"},
+	{"SELECT pg_catalog.set_config('client_encoding', 'SJIS', false)", "client_encoding"},
 	{"SELECT set_config('client_' || 'encoding', 'BIG5', false)", "set_config"},
 	{"SELECT 1 FROM pg_settings WHERE set_config(name, 'SJIS', false) IS NULL", "set_config"},
 	{"UPDATE pg_settings SET setting = 'SJIS' WHERE name = 'client_encoding'", "pg_settings"},
@@ -552,7 +480,7 @@ func TestLexingSetEncodingInSession(t *testing.T) {
 		t.Run(d.name, func(t *testing.T) {
 			p := proxytest.Start(t, pg, d.opts...)
 			token := p.Token(t, "user1")
-			c := lexSession(t, p, token)
+			c := rawSession(t, p, "user1")
 			t.Run("refused", func(t *testing.T) {
 				for _, a := range lexEncodingAttacks {
 					lexMustRefuse(t, c, a.sql, a.word, false)
@@ -689,7 +617,7 @@ func TestLexingServerDefaults(t *testing.T) {
 			p := proxytest.Start(t, pg, append([]proxytest.Option{func(c *proxytest.Setup) { c.Databases = []string{"*"} }}, d.opts...)...)
 			token := p.Token(t, "user1")
 			for db, enc := range map[string]string{"lexing_db_sjis": "SJIS", "lexing_db_role": "BIG5"} {
-				c, e, _ := lexStartup(t, p, token, db)
+				c, e, _ := rawStartup(t, p, "user1", token, db)
 				if c != nil {
 					t.Errorf("a session to %s opened (client_encoding %s)", db, lexValue(t, c, "SHOW client_encoding"))
 					continue
@@ -708,7 +636,7 @@ func TestLexingServerDefaults(t *testing.T) {
 				}
 			}
 
-			c, e, _ := lexStartup(t, p, token, "lexing_db_latin1")
+			c, e, _ := rawStartup(t, p, "user1", token, "lexing_db_latin1")
 			if e != nil {
 				t.Fatalf("LATIN1 database default refused: %s", e.Message)
 			}
@@ -721,7 +649,7 @@ func TestLexingServerDefaults(t *testing.T) {
 			lexMustRefuse(t, c, "SET client_encoding = 'SJIS'", "client_encoding", false)
 			lexAssertIdentity(t, c, "user1", "LATIN1")
 
-			c, e, _ = lexStartup(t, p, token, "lexing_db_scsoff")
+			c, e, _ = rawStartup(t, p, "user1", token, "lexing_db_scsoff")
 			if e != nil {
 				t.Fatalf("scs-off database default refused: %s", e.Message)
 			}
@@ -807,20 +735,19 @@ func lexHidden(prefix, stmt, tag string) string {
 // pipeline does run the hidden statement: the attack is real.
 func TestLexingHiddenEncodingSwitch(t *testing.T) {
 	lexHiddenSetup(t)
-	su := lexSuper(t)
+	su := superConn(t)
 	lexGuardLoginState(t, su)
 	n := 0
 	for _, d := range lexDrivers {
 		t.Run(d.name, func(t *testing.T) {
 			p := proxytest.Start(t, pg, d.opts...)
-			token := p.Token(t, "user1")
 			for _, e := range lexHiddenEncodings {
 				for _, h := range lexHiddenStatements {
 					n++
 					tag := fmt.Sprintf("enc-%d", n)
 					app := "lexing_" + tag
 					t.Run(e.enc+" "+h.name, func(t *testing.T) {
-						c := lexSession(t, p, token, "application_name", app)
+						c := rawSession(t, p, "user1", "application_name", app)
 						c.send(t,
 							&pgproto3.Query{String: "SELECT public.lexing_use_encoding('" + e.enc + "')"},
 							&pgproto3.Query{String: lexHidden(e.prefix, h.sql, tag)},
@@ -834,7 +761,7 @@ func TestLexingHiddenEncodingSwitch(t *testing.T) {
 						}
 						// The session ended before the guard's refusal of the
 						// hidden statement could be told: sent alone, it is refused.
-						c = lexSession(t, p, token)
+						c = rawSession(t, p, "user1")
 						lexMustRefuse(t, c, lexHidden(e.prefix, h.sql, tag), "", false)
 						lexMustRefuse(t, c, lexHidden(e.prefix, h.sql, tag), "", true)
 					})
@@ -847,7 +774,7 @@ func TestLexingHiddenEncodingSwitch(t *testing.T) {
 						// guard refuses it, the batch fails, and with it the
 						// switch: the session goes on in UTF8.
 						hidden := fmt.Sprintf("SELECT E'%s\\', set_config($$role$$, $$admin$$, false), $$%s$$ -- '", e.prefix, tag)
-						c := lexSession(t, p, token)
+						c := rawSession(t, p, "user1")
 						c.send(t,
 							&pgproto3.Parse{Query: "SELECT public.lexing_use_encoding('" + e.enc + "')"}, &pgproto3.Bind{}, &pgproto3.Execute{},
 							&pgproto3.Parse{Query: hidden}, &pgproto3.Bind{}, &pgproto3.Execute{},
@@ -860,7 +787,7 @@ func TestLexingHiddenEncodingSwitch(t *testing.T) {
 						}
 						// With a Sync between, the switch is reported before the
 						// hidden Parse is answered: the session ends.
-						c = lexSession(t, p, token, "application_name", app)
+						c = rawSession(t, p, "user1", "application_name", app)
 						c.send(t,
 							&pgproto3.Parse{Query: "SELECT public.lexing_use_encoding('" + e.enc + "')"}, &pgproto3.Bind{}, &pgproto3.Execute{}, &pgproto3.Sync{},
 							&pgproto3.Parse{Query: hidden}, &pgproto3.Bind{}, &pgproto3.Execute{}, &pgproto3.Sync{},
@@ -876,11 +803,10 @@ func TestLexingHiddenEncodingSwitch(t *testing.T) {
 
 	t.Run("guard off: the attacks are real", func(t *testing.T) {
 		p := proxytest.Start(t, pg, proxytest.GuardOff)
-		token := p.Token(t, "user1")
 		for _, e := range lexHiddenEncodings {
 			n++
 			tag := fmt.Sprintf("enc-%d", n)
-			c := lexSession(t, p, token)
+			c := rawSession(t, p, "user1")
 			c.send(t,
 				&pgproto3.Query{String: "SELECT public.lexing_use_encoding('" + e.enc + "')"},
 				&pgproto3.Query{String: lexHidden(e.prefix, "RESET ROLE", tag)},
@@ -892,7 +818,7 @@ func TestLexingHiddenEncodingSwitch(t *testing.T) {
 			if who := lexLogged(t, su, tag); who != "authenticator/user1" {
 				t.Errorf("%s: hidden statement logged %q", e.enc, who)
 			}
-			c = lexSession(t, p, token)
+			c = rawSession(t, p, "user1")
 			c.send(t,
 				&pgproto3.Parse{Query: "SELECT public.lexing_use_encoding('" + e.enc + "')"}, &pgproto3.Bind{}, &pgproto3.Execute{},
 				&pgproto3.Parse{Query: fmt.Sprintf("SELECT E'%s\\', set_config($$role$$, $$admin$$, false), $$x$$ -- '", e.prefix)}, &pgproto3.Bind{}, &pgproto3.Execute{},
@@ -934,7 +860,7 @@ func lexAssertEndedOnEncoding(t *testing.T, a lexAnswers, enc string) {
 // change behind a backslash one reading takes for an escape are refused.
 func TestLexingStandardConformingStrings(t *testing.T) {
 	lexHiddenSetup(t)
-	su := lexSuper(t)
+	su := superConn(t)
 	lexGuardLoginState(t, su)
 	scsAttacks := []string{
 		`SELECT 'x\', ' ; RESET ROLE; -- '`,
@@ -950,21 +876,20 @@ func TestLexingStandardConformingStrings(t *testing.T) {
 	for _, d := range lexDrivers {
 		t.Run(d.name, func(t *testing.T) {
 			p := proxytest.Start(t, pg, d.opts...)
-			token := p.Token(t, "user1")
 			for _, mode := range []string{"startup option", "SET", "default on"} {
 				t.Run(mode, func(t *testing.T) {
 					var c *rawClient
 					scsOff := mode != "default on"
 					switch mode {
 					case "startup option":
-						c = lexSession(t, p, token, "options", "-c standard_conforming_strings=off")
+						c = rawSession(t, p, "user1", "options", "-c standard_conforming_strings=off")
 					case "SET":
-						c = lexSession(t, p, token)
+						c = rawSession(t, p, "user1")
 						if a := lexMustPass(t, c, "SET standard_conforming_strings = off"); !a.has("S:standard_conforming_strings=off") {
 							t.Fatalf("SET standard_conforming_strings = off: %s", a)
 						}
 					default:
-						c = lexSession(t, p, token)
+						c = rawSession(t, p, "user1")
 					}
 					lexMustPass(t, c, "CREATE TEMP TABLE lexing_t (id int, name text, role text, note text, path text)")
 					lexMustPass(t, c, "INSERT INTO lexing_t VALUES (1, 'n', 'r', 'x', 'p')")
@@ -1023,7 +948,7 @@ func TestLexingStandardConformingStrings(t *testing.T) {
 				} {
 					n := time.Now().UnixNano()
 					tag := fmt.Sprintf("scs-%d", n)
-					c := lexSession(t, p, token, "options", "-c standard_conforming_strings="+tc.start)
+					c := rawSession(t, p, "user1", "options", "-c standard_conforming_strings="+tc.start)
 					c.send(t,
 						&pgproto3.Query{String: "SELECT public.lexing_use_scs('" + tc.to + "')"},
 						&pgproto3.Query{String: fmt.Sprintf(tc.attack, tag)},
@@ -1044,7 +969,7 @@ func TestLexingStandardConformingStrings(t *testing.T) {
 	}
 	t.Run("guard off: the attacks are real", func(t *testing.T) {
 		p := proxytest.Start(t, pg, proxytest.GuardOff)
-		c := lexSession(t, p, p.Token(t, "user1"))
+		c := rawSession(t, p, "user1")
 		c.send(t,
 			&pgproto3.Query{String: "SELECT public.lexing_use_scs('off')"},
 			&pgproto3.Query{String: `SELECT 'x\', ' ; RESET ROLE; -- '`},
@@ -1113,7 +1038,10 @@ func TestLexingClaimsByteExact(t *testing.T) {
 			}
 			for _, enc := range []string{"UTF8", "LATIN1", "EUC_JP"} {
 				t.Run(enc+" at startup", func(t *testing.T) {
-					c := lexSession(t, p, token, "client_encoding", enc)
+					c, e, _ := rawStartup(t, p, sub, token, "", "client_encoding", enc)
+					if e != nil {
+						t.Fatalf("startup refused: %s %s: %s", e.Severity, e.Code, e.Message)
+					}
 					check(t, c, enc)
 					for _, reset := range []string{"DISCARD ALL", "RESET ALL", "RESET ROLE", "SELECT 1; RESET ALL"} {
 						if a := lexQuery(t, c, reset); len(a.errs) > 0 {
@@ -1123,7 +1051,10 @@ func TestLexingClaimsByteExact(t *testing.T) {
 					}
 				})
 				t.Run(enc+" set mid-session", func(t *testing.T) {
-					c := lexSession(t, p, token)
+					c, e, _ := rawStartup(t, p, sub, token, "")
+					if e != nil {
+						t.Fatalf("startup refused: %s %s: %s", e.Severity, e.Code, e.Message)
+					}
 					lexMustPass(t, c, "SET client_encoding = '"+enc+"'")
 					check(t, c, enc)
 					lexMustPass(t, c, "SET NAMES '"+enc+"'; RESET ROLE")
@@ -1155,7 +1086,7 @@ func TestLexingClaimsByteExact(t *testing.T) {
 // statements the guard parses; the look-alike that must pass uses an ASCII
 // tag around the same non-ASCII text.
 func TestLexingDollarQuoteTags(t *testing.T) {
-	su := lexSuper(t)
+	su := superConn(t)
 	lexGuardLoginState(t, su)
 	for _, tc := range []struct {
 		name, enc string
@@ -1173,7 +1104,7 @@ func TestLexingDollarQuoteTags(t *testing.T) {
 			for _, d := range lexDrivers {
 				t.Run(tc.name+" "+h.stmt+" "+d.name, func(t *testing.T) {
 					p := proxytest.Start(t, pg, d.opts...)
-					c := lexSession(t, p, p.Token(t, "user1"), "client_encoding", tc.enc)
+					c := rawSession(t, p, "user1", "client_encoding", tc.enc)
 					sql := fmt.Sprintf("SELECT $%s$ x $%s$ || ' $%s$; %s; -- '", tc.a, tc.b, tc.a, h.stmt)
 					a := lexQuery(t, c, sql)
 					if a.String() != "E:42501 Z" {
@@ -1189,7 +1120,7 @@ func TestLexingDollarQuoteTags(t *testing.T) {
 	// The same through SET client_encoding mid-session, in the extended
 	// protocol, and with the look-alike that must pass: an ASCII tag.
 	p := proxytest.Start(t, pg)
-	c := lexSession(t, p, p.Token(t, "user1"))
+	c := rawSession(t, p, "user1")
 	lexMustPass(t, c, "SET client_encoding = 'LATIN1'")
 	a := lexExtended(t, c, "SELECT $\xe9$ x $\xe8$ || ' $\xe9$ || set_config($$role$$, $$admin$$, false) -- '")
 	if a.String() != "E:42501 Z" {
@@ -1223,7 +1154,7 @@ func TestLexingDollarQuoteTags(t *testing.T) {
 		t.Fatal(err)
 	}
 	p = proxytest.Start(t, pg, func(c *proxytest.Setup) { c.Databases = []string{"*"} })
-	c, e, _ := lexStartup(t, p, p.Token(t, "user1"), db, "client_encoding", "UTF8")
+	c, e, _ := rawStartup(t, p, "user1", p.Token(t, "user1"), db, "client_encoding", "UTF8")
 	if e != nil {
 		t.Fatalf("UTF8 session on an EUC_JP database: %s", e.Message)
 	}
@@ -1251,14 +1182,13 @@ func TestLexingDollarQuoteTags(t *testing.T) {
 // such a statement runs what it hides.
 func TestLexingLongStatementReadings(t *testing.T) {
 	lexHiddenSetup(t)
-	su := lexSuper(t)
+	su := superConn(t)
 	lexGuardLoginState(t, su)
 	pad := strings.Repeat("x", 5000)
 	for _, d := range lexDrivers {
 		t.Run(d.name, func(t *testing.T) {
 			p := proxytest.Start(t, pg, d.opts...)
-			token := p.Token(t, "user1")
-			c := lexSession(t, p, token)
+			c := rawSession(t, p, "user1")
 			for _, long := range []bool{false, true} {
 				filler := "x"
 				if long {
@@ -1279,7 +1209,7 @@ func TestLexingLongStatementReadings(t *testing.T) {
 			// The attack: in one extended batch the server reports the
 			// switch only at Sync, after running everything before it.
 			tag := fmt.Sprintf("long-%d", time.Now().UnixNano())
-			c = lexSession(t, p, token)
+			c = rawSession(t, p, "user1")
 			c.send(t,
 				&pgproto3.Parse{Query: "SELECT public.lexing_use_encoding('SJIS')"}, &pgproto3.Bind{}, &pgproto3.Execute{},
 				&pgproto3.Parse{Query: "SELECT '" + pad + "', E'\xa1\x81\\', set_config($$role$$, $$admin$$, false) -- '"}, &pgproto3.Bind{}, &pgproto3.Execute{},
@@ -1295,7 +1225,7 @@ func TestLexingLongStatementReadings(t *testing.T) {
 			// the hidden statement was sent with it, and the server runs it.
 			tag = fmt.Sprintf("long-%d", time.Now().UnixNano())
 			app := "lexing_" + tag
-			c = lexSession(t, p, token, "application_name", app)
+			c = rawSession(t, p, "user1", "application_name", app)
 			c.send(t,
 				&pgproto3.Query{String: "SELECT public.lexing_use_encoding('SJIS')"},
 				&pgproto3.Query{String: "SELECT '" + pad + "', E'\xa1\x81\\'; SET ROLE admin; INSERT INTO public.lexing_log SELECT current_user, $$" + tag + "$$; -- '"},

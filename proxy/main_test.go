@@ -4,15 +4,8 @@ import (
 	"github.com/rlsproxy/rlsproxy/internal/dbsetup"
 
 	"context"
-	"errors"
-	"net/http/httptest"
-	"os/exec"
-	"strings"
 	"testing"
 	"time"
-
-	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/rlsproxy/rlsproxy/internal/proxytest"
 	"github.com/rlsproxy/rlsproxy/session"
@@ -43,8 +36,14 @@ func TestMain(m *testing.M) {
 		if signer, err = session.NewSigner([]byte("proxy-test-signing-key-0123456789abcdef")); err != nil {
 			return err
 		}
-		sql, err := dbsetup.BootstrapSQL(dbsetup.BootstrapOptions{Policy: proxytest.DefaultPolicy(),
-			Login: "authenticator", Database: "app", Signer: signer, Leeway: 5 * time.Second})
+		// Every role a test maps gets its own login, for the tests that
+		// sign; Transition keeps authenticator a member of them all, for
+		// the tests that do not (today's setup, unsigned).
+		roles := proxytest.DefaultPolicy()
+		roles.RoleMap = []session.RoleRule{{Group: "admins", Role: "admin"}, {Group: "editors", Role: "editor"}}
+		roles.AnonymousRole = "anon"
+		sql, err := dbsetup.BootstrapSQL(dbsetup.BootstrapOptions{Policy: roles,
+			Login: "authenticator", Database: "app", Signer: signer, Leeway: 5 * time.Second, Transition: true})
 		if err != nil {
 			return err
 		}
@@ -59,80 +58,4 @@ func TestMain(m *testing.M) {
 			GRANT SELECT ON signed_notes TO authenticated;
 			INSERT INTO signed_notes VALUES ('user1', 'signed: user1'), ('user2', 'signed: user2');`)
 	})
-}
-
-// connect opens a pgx connection through the proxy.
-func connect(t *testing.T, p *proxytest.Proxy, user, token string) *pgx.Conn {
-	t.Helper()
-	conn, err := pgx.Connect(context.Background(), p.DSN(user, token))
-	if err != nil {
-		t.Fatalf("connect through proxy as %s: %v", user, err)
-	}
-	t.Cleanup(func() { conn.Close(context.Background()) })
-	return conn
-}
-
-// connectErr returns the PgError of a connection attempt that must fail.
-func connectErr(t *testing.T, dsn string) *pgconn.PgError {
-	t.Helper()
-	conn, err := pgx.Connect(context.Background(), dsn)
-	if err == nil {
-		conn.Close(context.Background())
-		t.Fatal("connection succeeded, want an error")
-	}
-	var pgErr *pgconn.PgError
-	if !errors.As(err, &pgErr) {
-		t.Fatalf("want a PgError, got %v", err)
-	}
-	return pgErr
-}
-
-// psql runs the psql binary with the token as PGPASSWORD.
-func psql(t *testing.T, conninfo, token string, args ...string) (string, error) {
-	t.Helper()
-	if _, err := exec.LookPath("psql"); err != nil {
-		t.Fatal("psql not found: install postgresql-client")
-	}
-	cmd := exec.Command("psql", append([]string{"-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", conninfo}, args...)...)
-	cmd.Env = append(cmd.Environ(), "PGPASSWORD="+token, "PGCONNECT_TIMEOUT=10")
-	out, err := cmd.CombinedOutput()
-	return strings.TrimSpace(string(out)), err
-}
-
-func queryStrings(t *testing.T, conn *pgx.Conn, sql string, args ...any) []string {
-	t.Helper()
-	rows, err := conn.Query(context.Background(), sql, args...)
-	if err != nil {
-		t.Fatalf("%s: %v", sql, err)
-	}
-	out, err := pgx.CollectRows(rows, pgx.RowTo[string])
-	if err != nil {
-		t.Fatalf("%s: %v", sql, err)
-	}
-	return out
-}
-
-// counterValue sums a counter family of the proxy's registry.
-func counterValue(t *testing.T, p *proxytest.Proxy, name string) float64 {
-	t.Helper()
-	mfs, err := p.Registry.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	sum := 0.0
-	for _, mf := range mfs {
-		if mf.GetName() == name {
-			for _, m := range mf.GetMetric() {
-				sum += m.GetCounter().GetValue()
-			}
-		}
-	}
-	return sum
-}
-
-// scrapeMetrics renders the proxy's metrics as /metrics serves them.
-func scrapeMetrics(p *proxytest.Proxy) (string, error) {
-	rec := httptest.NewRecorder()
-	p.Server.AdminHandler(p.Registry, false).ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
-	return rec.Body.String(), nil
 }

@@ -13,16 +13,6 @@ import (
 	"github.com/rlsproxy/rlsproxy/internal/proxytest"
 )
 
-// backendPID is the upstream backend serving conn.
-func backendPID(t *testing.T, conn *pgx.Conn) int {
-	t.Helper()
-	var pid int
-	if err := conn.QueryRow(context.Background(), "SELECT pg_backend_pid()").Scan(&pid); err != nil {
-		t.Fatal(err)
-	}
-	return pid
-}
-
 // leaveTraces leaves in the session everything a pooled connection must not
 // carry to the next client.
 func leaveTraces(t *testing.T, conn *pgx.Conn) {
@@ -121,11 +111,7 @@ func TestPoolClientLeavesMidTransaction(t *testing.T) {
 		next.Close(ctx)
 	}
 	var n int
-	admin, err := pgx.Connect(ctx, pg.SuperDSN("app"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer admin.Close(ctx)
+	admin := superConn(t)
 	if err := admin.QueryRow(ctx, "SELECT count(*) FROM notes WHERE content = 'uncommitted'").Scan(&n); err != nil || n != 0 {
 		t.Fatalf("work of a client that left mid-transaction was kept: %d %v", n, err)
 	}
@@ -161,24 +147,6 @@ func (r *slowReader) Read(b []byte) (int, error) {
 	n := copy(b[:min(len(b), 10)], r.data)
 	r.data = r.data[n:]
 	return n, nil
-}
-
-// connectRetry connects, waiting briefly for the previous session's
-// connection to be released.
-func connectRetry(t *testing.T, p *proxytest.Proxy, sub string) *pgx.Conn {
-	t.Helper()
-	var last error
-	for range 20 {
-		conn, err := pgx.Connect(context.Background(), p.DSN(sub, p.Token(t, sub)))
-		if err == nil {
-			t.Cleanup(func() { conn.Close(context.Background()) })
-			return conn
-		}
-		last = err
-		time.Sleep(100 * time.Millisecond)
-	}
-	t.Fatalf("connect as %s: %v", sub, last)
-	return nil
 }
 
 // At --max-upstream-conns, clients wait, then get 53300 with a clear message.

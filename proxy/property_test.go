@@ -47,6 +47,7 @@ import (
 
 	"github.com/rlsproxy/rlsproxy/internal/demo"
 	"github.com/rlsproxy/rlsproxy/internal/proxytest"
+	"github.com/rlsproxy/rlsproxy/session"
 )
 
 const (
@@ -411,7 +412,8 @@ func (h *propertyHarness) checkB(sub string) (int, error) {
 		}
 	}
 	want("current_user", cu, "authenticated")
-	want("session_user", su, "authenticator")
+	// Every mode signs, so sessions log in as the role's own login.
+	want("session_user", su, session.LoginFor("authenticator", "authenticated"))
 	want("jwt.claims.sub", gucSub, sub)
 	want("request.jwt.claims sub", claimsSub, sub)
 	want("auth.user_id()", authSub, sub)

@@ -203,7 +203,7 @@ func TestDriverExpiryMidStreamNotReusable(t *testing.T) {
 func TestDriverHandOffWithServerBacklog(t *testing.T) {
 	for _, driver := range driverNames {
 		t.Run(driver, func(t *testing.T) {
-			g := newSessionGuard(guard.New(session.Policy{ClaimsSetting: "request.jwt.claims", ClaimPrefix: "jwt.claims."}, 100),
+			g := newSessionGuard(guard.New(testPolicy, 100),
 				NewMetrics(prometheus.NewRegistry()))
 			s := newDriverSession(t, g, 4096)
 			_ = s.proxyUp.SetWriteBuffer(4096)

@@ -99,7 +99,7 @@ func BenchmarkRelayTransaction(b *testing.B) {
 		&pgproto3.CommandComplete{CommandTag: []byte("SELECT 1")}, &pgproto3.ReadyForQuery{TxStatus: 'I'}} {
 		answer, _ = m.Encode(answer)
 	}
-	guard := newSessionGuard(guard.New(session.Policy{ClaimsSetting: "request.jwt.claims", ClaimPrefix: "jwt.claims."}, 100), nil)
+	guard := newSessionGuard(guard.New(testPolicy, 100), nil)
 	for _, tc := range []struct {
 		name  string
 		query []byte
@@ -183,7 +183,7 @@ func FuzzRelayGuarded(f *testing.F) {
 	}
 	f.Add(seed, uint8(3), uint8(16))
 	f.Add([]byte("Q\x00\x00\x00\x0bSELECT\x00"), uint8(1), uint8(8))
-	g := newSessionGuard(guard.New(session.Policy{ClaimsSetting: "request.jwt.claims", ClaimPrefix: "jwt.claims."}, 64), nil)
+	g := newSessionGuard(guard.New(testPolicy, 64), nil)
 	f.Fuzz(func(t *testing.T, stream []byte, chunk, buf uint8) {
 		r := newRelay(session.NewUpstream(nil, 1, &session.Grant{Role: "authenticated"}), nil, g, nil)
 		r.clientBuf, r.serverBuf = int(buf)+6, int(buf)+6
@@ -224,7 +224,7 @@ func FuzzRelayGuarded(f *testing.F) {
 // never go upstream) and the server fails a substitute, whose error becomes
 // 54000 for the client; the session goes on.
 func TestGuardFramesShareABudget(t *testing.T) {
-	g := newSessionGuard(guard.New(session.Policy{ClaimsSetting: "request.jwt.claims", ClaimPrefix: "jwt.claims."}, 64), nil)
+	g := newSessionGuard(guard.New(testPolicy, 64), nil)
 	held := newByteBudget(1000)
 	r := newRelay(session.NewUpstream(nil, 1, &session.Grant{Role: "authenticated"}), nil, g, held)
 	r.clientBuf, r.serverBuf = 64, 64

@@ -15,7 +15,6 @@ import (
 
 	"github.com/jackc/pgx/v5/pgproto3"
 
-	"github.com/rlsproxy/rlsproxy/internal/demo"
 	"github.com/rlsproxy/rlsproxy/internal/proxytest"
 )
 
@@ -24,34 +23,6 @@ const reviewWho = "SELECT current_user, current_setting('jwt.claims.sub', true),
 
 // reviewSelf is reviewWho's answer for user1 in its own identity.
 const reviewSelf = "T D:authenticated,user1,2 C:SELECT 1 Z"
-
-// reviewSession logs in as sub with extra startup parameters.
-func reviewSession(t *testing.T, p *proxytest.Proxy, sub string, params ...string) *rawClient {
-	t.Helper()
-	c := dialRaw(t, p.Addr)
-	_, _ = c.Write(startupPacket(3<<16, append([]string{"user", sub, "database", demo.Database}, params...)...))
-	c.receive(t)
-	c.send(t, &pgproto3.PasswordMessage{Password: p.Token(t, sub)})
-	for {
-		switch m := c.receive(t).(type) {
-		case *pgproto3.ReadyForQuery:
-			return c
-		case *pgproto3.ErrorResponse:
-			t.Fatalf("login: %s", m.Message)
-		}
-	}
-}
-
-// reviewEach sends each query alone and returns the answers to each.
-func reviewEach(t *testing.T, c *rawClient, queries ...string) []string {
-	t.Helper()
-	var out []string
-	for _, q := range queries {
-		c.send(t, &pgproto3.Query{String: q})
-		out = append(out, strings.Join(untilReady(t, c, 1), " "))
-	}
-	return out
-}
 
 // ---------------------------------------------------------------------------
 // Reproductions of what broke.
@@ -75,7 +46,7 @@ func TestReviewInstallStatementNotLeft(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			c := rawSession(t, p, "user1")
 			if tc.before != "" {
-				reviewEach(t, c, tc.before)
+				queryEach(t, c, tc.before)
 			}
 			c.send(t,
 				&pgproto3.Bind{Parameters: [][]byte{[]byte(tc.role), []byte("x")}},
@@ -118,7 +89,7 @@ func TestReviewSkippedReadings(t *testing.T) {
 	for _, tc := range cases {
 		for _, payload := range []string{"SET ROLE admin", "SET jwt.claims.sub = $$user2$$", "RESET ROLE"} {
 			t.Run(tc.name+"/"+payload, func(t *testing.T) {
-				c := reviewSession(t, p, "user1", tc.params...)
+				c := rawSession(t, p, "user1", tc.params...)
 				attack := "SELECT " + tc.poison + "'a\\'' ; " + payload + tc.tail + " ; --'"
 				c.send(t,
 					&pgproto3.Query{String: "SET standard_conforming_strings = off"},
@@ -196,9 +167,9 @@ func TestReviewGuardFrameNotReservedOnHeader(t *testing.T) {
 func TestReviewCopyInResetQueryRefused(t *testing.T) {
 	p := proxytest.Start(t, pg)
 	c := rawSession(t, p, "user1")
-	reviewEach(t, c, "CREATE TEMP TABLE review_copy (v text)")
+	queryEach(t, c, "CREATE TEMP TABLE review_copy (v text)")
 	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	got := reviewEach(t, c, "COPY review_copy FROM STDIN; RESET ROLE", reviewWho)
+	got := queryEach(t, c, "COPY review_copy FROM STDIN; RESET ROLE", reviewWho)
 	if !strings.HasPrefix(got[0], "E:42501") || got[1] != reviewSelf {
 		t.Fatalf("got %q", got)
 	}
@@ -223,7 +194,7 @@ func TestReviewResetsInTransactionsHold(t *testing.T) {
 		{"SELECT 1; RESET ROLE; DISCARD ALL", reviewWho}, // DISCARD ALL fails the implicit block
 	} {
 		c := rawSession(t, p, "user1")
-		for i, got := range reviewEach(t, c, seq...) {
+		for i, got := range queryEach(t, c, seq...) {
 			if seq[i] == reviewWho && got != reviewSelf {
 				t.Errorf("%q: step %d: %s", seq, i, got)
 			}
@@ -242,7 +213,7 @@ func TestReviewPipelinedScsFlipRefused(t *testing.T) {
 		if len(params) > 0 && params[0] == "options" {
 			flip = "on"
 		}
-		c := reviewSession(t, p, "user1", params...)
+		c := rawSession(t, p, "user1", params...)
 		c.send(t,
 			&pgproto3.Query{String: "SET standard_conforming_strings = " + flip},
 			&pgproto3.Query{String: "SELECT 'a\\'' ; SET ROLE admin ; --'"},
@@ -262,7 +233,7 @@ func TestReviewPipelinedScsFlipRefused(t *testing.T) {
 func TestReviewPooledLeftoversGone(t *testing.T) {
 	p := proxytest.Start(t, pg, proxytest.Pooled(1, 1))
 	a := rawSession(t, p, "user1")
-	pid := reviewEach(t, a,
+	pid := queryEach(t, a,
 		"SELECT pg_backend_pid()",
 		"LISTEN review_ch; SELECT pg_advisory_lock(4242); CREATE TEMP TABLE review_tmp (v int); PREPARE review_p AS SELECT 1; SET statement_timeout = 4242",
 		"BEGIN; DECLARE review_c CURSOR WITH HOLD FOR SELECT 1; SET LOCAL work_mem = '8MB'",
@@ -271,7 +242,7 @@ func TestReviewPooledLeftoversGone(t *testing.T) {
 	untilReady(t, a, 1)
 	a.send(t, &pgproto3.Terminate{})
 	b := rawSession(t, p, "user2")
-	got := reviewEach(t, b, `SELECT pg_backend_pid()::text || ',' || current_user || ',' || current_setting('jwt.claims.sub')
+	got := queryEach(t, b, `SELECT pg_backend_pid()::text || ',' || current_user || ',' || current_setting('jwt.claims.sub')
 		|| ',' || (SELECT count(*) FROM pg_prepared_statements) || ',' || (SELECT count(*) FROM pg_cursors)
 		|| ',' || (SELECT count(*) FROM pg_listening_channels()) || ',' || (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid())
 		|| ',' || (to_regclass('pg_temp.review_tmp') IS NULL) || ',' || current_setting('statement_timeout')`)[0]
@@ -303,7 +274,7 @@ func TestReviewDeepestInProcessStatementsParse(t *testing.T) {
 		c.send(t, &pgproto3.Query{String: q})
 		untilReady(t, c, 1)
 	}
-	if got := reviewEach(t, c, reviewWho)[0]; got != reviewSelf {
+	if got := queryEach(t, c, reviewWho)[0]; got != reviewSelf {
 		t.Fatal(got)
 	}
 }

@@ -11,8 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-
 	"github.com/rlsproxy/rlsproxy/auth"
 	"github.com/rlsproxy/rlsproxy/internal/proxytest"
 	"github.com/rlsproxy/rlsproxy/session"
@@ -31,7 +29,7 @@ func TestEachUserSeesOnlyOwnRows(t *testing.T) {
 	} {
 		t.Run(tc.user, func(t *testing.T) {
 			tok := p.Token(t, tc.user)
-			out, err := psql(t, p.DSN(tc.user, ""), tok, "-c", "SELECT content FROM notes ORDER BY id")
+			out, err := psql(t, p.DSN(tc.user, ""), tok, nil, "-c", "SELECT content FROM notes ORDER BY id")
 			if err != nil {
 				t.Fatalf("psql: %v\n%s", err, out)
 			}
@@ -203,7 +201,7 @@ func TestAuthenticationFailures(t *testing.T) {
 			}
 		})
 	}
-	out, err := psql(t, p.DSN("user1", ""), expired, "-c", "SELECT 1")
+	out, err := psql(t, p.DSN("user1", ""), expired, nil, "-c", "SELECT 1")
 	if err == nil || !strings.Contains(out, "token expired at") {
 		t.Fatalf("psql with an expired token: %v %s", err, out)
 	}
@@ -294,11 +292,7 @@ func TestClaimsNeverInStatementText(t *testing.T) {
 	secret := "sub-" + strings.Repeat("z", 12)
 	conn := connect(t, p, secret, p.Token(t, secret))
 	_ = conn
-	admin, err := pgx.Connect(context.Background(), pg.SuperDSN("app"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer admin.Close(context.Background())
+	admin := superConn(t)
 	var n int
 	if err := admin.QueryRow(context.Background(),
 		"SELECT count(*) FROM pg_stat_activity WHERE usename = 'authenticator' AND query LIKE '%set_config%'").Scan(&n); err != nil {

@@ -2,16 +2,12 @@ package proxy_test
 
 import (
 	"context"
-	"strings"
 	"testing"
 
 	"github.com/jackc/pgx/v5"
 
 	"github.com/rlsproxy/rlsproxy/internal/proxytest"
 )
-
-// withSigner signs every session's claims with the test key.
-func withSigner(s *proxytest.Setup) { s.Signer = signer }
 
 // signedRows reads signed_notes, whose policy is user_id = (SELECT
 // auth.user_id()): it returns the rows, or the error auth.* raised.
@@ -46,12 +42,11 @@ func TestSignedClaimsStandAlone(t *testing.T) {
 			if got, err := signedRows(victim); err != nil || len(got) != 1 || got[0] != "user2" {
 				t.Fatalf("the victim's own view: %v %v", got, err)
 			}
-			quote := func(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
 			claimAttacks := []struct{ name, sql string }{
 				{"forged claims", `SET request.jwt.claims = '{"sub":"user2","exp":4102444800}'`},
 				{"edited claims", "SELECT set_config('request.jwt.claims', replace(current_setting('request.jwt.claims'), 'user1', 'user2'), false)"},
-				{"copied claims and signature", "SET request.jwt.claims = " + quote(claims2) + "; SET rlsproxy.claims_signature = " + quote(sig2)},
-				{"replayed signature", "SET rlsproxy.claims_signature = " + quote(sig2)},
+				{"copied claims and signature", "SET request.jwt.claims = " + quoteLiteral(claims2) + "; SET rlsproxy.claims_signature = " + quoteLiteral(sig2)},
+				{"replayed signature", "SET rlsproxy.claims_signature = " + quoteLiteral(sig2)},
 				{"claims reset away", "RESET ALL"},
 				{"discard all", "DISCARD ALL"},
 			}

@@ -5,11 +5,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
-
-	"github.com/rlsproxy/rlsproxy/session"
 )
-
-var testPolicy = session.Policy{ClaimsSetting: "request.jwt.claims", ClaimPrefix: "jwt.claims."}
 
 func TestSplitOptions(t *testing.T) {
 	for in, want := range map[string][]string{

@@ -8,7 +8,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"encoding/binary"
 	"encoding/pem"
 	"io"
 	"math/big"
@@ -26,88 +25,6 @@ import (
 	"github.com/rlsproxy/rlsproxy/internal/proxytest"
 	"github.com/rlsproxy/rlsproxy/proxy"
 )
-
-// sendCancel sends a CancelRequest to the proxy.
-func sendCancel(addr string, pid, secret uint32) error {
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	msg := binary.BigEndian.AppendUint32(nil, 16)
-	msg = binary.BigEndian.AppendUint32(msg, 80877102)
-	msg = binary.BigEndian.AppendUint32(msg, pid)
-	msg = binary.BigEndian.AppendUint32(msg, secret)
-	if _, err := c.Write(msg); err != nil {
-		return err
-	}
-	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	_, err = c.Read(make([]byte, 1)) // the proxy closes without a word
-	if err == io.EOF {
-		return nil
-	}
-	return err
-}
-
-// rawClient speaks the protocol by hand, for what drivers will not send.
-type rawClient struct {
-	net.Conn
-	fe *pgproto3.Frontend
-}
-
-func dialRaw(t *testing.T, addr string) *rawClient {
-	t.Helper()
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-	return &rawClient{Conn: c, fe: pgproto3.NewFrontend(c, c)}
-}
-
-func (c *rawClient) send(t *testing.T, msgs ...pgproto3.FrontendMessage) {
-	t.Helper()
-	for _, m := range msgs {
-		c.fe.Send(m)
-	}
-	if err := c.fe.Flush(); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func (c *rawClient) receive(t *testing.T) pgproto3.BackendMessage {
-	t.Helper()
-	m, err := c.fe.Receive()
-	if err != nil {
-		t.Fatalf("receive: %v", err)
-	}
-	return m
-}
-
-// rawSession logs in as sub through the proxy and reads up to ReadyForQuery.
-func rawSession(t *testing.T, p *proxytest.Proxy, sub string) *rawClient {
-	t.Helper()
-	c := dialRaw(t, p.Addr)
-	_, _ = c.Write(startupPacket(3<<16, "user", sub, "database", demo.Database))
-	c.receive(t)
-	c.send(t, &pgproto3.PasswordMessage{Password: p.Token(t, sub)})
-	for {
-		if _, ok := c.receive(t).(*pgproto3.ReadyForQuery); ok {
-			return c
-		}
-	}
-}
-
-// startupPacket builds a StartupMessage with any protocol version.
-func startupPacket(version uint32, params ...string) []byte {
-	body := binary.BigEndian.AppendUint32(nil, version)
-	for _, p := range params {
-		body = append(append(body, p...), 0)
-	}
-	body = append(body, 0)
-	return append(binary.BigEndian.AppendUint32(nil, uint32(len(body)+4)), body...)
-}
 
 // A protocol 3.2 client is negotiated down to 3.0 with
 // NegotiateProtocolVersion, which also lists the _pq_ options refused.
@@ -210,7 +127,7 @@ func TestStartupLimits(t *testing.T) {
 func TestStartupParameters(t *testing.T) {
 	p := proxytest.Start(t, pg)
 	tok := p.Token(t, "user1")
-	out, err := psql(t, p.DSN("user1", "")+" application_name=myapp options='-c search_path=pg_catalog,public -c statement_timeout=1234'", tok,
+	out, err := psql(t, p.DSN("user1", "")+" application_name=myapp options='-c search_path=pg_catalog,public -c statement_timeout=1234'", tok, nil,
 		"-c", "SELECT current_setting('application_name'), current_setting('search_path'), current_setting('statement_timeout')")
 	if err != nil || out != "myapp|pg_catalog,public|1234ms" {
 		t.Fatalf("forwarded parameters: %q %v", out, err)
@@ -225,7 +142,7 @@ func TestStartupParameters(t *testing.T) {
 		{"options='-B 100'", `"-B"`},
 		{"replication=database", "replication"},
 	} {
-		out, err := psql(t, p.DSN("user1", "")+" "+tc.extra, tok, "-c", "SELECT 1")
+		out, err := psql(t, p.DSN("user1", "")+" "+tc.extra, tok, nil, "-c", "SELECT 1")
 		if err == nil || !strings.Contains(out, tc.want) || !strings.Contains(out, "not allowed") {
 			t.Errorf("%s: want refusal naming %s, got %v %q", tc.extra, tc.want, err, out)
 		}
@@ -241,7 +158,7 @@ func TestDatabases(t *testing.T) {
 		t.Fatalf("got %s %s", e.Code, e.Message)
 	}
 	any := proxytest.Start(t, pg, func(c *proxytest.Setup) { c.Databases = []string{"*"} })
-	out, err := psql(t, strings.Replace(any.DSN("user1", ""), "dbname=app", "dbname=postgres", 1), any.Token(t, "user1"), "-c", "SELECT current_database()")
+	out, err := psql(t, strings.Replace(any.DSN("user1", ""), "dbname=app", "dbname=postgres", 1), any.Token(t, "user1"), nil, "-c", "SELECT current_database()")
 	if err != nil || out != "postgres" {
 		t.Fatalf("with --databases '*': %q %v", out, err)
 	}
@@ -307,7 +224,7 @@ func TestPlaintextFromRemotePeer(t *testing.T) {
 
 	ca := newTestCA(t)
 	secure := proxytest.StartListener(t, pg, listen(), func(c *proxytest.Setup) { c.TLS = ca.serverConfig })
-	out, err := psql(t, secure.DSN("user1", "")+" sslmode=require", secure.Token(t, "user1"), "-c", "SELECT count(*) FROM notes")
+	out, err := psql(t, secure.DSN("user1", "")+" sslmode=require", secure.Token(t, "user1"), nil, "-c", "SELECT count(*) FROM notes")
 	if err != nil || out != "2" {
 		t.Fatalf("TLS from a remote peer: %q %v", out, err)
 	}
@@ -326,7 +243,7 @@ func TestTLS(t *testing.T) {
 	} {
 		dsn := strings.Replace(p.DSN("user1", ""), "sslmode=disable", mode, 1)
 		dsn = strings.Replace(dsn, "host=127.0.0.1", "host=localhost", 1)
-		out, err := psql(t, dsn, tok, "-c", "SELECT count(*) FROM notes")
+		out, err := psql(t, dsn, tok, nil, "-c", "SELECT count(*) FROM notes")
 		if err != nil || out != "2" {
 			t.Fatalf("%s: %q %v", mode, out, err)
 		}
@@ -341,7 +258,7 @@ func TestTLS(t *testing.T) {
 	conn.Close(context.Background())
 
 	plain := proxytest.Start(t, pg)
-	out, err := psql(t, strings.Replace(plain.DSN("user1", ""), "sslmode=disable", "sslmode=require", 1), tok, "-c", "SELECT 1")
+	out, err := psql(t, strings.Replace(plain.DSN("user1", ""), "sslmode=disable", "sslmode=require", 1), tok, nil, "-c", "SELECT 1")
 	if err == nil || !strings.Contains(out, "does not support SSL") {
 		t.Fatalf("sslmode=require without a certificate: %q %v", out, err)
 	}
@@ -399,7 +316,7 @@ func TestUnixSocket(t *testing.T) {
 		t.Fatal(err)
 	}
 	p := proxytest.StartListener(t, pg, l)
-	out, err := psql(t, "host="+dir+" port=6499 dbname=app user=user2", p.Token(t, "user2"), "-c", "SELECT content FROM notes")
+	out, err := psql(t, "host="+dir+" port=6499 dbname=app user=user2", p.Token(t, "user2"), nil, "-c", "SELECT content FROM notes")
 	if err != nil || out != "user2: water the plants" {
 		t.Fatalf("over the unix socket: %q %v", out, err)
 	}

@@ -15,39 +15,6 @@ import (
 // the sequences where PostgreSQL answers fewer than one ReadyForQuery per
 // Query and Sync.
 
-// untilReady reads answers up to the n-th ReadyForQuery, as short strings.
-func untilReady(t *testing.T, c *rawClient, n int) []string {
-	t.Helper()
-	var seq []string
-	for n > 0 {
-		switch m := c.receive(t).(type) {
-		case *pgproto3.ErrorResponse:
-			seq = append(seq, "E:"+m.Code)
-			if m.Severity == "FATAL" {
-				return seq
-			}
-		case *pgproto3.ReadyForQuery:
-			seq = append(seq, "Z")
-			n--
-		case *pgproto3.DataRow:
-			var vals []string
-			for _, v := range m.Values {
-				vals = append(vals, string(v))
-			}
-			seq = append(seq, "D:"+strings.Join(vals, ","))
-		case *pgproto3.CommandComplete:
-			seq = append(seq, "C:"+string(m.CommandTag))
-		case *pgproto3.CopyInResponse:
-			seq = append(seq, "G")
-		case *pgproto3.RowDescription:
-			seq = append(seq, "T")
-		default:
-			seq = append(seq, "?")
-		}
-	}
-	return seq
-}
-
 // After an error, PostgreSQL skips a Query sent before the batch's Sync; the
 // ledger learns it from the error and keeps the count exact, so a later
 // reset is re-established and its answers stay out of the client's sight.
