@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"sync"
 	"time"
@@ -42,6 +43,9 @@ type ParseLimits struct {
 	// Timeout bounds one parse, waiting for a free helper included
 	// (default 15s).
 	Timeout time.Duration
+	// Logger hears of helpers that crash or time out (nil: discarded): the
+	// client sees only that its statement was refused.
+	Logger *slog.Logger
 }
 
 // guardSandbox names the helpers' handler; policyEnv carries the policy.
@@ -121,6 +125,7 @@ func (g *Guard) IsolateParsing(l ParseLimits) error {
 		MemoryLimit: l.Memory,
 		Timeout:     l.Timeout,
 		MaxRequest:  l.MaxStatement*4/3 + 1024, // base64
+		Logger:      l.Logger,
 	})
 	return nil
 }

@@ -88,13 +88,16 @@ type Proxy struct {
 }
 
 // Setup is what a test proxy is made of. Options change it before the proxy
-// starts; the pool (Config.Pool) is built from the fields after Config.
+// starts; the guard (Config.Guard) and the pool (Config.Pool) are built from
+// the fields after Config.
 type Setup struct {
 	proxy.Config
-	Upstream   string // DSN of the service login
-	Policy     session.Policy
-	Signer     *session.Signer
-	PoolConfig session.PoolConfig
+	Upstream     string // DSN of the service login
+	Policy       session.Policy
+	Signer       *session.Signer
+	PoolConfig   session.PoolConfig
+	GuardOff     bool
+	GuardOptions []guard.Option
 }
 
 // Option changes the setup before the proxy starts.
@@ -109,7 +112,10 @@ func Pooled(size, maxConns int) Option {
 }
 
 // GuardOff turns the SQL guard off.
-func GuardOff(s *Setup) { s.Guard = nil }
+func GuardOff(s *Setup) { s.GuardOff = true }
+
+// AllowCode lets through code the guard cannot see into (--guard-allow-code).
+func AllowCode(s *Setup) { s.GuardOptions = append(s.GuardOptions, guard.AllowCode) }
 
 // GoroutineRelay relays every session with a goroutine per direction, as
 // TLS sessions are, instead of on the event loops.
@@ -174,14 +180,9 @@ func StartListener(t testing.TB, pg *Postgres, l net.Listener, opts ...Option) *
 		time.Sleep(10 * time.Millisecond)
 	}
 	logs := &syncBuffer{}
-	sqlGuard := guard.New(DefaultPolicy(), 1000)
-	if err := sqlGuard.IsolateParsing(guard.ParseLimits{}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(sqlGuard.Close)
 	setup := Setup{
 		Config: proxy.Config{
-			Verifier: verifier, Guard: sqlGuard,
+			Verifier:          verifier,
 			TerminateOnExpiry: true, StartupTimeout: 10 * time.Second,
 			Logger:  slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 			Metrics: metrics,
@@ -192,6 +193,14 @@ func StartListener(t testing.TB, pg *Postgres, l net.Listener, opts ...Option) *
 	Pooled(4, 0)(&setup) // the suite runs pooled, as production does by default
 	for _, o := range opts {
 		o(&setup)
+	}
+	if !setup.GuardOff {
+		sqlGuard := guard.New(setup.Policy, 1000, setup.GuardOptions...)
+		if err := sqlGuard.IsolateParsing(guard.ParseLimits{Logger: setup.Logger}); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(sqlGuard.Close)
+		setup.Guard = sqlGuard
 	}
 	dialer, err := session.NewDialer(setup.Upstream, setup.Signer)
 	if err != nil {
