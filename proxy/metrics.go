@@ -3,6 +3,8 @@ package proxy
 import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promauto"
+
+	"github.com/rlsproxy/rlsproxy/session"
 )
 
 // Metrics are the proxy's Prometheus series. They are registered on the
@@ -70,4 +72,16 @@ func (m *Metrics) TokenCacheLookup(hit bool) {
 	} else {
 		m.tokenCache.WithLabelValues("miss").Inc()
 	}
+}
+
+// RegisterPool registers gauges of p's upstream connections on reg: how
+// many are open and how many of them wait idle for the next session.
+func RegisterPool(reg prometheus.Registerer, p *session.Pool) {
+	f := promauto.With(reg)
+	f.NewGaugeFunc(prometheus.GaugeOpts{Name: "rlsproxy_upstream_connections",
+		Help: "Upstream connections open now, in use or idle in the pool."},
+		func() float64 { open, _ := p.Stats(); return float64(open) })
+	f.NewGaugeFunc(prometheus.GaugeOpts{Name: "rlsproxy_upstream_connections_idle",
+		Help: "Upstream connections idle in the pool, kept for the next session of their role."},
+		func() float64 { _, idle := p.Stats(); return float64(idle) })
 }

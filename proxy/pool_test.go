@@ -178,3 +178,30 @@ func TestPoolMaxUpstreamConns(t *testing.T) {
 		t.Fatalf("after the holder left: %v", err)
 	}
 }
+
+// /metrics shows the pool: a connection in use while its session lasts,
+// then idle in the pool once the client leaves.
+func TestPoolMetrics(t *testing.T) {
+	p := proxytest.Start(t, pg, proxytest.Pooled(1, 1))
+	gauges := func() string {
+		out, _ := scrapeMetrics(p)
+		var lines []string
+		for _, l := range strings.Split(out, "\n") {
+			if strings.HasPrefix(l, "rlsproxy_upstream_connections") {
+				lines = append(lines, l)
+			}
+		}
+		return strings.Join(lines, "; ")
+	}
+	c := connect(t, p, "user1", p.Token(t, "user1"))
+	if got, want := gauges(), "rlsproxy_upstream_connections 1; rlsproxy_upstream_connections_idle 0"; got != want {
+		t.Fatalf("in use: %s, want %s", got, want)
+	}
+	c.Close(context.Background())
+	want := "rlsproxy_upstream_connections 1; rlsproxy_upstream_connections_idle 1"
+	for deadline := time.Now().Add(5 * time.Second); gauges() != want; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("after the client left: %s, want %s", gauges(), want)
+		}
+	}
+}

@@ -73,6 +73,7 @@ func runProxy(ctx context.Context, cfg *serveConfig, log *slog.Logger, ready fun
 	pc := cfg.proxy
 	pc.Verifier, pc.Guard, pc.Logger, pc.Metrics = verifier, sqlGuard, log, metrics
 	pc.Pool = session.NewPool(cfg.dialer, cfg.policy, cfg.pool)
+	proxy.RegisterPool(reg, pc.Pool)
 	srv, err := proxy.New(pc)
 	if err != nil {
 		return err

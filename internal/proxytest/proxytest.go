@@ -208,6 +208,7 @@ func StartListener(t testing.TB, pg *Postgres, l net.Listener, opts ...Option) *
 	}
 	cfg := setup.Config
 	cfg.Pool = session.NewPool(dialer, setup.Policy, setup.PoolConfig)
+	proxy.RegisterPool(reg, cfg.Pool)
 	t.Cleanup(cfg.Pool.Close)
 	srv, err := proxy.New(cfg)
 	if err != nil {
