@@ -49,6 +49,7 @@ type serveConfig struct {
 
 type guardConfig struct {
 	cacheSize int
+	allowCode bool
 	limits    guard.ParseLimits
 }
 
@@ -164,10 +165,21 @@ func (o *serveOptions) config(log *slog.Logger, dev *devOptions) (*serveConfig, 
 	}
 
 	if o.guard == "on" {
-		cfg.guard = &guardConfig{cacheSize: guardCacheSize, limits: guard.ParseLimits{
+		// Code the guard cannot see into is safe to let through only when
+		// the database itself keeps the session in its role and verifies
+		// its claims: one login per role, which a signing key brings
+		// (`rlsproxy dev` without --upstream makes its own key).
+		byDatabase := cfg.signer != nil || (dev != nil && o.upstream == "")
+		if o.guardAllowCode && !byDatabase {
+			return nil, errors.New("--guard-allow-code needs --signing-key-file: without it the service login can reach every mapped role, and only the guard keeps code from changing the session's role")
+		}
+		cfg.guard = &guardConfig{cacheSize: guardCacheSize, allowCode: o.guardAllowCode, limits: guard.ParseLimits{
 			Helpers: o.guardParsers, Memory: uint64(o.guardParserMemory) << 20,
 		}}
 	} else {
+		if o.guardAllowCode {
+			return nil, errors.New("--guard-allow-code is for --guard on: with --guard off everything is let through already")
+		}
 		warnings = append(warnings, warning{msg: "--guard off: clients can change their role and claims with SQL; only signed claims (--signing-key-file) and the database's privileges protect identity"})
 	}
 	cfg.pool = session.PoolConfig{

@@ -97,6 +97,8 @@ func TestServeConfigErrors(t *testing.T) {
 		{"key without cert", serveArgs("--tls-key", certKey), "give --tls-cert and --tls-key together"},
 		{"bad key pair", serveArgs("--tls-cert", cert, "--tls-key", key), "--tls-cert/--tls-key"},
 		{"pprof without admin", serveArgs("--pprof", "--admin-listen", ""), "--pprof"},
+		{"allow code unsigned", serveArgs("--guard-allow-code"), "--guard-allow-code needs --signing-key-file"},
+		{"allow code guard off", serveArgs("--guard-allow-code", "--guard", "off", "--signing-key-file", key), "--guard-allow-code is for --guard on"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg, logs, err := checkServe(t, tc.args, nil)
@@ -145,6 +147,14 @@ func TestServeConfig(t *testing.T) {
 		t.Errorf("proxy %+v", cfg.proxy)
 	case cfg.dev != nil:
 		t.Errorf("dev %+v", cfg.dev)
+	}
+
+	cfg, _, err = checkServe(t, serveArgs("--signing-key-file", key, "--guard-allow-code"), nil)
+	if err != nil || cfg.guard == nil || !cfg.guard.allowCode {
+		t.Fatalf("--guard-allow-code: %v %+v", err, cfg)
+	}
+	if cfg, _, _ = checkServe(t, serveArgs("--signing-key-file", key), nil); cfg.guard.allowCode {
+		t.Fatal("code allowed without --guard-allow-code")
 	}
 
 	cfg, _, err = checkServe(t, serveArgs("--issuer", "", "--cognito-region", "eu-west-1", "--cognito-user-pool-id", "eu-west-1_X"), nil)

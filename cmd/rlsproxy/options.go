@@ -207,11 +207,13 @@ func (o *signingOptions) registerSigning(fs *flag.FlagSet) {
 
 type guardOptions struct {
 	guard                           string
+	guardAllowCode                  bool
 	guardParsers, guardParserMemory int
 }
 
 func (o *guardOptions) registerGuard(fs *flag.FlagSet) {
 	enumVar(fs, &o.guard, "guard", "on", []string{"on", "off"}, "on: refuse SQL that could change the session's identity or run hidden code; off: forward everything")
+	fs.BoolVar(&o.guardAllowCode, "guard-allow-code", false, "let through code the guard cannot see into (DO blocks, functions, triggers, rules: Sequelize, migrations); needs --signing-key-file, with which the database keeps each session in its role and verifies its claims")
 	fs.IntVar(&o.guardParsers, "guard-parsers", 2, "helper processes that parse statements over 4 KB for the guard: how many such statements are checked at once")
 	fs.IntVar(&o.guardParserMemory, "guard-parser-memory", 1024, "memory limit of each guard parser process, in MiB; a statement whose parse needs more is refused (54000)")
 }

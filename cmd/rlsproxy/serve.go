@@ -46,7 +46,11 @@ func cmdServe(args []string) error {
 func runProxy(ctx context.Context, cfg *serveConfig, log *slog.Logger, ready func(addrs []net.Addr)) error {
 	var sqlGuard *guard.Guard
 	if cfg.guard != nil {
-		sqlGuard = guard.New(cfg.policy, cfg.guard.cacheSize)
+		var opts []guard.Option
+		if cfg.guard.allowCode {
+			opts = append(opts, guard.AllowCode)
+		}
+		sqlGuard = guard.New(cfg.policy, cfg.guard.cacheSize, opts...)
 		limits := cfg.guard.limits
 		limits.Logger = log
 		if err := sqlGuard.IsolateParsing(limits); err != nil {
