@@ -129,47 +129,65 @@ var clients = []client{
 	},
 }
 
+// setups are the two database setups a client meets: the recommended one
+// (one login per mapped role, signed claims) and the earlier one (the
+// service login a member of every mapped role).
+var setups = []struct {
+	name string
+	opts []proxytest.Option
+}{
+	{"per-role logins", []proxytest.Option{recommended}},
+	{"shared login", nil},
+}
+
 // TestClients runs each client through the proxy as user1 and as user2, each
-// with a fresh token, and once with a password that is not a token.
+// with a fresh token, and once with a password that is not a token, in each
+// setup.
 func TestClients(t *testing.T) {
 	for _, c := range clients {
 		t.Run(c.name, func(t *testing.T) {
 			argv := c.setup(t)
-			p := proxytest.Start(t, pg)
-			// user2 connects with sslmode=prefer, libpq's and pgjdbc's
-			// default: the proxy has no TLS here, answers SSLRequest with N,
-			// and the driver goes on in plaintext over loopback.
-			// node-postgres has no prefer mode and ignores the setting.
-			for _, run := range []struct{ user, sslmode string }{{"user1", "disable"}, {"user2", "prefer"}} {
-				user := run.user
-				t.Run(user, func(t *testing.T) {
-					res := runClient(t, argv, clientEnv(p, user, p.Token(t, user), run.sslmode))
-					if res.err != nil {
-						t.Fatalf("%s as %s: %v\n%s", c.name, user, res.err, res)
-					}
-					checkOutput(t, res, c.checks, user)
-				})
+			for _, s := range setups {
+				t.Run(s.name, func(t *testing.T) { testClient(t, c, argv, s.opts) })
 			}
-			t.Run("not_a_token", func(t *testing.T) {
-				res := runClient(t, argv, clientEnv(p, "user1", "not-a-token", "disable"))
-				var ee *exec.ExitError
-				if !errors.As(res.err, &ee) || ee.ExitCode() != 3 {
-					t.Fatalf("%s with a bad password: want a refused connection (exit status 3), got %v\n%s", c.name, res.err, res)
-				}
-				state, msg, ok := connectError(res.stdout)
-				if !ok {
-					t.Fatalf("%s printed no connect_error line\n%s", c.name, res)
-				}
-				// The proxy answers FATAL 28P01 "the password is not a JWT: ...".
-				if !strings.Contains(msg, "not a JWT") {
-					t.Errorf("%s refusal %q does not say the password is not a JWT", c.name, msg)
-				}
-				if c.refusedSQLState != "" && state != c.refusedSQLState {
-					t.Errorf("%s refusal SQLSTATE = %q, want %q (message %q)", c.name, state, c.refusedSQLState, msg)
-				}
-			})
 		})
 	}
+}
+
+func testClient(t *testing.T, c client, argv []string, opts []proxytest.Option) {
+	p := proxytest.Start(t, pg, opts...)
+	// user2 connects with sslmode=prefer, libpq's and pgjdbc's default: the
+	// proxy has no TLS here, answers SSLRequest with N, and the driver goes
+	// on in plaintext over loopback. node-postgres has no prefer mode and
+	// ignores the setting.
+	for _, run := range []struct{ user, sslmode string }{{"user1", "disable"}, {"user2", "prefer"}} {
+		user := run.user
+		t.Run(user, func(t *testing.T) {
+			res := runClient(t, argv, clientEnv(p, user, p.Token(t, user), run.sslmode))
+			if res.err != nil {
+				t.Fatalf("%s as %s: %v\n%s", c.name, user, res.err, res)
+			}
+			checkOutput(t, res, c.checks, user)
+		})
+	}
+	t.Run("not_a_token", func(t *testing.T) {
+		res := runClient(t, argv, clientEnv(p, "user1", "not-a-token", "disable"))
+		var ee *exec.ExitError
+		if !errors.As(res.err, &ee) || ee.ExitCode() != 3 {
+			t.Fatalf("%s with a bad password: want a refused connection (exit status 3), got %v\n%s", c.name, res.err, res)
+		}
+		state, msg, ok := connectError(res.stdout)
+		if !ok {
+			t.Fatalf("%s printed no connect_error line\n%s", c.name, res)
+		}
+		// The proxy answers FATAL 28P01 "the password is not a JWT: ...".
+		if !strings.Contains(msg, "not a JWT") {
+			t.Errorf("%s refusal %q does not say the password is not a JWT", c.name, msg)
+		}
+		if c.refusedSQLState != "" && state != c.refusedSQLState {
+			t.Errorf("%s refusal SQLSTATE = %q, want %q (message %q)", c.name, state, c.refusedSQLState, msg)
+		}
+	})
 }
 
 // clientEnv is the environment of a client connecting as user with password
