@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -230,7 +232,13 @@ func (s *Server) reject(c *clientConn, err error, stage string) {
 		s.cfg.Metrics.auth.WithLabelValues(ce.reason).Inc()
 	}
 	if !isProtocolNoise(err) {
-		s.log.Info("connection refused", "peer", hostOf(c.RemoteAddr()), "stage", stage, "reason", ce.reason, "error", ce.msg)
+		// A database that fails the proxy is the operator's to fix; a
+		// client refused is routine.
+		level := slog.LevelInfo
+		if strings.HasPrefix(ce.reason, "upstream") {
+			level = slog.LevelWarn
+		}
+		s.log.Log(context.Background(), level, "connection refused", "peer", hostOf(c.RemoteAddr()), "stage", stage, "reason", ce.reason, "error", ce.msg)
 		_ = c.SetWriteDeadline(time.Now().Add(time.Second))
 		_, _ = c.Write(encodeError(nil, "FATAL", ce))
 	}

@@ -82,7 +82,12 @@ func toClientError(err error) *clientError {
 	var se *session.OpenError
 	if errors.As(err, &se) {
 		ce := &clientError{code: codeUnableToConnect, msg: se.Error(), reason: "upstream_connect"}
-		if se.Stage == session.StageInstall {
+		switch {
+		case errors.Is(err, session.ErrPlantedSettings):
+			ce.code, ce.reason = codeConnectionFailure, "upstream_planted_settings"
+		case errors.Is(err, session.ErrLoginPassword):
+			ce.reason = "upstream_login_password"
+		case se.Stage == session.StageInstall:
 			ce.code, ce.reason = codeConnectionFailure, "upstream_setup"
 		}
 		var pgErr *pgconn.PgError

@@ -2,6 +2,7 @@ package session
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"time"
@@ -33,6 +34,18 @@ func (e *OpenError) Error() string {
 }
 
 func (e *OpenError) Unwrap() error { return e.Err }
+
+// ErrPlantedSettings refuses a connection whose login carries settings of
+// its own: a session that reached the login (RESET ROLE) may have planted
+// them, with ALTER ROLE ... SET, for every later session of its role.
+var ErrPlantedSettings = errors.New("the login role carries settings of its own (ALTER ROLE ... SET), which a client session may have planted: refusing the connection (`rlsproxy check` lists them; `rlsproxy sql` removes them)")
+
+// ErrLoginPassword is a role's own login refusing the password derived from
+// the signing key: the key is not the one `rlsproxy sql` provisioned, or a
+// session that reached the login changed its password (ALTER ROLE ...
+// PASSWORD), which denies service to its role until `rlsproxy sql` runs
+// again.
+var ErrLoginPassword = errors.New("the login refused the password derived from --signing-key-file: the key is not the one `rlsproxy sql` provisioned, or a client session changed the login's password (`rlsproxy check` tells which; `rlsproxy sql` sets it again)")
 
 // Dialer logs in upstream with the service credentials.
 type Dialer struct {
@@ -98,6 +111,10 @@ func (d *Dialer) Open(ctx context.Context, database string, params map[string]st
 	}
 	conn, err := pgconn.ConnectConfig(ctx, cfg)
 	if err != nil {
+		var pgErr *pgconn.PgError
+		if d.signer != nil && errors.As(err, &pgErr) && pgErr.Code == "28P01" {
+			err = fmt.Errorf("login %s: %w: %w", cfg.User, ErrLoginPassword, err)
+		}
 		return nil, &OpenError{Stage: StageConnect, Err: err}
 	}
 	hc, err := conn.Hijack()

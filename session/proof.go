@@ -4,7 +4,6 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"strconv"
 
@@ -229,7 +228,7 @@ func plantedCheck(b *Batch) *Batch {
 	c := &Batch{nonce: b.nonce + "p", status: b.status}
 	c.exec(plantedSQL, []uint32{textOID}, nil, [][]byte{[]byte(c.nonce)}, func(cols [][]byte) error {
 		if len(cols) == 2 && string(cols[1]) == c.nonce && string(cols[0]) == "f" {
-			return errors.New("the login role carries settings of its own (ALTER ROLE ... SET), which a client session may have planted: refusing the connection (`rlsproxy check` lists them; `rlsproxy sql` removes them)")
+			return ErrPlantedSettings
 		}
 		return c.provedBy("the check for planted settings")(cols)
 	})
