@@ -2,9 +2,13 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
+	"io/fs"
 	"net"
 	"net/http"
 	"os"
@@ -80,6 +84,15 @@ func cmdDev(args []string) error {
 
 	upstreamNote := o.upstream
 	if cfg.dialer == nil {
+		// The recommended setup: one login per mapped role, signed claims,
+		// with a key of the dev dir's unless --signing-key-file names one.
+		keyFile := o.signingKeyFile
+		if cfg.signer == nil {
+			keyFile = filepath.Join(cfg.dev.dir, "signing.key")
+			if cfg.signer, err = loadOrCreateSigningKey(keyFile); err != nil {
+				return err
+			}
+		}
 		fmt.Fprintln(os.Stderr, "rlsproxy dev: starting a throwaway PostgreSQL...")
 		cluster, err := pgtemp.Start(ctx, pgtemp.Options{})
 		if err != nil {
@@ -90,10 +103,15 @@ func cmdDev(args []string) error {
 		if err != nil {
 			return err
 		}
+		if err := demo.Recommended(ctx, cluster, cfg.signer, cfg.policy, cfg.auth.Leeway); err != nil {
+			return err
+		}
 		if cfg.dialer, err = session.NewDialer(dsn, cfg.signer); err != nil {
 			return err
 		}
-		upstreamNote = fmt.Sprintf("throwaway PostgreSQL on 127.0.0.1:%d, database %s (removed on exit)", cluster.Port, demo.Database)
+		upstreamNote = fmt.Sprintf("throwaway PostgreSQL on 127.0.0.1:%d, database %s (removed on exit);\n"+
+			"            one login per role (%s), claims signed with %s",
+			cluster.Port, demo.Database, session.LoginFor(demo.Login, cfg.policy.DefaultRole), keyFile)
 	}
 
 	return runProxy(ctx, cfg, log, func(addrs []net.Addr) {
@@ -103,6 +121,28 @@ func cmdDev(args []string) error {
 		}
 		fmt.Print(devBanner(addrs, issuer.URL, upstreamNote, tokens))
 	})
+}
+
+// loadOrCreateSigningKey reads the dev dir's signing key, first writing a
+// new random one if there is none: the same key across runs, as a
+// deployment would keep one.
+func loadOrCreateSigningKey(path string) (*session.Signer, error) {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	switch {
+	case err == nil:
+		key := make([]byte, 32)
+		_, _ = rand.Read(key)
+		_, err = fmt.Fprintln(f, hex.EncodeToString(key))
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return nil, err
+		}
+	case !errors.Is(err, fs.ErrExist):
+		return nil, err
+	}
+	return session.LoadSigner(path)
 }
 
 func devBanner(addrs []net.Addr, issuerURL, upstream string, tokens map[string]string) string {
@@ -115,8 +155,10 @@ func devBanner(addrs []net.Addr, issuerURL, upstream string, tokens map[string]s
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "\nrlsproxy dev is running.\n  proxy:    %s:%s\n  issuer:   %s (JWKS at /.well-known/jwks.json)\n  upstream: %s\n\n", host, port, issuerURL, upstream)
+	b.WriteString("Table notes has the seed article's policy, user_id = current_setting('jwt.claims.sub');\n" +
+		"table todos the recommended one, user_id = (SELECT auth.user_id()), which verifies the claims' signature.\n\n")
 	for _, sub := range []string{"user1", "user2"} {
-		fmt.Fprintf(&b, "As %s (sees only %s's notes):\n  PGPASSWORD='%s' psql \"host=%s port=%s dbname=%s user=%s sslmode=disable\" -c 'SELECT * FROM notes'\n\n",
+		fmt.Fprintf(&b, "As %s (sees only %s's rows):\n  PGPASSWORD='%s' psql \"host=%s port=%s dbname=%s user=%s sslmode=disable\" -c 'SELECT * FROM notes' -c 'SELECT * FROM todos'\n\n",
 			sub, sub, tokens[sub], host, port, demo.Database, sub)
 	}
 	b.WriteString("More tokens: rlsproxy token --sub user1 [--groups g1,g2] [--ttl 1h]\nPress Ctrl-C to stop.\n")

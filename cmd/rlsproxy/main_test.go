@@ -107,9 +107,11 @@ func TestDevQuickstart(t *testing.T) {
 			t.Fatalf("rlsproxy dev printed no psql lines:\n%s", stderr.String())
 		}
 	}
+	// Both tables: the seed's policy (notes) and the recommended one
+	// (todos, auth.user_id()).
 	want := map[string]string{
-		"user1": "1|user1|user1: buy milk\n2|user1|user1: call the bank",
-		"user2": "3|user2|user2: water the plants",
+		"user1": "1|user1|user1: buy milk\n2|user1|user1: call the bank\n1|user1|user1: review the pull request",
+		"user2": "3|user2|user2: water the plants\n2|user2|user2: book the train",
 	}
 	for _, l := range psqlLines {
 		user := regexp.MustCompile(`user=(\w+)`).FindStringSubmatch(l)[1]
@@ -125,10 +127,15 @@ func TestDevQuickstart(t *testing.T) {
 	}
 	conninfo := regexp.MustCompile(`"(host=[^"]+)"`).FindStringSubmatch(psqlLines[0])[1]
 	conninfo = strings.Replace(conninfo, "user=user1", "user=user2", 1)
-	c := exec.Command("psql", "-X", "-A", "-t", conninfo, "-c", "SELECT count(*) FROM notes")
+	c := exec.Command("psql", "-X", "-A", "-t", conninfo, "-c", "SELECT count(*) FROM notes",
+		"-c", "SELECT session_user, current_user, auth.user_id()")
 	c.Env = append(os.Environ(), "PGPASSWORD="+strings.TrimSpace(string(tok)))
-	if out, err := c.CombinedOutput(); err != nil || strings.TrimSpace(string(out)) != "1" {
+	// The recommended mode: the role's own login, signed claims.
+	if out, err := c.CombinedOutput(); err != nil || strings.TrimSpace(string(out)) != "1\nauthenticator_authenticated|authenticated|user2" {
 		t.Fatalf("with a minted token: %v %s", err, out)
+	}
+	if key, err := os.ReadFile(filepath.Join(devDir, "signing.key")); err != nil || len(strings.TrimSpace(string(key))) != 64 {
+		t.Fatalf("the dev dir's signing key: %v %q", err, key)
 	}
 
 	cmd.Process.Signal(syscall.SIGTERM)
