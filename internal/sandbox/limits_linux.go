@@ -56,8 +56,36 @@ func applyLimits(memory uint64) error {
 	// must not take the CPU from the proxy's relaying of every other
 	// session (or from the database on the same host). Lowering one's own
 	// priority needs no privilege either.
-	_ = unix.Setpriority(unix.PRIO_PROCESS, 0, helperNice)
+	niceAllThreads(helperNice)
 	return nil
+}
+
+// niceAllThreads sets every thread of the process to nice n. On Linux a
+// priority belongs to a thread (PRIO_PROCESS with who 0 sets the caller's
+// alone), and a new thread inherits its creator's: once every thread
+// is set, every later one is too. The Go runtime may start threads while
+// this runs, so it goes over the list until a pass finds none new.
+func niceAllThreads(n int) {
+	done := map[int]bool{}
+	for range 10 {
+		entries, err := os.ReadDir("/proc/self/task")
+		if err != nil {
+			_ = unix.Setpriority(unix.PRIO_PROCESS, 0, n)
+			return
+		}
+		fresh := false
+		for _, e := range entries {
+			tid, err := strconv.Atoi(e.Name())
+			if err != nil || done[tid] {
+				continue
+			}
+			_ = unix.Setpriority(unix.PRIO_PROCESS, tid, n)
+			done[tid], fresh = true, true
+		}
+		if !fresh {
+			return
+		}
+	}
 }
 
 // helperNice is the scheduling priority of helpers: the lowest but one.
