@@ -247,6 +247,9 @@ func (g *Guard) statement(stmt *pg_query.Node) (resets bool, rej *Rejection) {
 	if d := stmt.GetDiscardStmt(); d != nil && d.Target == pg_query.DiscardMode_DISCARD_ALL {
 		resets = true
 	}
+	if call, ok := settingsRowCall(stmt); ok {
+		return false, g.setConfig(call)
+	}
 	walk(stmt.ProtoReflect(), func(m protoreflect.Message) bool {
 		rej = g.node(m.Interface())
 		if rej != nil && g.allowCode && hiddenCode[rej.Rule] {

@@ -6,6 +6,7 @@ import (
 	"strings"
 
 	pg_query "github.com/pganalyze/pg_query_go/v6"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 )
 
@@ -194,6 +195,83 @@ func (g *Guard) setConfig(call *pg_query.FuncCall) *Rejection {
 		}
 	}
 	return nil
+}
+
+// settingsRowCall recognises the one set_config whose name is a column that
+// pg_dump sends (15.8, 14.13, 13.16 and later, every run):
+//
+//	SELECT set_config(name, 'view, foreign-table', false) FROM pg_settings
+//	WHERE name = 'restrict_nonsystem_relation_kind'
+//
+// The WHERE pins the name: set_config runs only for rows whose name equals
+// the constant, so the call is the constant-name call it returns. Exactly
+// this shape is accepted, and only for the settings pg_dump names this way:
+// any other clause, relation, condition, argument or setting and the caller
+// judges the statement as usual. "Equals" is the column type's equality,
+// and pg_settings may be a relation of the session's own (a temporary one is
+// searched first), whose name column could be char(n) (trailing spaces
+// ignored), case-insensitive, or compared under a collation that ignores
+// punctuation: so the constant is one whose look-alikes under any such
+// equality name no protected setting, rather than any unprotected name.
+func settingsRowCall(stmt *pg_query.Node) (*pg_query.FuncCall, bool) {
+	sel := stmt.GetSelectStmt()
+	if sel == nil || len(sel.TargetList) != 1 || len(sel.FromClause) != 1 {
+		return nil, false
+	}
+	rest := proto.Clone(sel).(*pg_query.SelectStmt)
+	rest.TargetList, rest.FromClause, rest.WhereClause = nil, nil, nil
+	if !proto.Equal(rest, &pg_query.SelectStmt{LimitOption: pg_query.LimitOption_LIMIT_OPTION_DEFAULT, Op: pg_query.SetOperation_SETOP_NONE}) {
+		return nil, false
+	}
+	rv := sel.FromClause[0].GetRangeVar()
+	if rv == nil || rv.Relname != "pg_settings" || (rv.Schemaname != "" && rv.Schemaname != "pg_catalog") ||
+		rv.Catalogname != "" || rv.Alias != nil || !rv.Inh {
+		return nil, false
+	}
+	where := sel.WhereClause.GetAExpr()
+	if where == nil || where.Kind != pg_query.A_Expr_Kind_AEXPR_OP || len(where.Name) != 1 ||
+		where.Name[0].GetString_().GetSval() != "=" || !isNameColumn(where.Lexpr) {
+		return nil, false
+	}
+	setting := where.Rexpr
+	if name, ok := constantString(setting); !ok || !settingsPinnedByName[name] {
+		return nil, false
+	}
+	target := sel.TargetList[0].GetResTarget()
+	if target == nil || len(target.Indirection) != 0 {
+		return nil, false
+	}
+	call := target.Val.GetFuncCall()
+	if call == nil || !isSetConfig(call.Funcname) || call.AggOrder != nil || call.AggFilter != nil || call.Over != nil ||
+		call.AggWithinGroup || call.AggStar || call.AggDistinct || call.FuncVariadic || len(call.Args) != 3 || !isNameColumn(call.Args[0]) {
+		return nil, false
+	}
+	for _, arg := range call.Args[1:] {
+		if arg.GetAConst() == nil && arg.GetTypeCast().GetArg().GetAConst() == nil {
+			return nil, false
+		}
+	}
+	return &pg_query.FuncCall{Funcname: call.Funcname, Args: []*pg_query.Node{setting, call.Args[1], call.Args[2]}}, true
+}
+
+// settingsPinnedByName are the settings settingsRowCall accepts.
+var settingsPinnedByName = map[string]bool{"restrict_nonsystem_relation_kind": true}
+
+// isNameColumn reports the bare column reference name.
+func isNameColumn(n *pg_query.Node) bool {
+	cr := n.GetColumnRef()
+	return cr != nil && len(cr.Fields) == 1 && cr.Fields[0].GetString_().GetSval() == "name"
+}
+
+// isSetConfig reports set_config or pg_catalog.set_config.
+func isSetConfig(name []*pg_query.Node) bool {
+	switch len(name) {
+	case 1:
+		return strings.EqualFold(name[0].GetString_().GetSval(), "set_config")
+	case 2:
+		return name[0].GetString_().GetSval() == "pg_catalog" && strings.EqualFold(name[1].GetString_().GetSval(), "set_config")
+	}
+	return false
 }
 
 var setConfigRejection = rejection("set_config", "set_config is allowed through rlsproxy only with a constant setting name (it could otherwise change the role and the claim settings)")
