@@ -4,8 +4,10 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -367,16 +369,33 @@ func setupPython(script, modules, debPackages string) func(t *testing.T) []strin
 // npmMu serialises npm ci, which replaces node_modules wholesale.
 var npmMu sync.Mutex
 
-// setupNode installs clients/node's locked dependencies when node_modules is
-// missing (a fresh clone) and returns a node command line running client.js.
+// setupNode installs clients/node's locked dependencies when node_modules
+// does not hold them (see nodeInstall) and returns a node command line
+// running client.js.
 func setupNode(t *testing.T) []string {
 	t.Helper()
+	node, dir := nodeInstall(t)
+	return []string{node, filepath.Join(dir, "client.js")}
+}
+
+// nodeInstall finds node and runs npm ci in clients/node unless every
+// package of its package-lock.json is installed at the locked version: a
+// node_modules left by an older lock (a checkout that has since pinned
+// another version or added a package) is installed again, not trusted. It
+// returns node's path and the directory of the Node.js clients.
+func nodeInstall(t *testing.T) (node, dir string) {
+	t.Helper()
 	const install = "install Node.js and npm: apt-get install -y nodejs npm"
-	node := lookPath(t, "node", install)
-	dir := filepath.Join(clientsDir(t), "node")
+	node = lookPath(t, "node", install)
+	dir = filepath.Join(clientsDir(t), "node")
 	npmMu.Lock()
 	defer npmMu.Unlock()
-	if _, err := os.Stat(filepath.Join(dir, "node_modules", "pg", "package.json")); err != nil {
+	stale, err := nodeModulesStale(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if stale != "" {
+		t.Logf("npm ci in %s: %s", dir, stale)
 		npm := lookPath(t, "npm", install)
 		ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
 		defer cancel()
@@ -385,8 +404,58 @@ func setupNode(t *testing.T) []string {
 		if out, err := cmd.CombinedOutput(); err != nil {
 			t.Fatalf("npm ci in %s: %v\n%s", dir, err, out)
 		}
+		if stale, err = nodeModulesStale(dir); err != nil || stale != "" {
+			t.Fatalf("after npm ci in %s: %s%v", dir, stale, err)
+		}
 	}
-	return []string{node, filepath.Join(dir, "client.js")}
+	return node, dir
+}
+
+// nodeModulesStale names a package of dir's package-lock.json that
+// node_modules lacks or holds at another version, or returns "" when every
+// one is installed as locked. Optional packages (pg-cloudflare) are judged
+// only when present: npm may leave them out.
+func nodeModulesStale(dir string) (string, error) {
+	data, err := os.ReadFile(filepath.Join(dir, "package-lock.json"))
+	if err != nil {
+		return "", err
+	}
+	var lock struct {
+		Packages map[string]struct {
+			Version  string `json:"version"`
+			Optional bool   `json:"optional"`
+			Link     bool   `json:"link"`
+		} `json:"packages"`
+	}
+	if err := json.Unmarshal(data, &lock); err != nil {
+		return "", fmt.Errorf("%s/package-lock.json: %w", dir, err)
+	}
+	if len(lock.Packages) == 0 {
+		return "", fmt.Errorf("%s/package-lock.json lists no packages (lockfileVersion 2 or later expected)", dir)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "node_modules")); err != nil {
+		return "node_modules is missing", nil
+	}
+	for _, path := range slices.Sorted(maps.Keys(lock.Packages)) {
+		want := lock.Packages[path]
+		if path == "" || want.Link || want.Version == "" {
+			continue // the root project, or a package npm does not copy
+		}
+		data, err := os.ReadFile(filepath.Join(dir, filepath.FromSlash(path), "package.json"))
+		if err != nil {
+			if want.Optional && errors.Is(err, os.ErrNotExist) {
+				continue
+			}
+			return fmt.Sprintf("%s is not installed", path), nil
+		}
+		var got struct {
+			Version string `json:"version"`
+		}
+		if err := json.Unmarshal(data, &got); err != nil || got.Version != want.Version {
+			return fmt.Sprintf("%s is at version %q, the lock says %s", path, got.Version, want.Version), nil
+		}
+	}
+	return "", nil
 }
 
 // initPgbench loads pgbench's tables (scale 1) into the demo database, as

@@ -2,7 +2,7 @@
 # Installs what rlsproxy's demo and tests need on a Debian machine, when it
 # is missing. `deps.sh dev`: the PostgreSQL server. `deps.sh test`: also the
 # client drivers the test suite runs (JDBC, psycopg 2 and 3, SQLAlchemy,
-# node-postgres) and pgbench.
+# asyncpg, node-postgres and the ORMs of e2e/clients/node), pg_dump and pgbench.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +19,7 @@ if [ "$mode" = test ]; then
   have_pkg python3-psycopg2 || pkgs+=(python3-psycopg2)
   have_pkg python3-psycopg || pkgs+=(python3-psycopg)
   have_pkg python3-sqlalchemy || pkgs+=(python3-sqlalchemy)
+  have_pkg python3-asyncpg || pkgs+=(python3-asyncpg)
   command -v node >/dev/null || pkgs+=(nodejs npm)
 fi
 
