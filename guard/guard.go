@@ -52,6 +52,21 @@ type Verdict struct {
 	// ALL, DISCARD ALL, RESET ROLE, SET SESSION AUTHORIZATION DEFAULT):
 	// it may pass, and the proxy re-establishes role and claims right after it.
 	Resets bool
+
+	// With TrackState, what the message leaves in its backend for the
+	// proxy's transaction pooling (state.go); a Parse's statement leaves it
+	// each time it runs. A rejected message has none of it: it never runs.
+
+	// Pin says why the message ties its client to its backend for the
+	// rest of the session: one of the Pin* reasons, the first the message
+	// gives. Empty: nothing it leaves behind would be missed by a later
+	// transaction of the client on another backend.
+	Pin string
+	// Deallocate names the prepared statements of its DEALLOCATE name
+	// statements, in order, separated by NUL bytes (which no name holds):
+	// DeallocatedNames splits them. DeallocateAll is a DEALLOCATE ALL.
+	Deallocate    string
+	DeallocateAll bool
 }
 
 // Lexing is how the server reads a session's statements, as it reports
@@ -73,6 +88,11 @@ type Guard struct {
 	verdicts *lru.Cache[cacheKey, Verdict]
 	// allowCode passes code the guard cannot see into (AllowCode).
 	allowCode bool
+	// trackState reports what messages leave in their backend (TrackState);
+	// noRules applies no rule (NoRules).
+	trackState, noRules bool
+	// words are the word lists a statement needs one word of to be parsed.
+	words wordSet
 }
 
 // An Option changes a guard.
@@ -85,6 +105,24 @@ type Option func(*Guard)
 // identity on its own: a login role that can reach no role but its mapped
 // one, and signed claims (README, "Security").
 func AllowCode(g *Guard) { g.allowCode = true }
+
+// TrackState makes the guard report what each message leaves in its backend
+// (Verdict.Pin, Deallocate, DeallocateAll), for transaction pooling, where a
+// client's transactions may run on different backends. It parses the
+// statements that hold a word of a state rule (state.go) as well as those
+// that hold a word of a rule; ordinary statements still skip the parser.
+func TrackState(g *Guard) { g.trackState = true }
+
+// NoRules is the guard of --guard off under transaction pooling: no rule
+// applies and every message passes, one the guard cannot read or is not
+// allowed to parse included (pinned, PinUnparsed), and the guard only tracks
+// state: it implies TrackState. Resets is still reported, so that the proxy
+// re-establishes role and claims after a reset, but wherever it is.
+func NoRules(g *Guard) { g.noRules, g.trackState = true, true }
+
+// TracksState reports whether the guard was built with TrackState (or
+// NoRules): transaction pooling needs its verdicts' Pin and Deallocate.
+func (g *Guard) TracksState() bool { return g.trackState }
 
 type cacheKey struct {
 	mode uint8
@@ -101,6 +139,12 @@ func New(p session.Policy, cacheSize int, opts ...Option) *Guard {
 	g := &Guard{policy: p, verdicts: lru.New[cacheKey, Verdict](cacheSize)}
 	for _, o := range opts {
 		o(g)
+	}
+	if !g.noRules {
+		g.words |= forRules
+	}
+	if g.trackState {
+		g.words |= forState
 	}
 	return g
 }
@@ -124,13 +168,16 @@ func (g *Guard) FunctionCall(oid uint32) Verdict {
 	if _, ok := largeObjectFunctions[oid]; ok {
 		return Verdict{}
 	}
+	if g.noRules {
+		return Verdict{Pin: functionCallPin(oid)}
+	}
 	return reject("function_call", fmt.Sprintf("the FunctionCall protocol message (function OID %d) is not allowed through rlsproxy; only large-object functions may be called that way", oid))
 }
 
 // judge takes the statement text as the bytes of the message, so that the
 // common cases (nothing suspicious, or a cached text) allocate nothing.
 func (g *Guard) judge(b []byte, extended bool, lex Lexing) Verdict {
-	if !suspicious(b) {
+	if !holdsWord(b, g.words) {
 		return Verdict{}
 	}
 	var mode uint8
@@ -163,6 +210,9 @@ func (g *Guard) judge(b []byte, extended bool, lex Lexing) Verdict {
 // the statement read so) or must parse and get the same verdict.
 func (g *Guard) decideHere(sql string, extended bool, lex Lexing) Verdict {
 	if nonASCIIDollarTag(sql) {
+		if g.noRules {
+			return Verdict{Pin: PinUnparsed}
+		}
 		return reject("dollar_quote", "dollar-quoted strings with non-ASCII tags are not allowed through rlsproxy: the server matches tags after converting the statement to its encoding, where different characters can become one; use an ASCII tag ($$ or $x$)")
 	}
 	raw := sql
@@ -175,6 +225,11 @@ func (g *Guard) decideHere(sql string, extended bool, lex Lexing) Verdict {
 	}
 	tree, err := parseTree(sql, lex.NonStandardStrings)
 	if err != nil {
+		if g.noRules {
+			// PostgreSQL would most likely refuse it too, but its
+			// grammar is not pg_query's.
+			return Verdict{Pin: PinUnparsed}
+		}
 		// PostgreSQL would refuse it too; refusing here keeps a text the
 		// guard cannot read from ever reaching the server.
 		return Verdict{Reject: &Rejection{Rule: "parse_error", Kind: Unreadable, Msg: err.Error()}}
@@ -189,11 +244,18 @@ func (g *Guard) decideHere(sql string, extended bool, lex Lexing) Verdict {
 			if !lexes(r.sql, r.scsOff) {
 				continue // the server's lexer refuses the statement read so
 			}
+			if g.noRules {
+				return unsure(v, Verdict{})
+			}
 			// It splits into tokens but does not parse: the server, whose
 			// grammar is not pg_query's (PostgreSQL 17's), might run it.
 			return reject("string_reading", "the statement reads as other SQL "+r.why+", which rlsproxy's parser cannot check: "+err.Error())
 		}
 		if ov := g.verdict(other, extended); ov != v {
+			if g.noRules {
+				v = unsure(v, ov)
+				continue
+			}
 			if ov.Reject != nil {
 				return Verdict{Reject: rejection(ov.Reject.Rule, ov.Reject.Msg+" (read as the server does "+r.why+")")}
 			}
@@ -222,16 +284,19 @@ func (g *Guard) verdict(tree *pg_query.ParseResult, extended bool) Verdict {
 		if rej != nil {
 			return Verdict{Reject: rej}
 		}
-		if resets {
-			if extended {
-				return reject("reset_in_extended_protocol", "RESET ALL, DISCARD ALL, RESET ROLE and SET SESSION AUTHORIZATION DEFAULT are allowed through rlsproxy only as a simple query, not as a prepared statement")
-			}
+		if g.trackState {
+			g.track(raw.Stmt, &v)
+		}
+		switch {
+		case resets && extended && !g.noRules:
+			return reject("reset_in_extended_protocol", "RESET ALL, DISCARD ALL, RESET ROLE and SET SESSION AUTHORIZATION DEFAULT are allowed through rlsproxy only as a simple query, not as a prepared statement")
+		case resets:
 			v.Resets = true
-		} else if v.Resets {
+		case v.Resets && !g.noRules:
 			return reject("reset_position", fmt.Sprintf("statement %d follows a reset of the role or settings in the same message; through rlsproxy a reset must be the last statement of its message", i+1))
 		}
 	}
-	if v.Resets && copyIn {
+	if v.Resets && copyIn && !g.noRules {
 		// The client waits after a reset until the session is
 		// re-established, and the server would wait for its COPY data.
 		return reject("reset_position", "a reset of the role or settings cannot share its message with COPY ... FROM STDIN through rlsproxy: send it as a message of its own")
@@ -246,6 +311,9 @@ func (g *Guard) statement(stmt *pg_query.Node) (resets bool, rej *Rejection) {
 	}
 	if d := stmt.GetDiscardStmt(); d != nil && d.Target == pg_query.DiscardMode_DISCARD_ALL {
 		resets = true
+	}
+	if g.noRules {
+		return resets, nil
 	}
 	if call, ok := settingsRowCall(stmt); ok {
 		return false, g.setConfig(call)

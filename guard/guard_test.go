@@ -386,6 +386,18 @@ var guardGaps = []struct{ sql, rule, why string }{
 	{"CREATE SCHEMA s AUTHORIZATION admin CREATE VIEW v AS SELECT 1", "alter_role",
 		"CreateSchemaStmt with authrole: objects owned by (and created as) another role"},
 
+	// A schema named after a mapped role is that role's "$user" schema,
+	// first on every session's search_path: review 10, finding 2.
+	{"CREATE SCHEMA authenticated", "user_schema", "the \"$user\" schema of every authenticated session"},
+	{`CREATE SCHEMA "authenticated"`, "user_schema", "quoted"},
+	{"CREATE SCHEMA AUTHENTICATED", "user_schema", "folded to lower case"},
+	{`CREATE SCHEMA U&"\0061uthenticated"`, "user_schema", "Unicode escapes"},
+	{"CREATE SCHEMA IF NOT EXISTS authenticated", "user_schema", "IF NOT EXISTS"},
+	{"CREATE SCHEMA authenticated CREATE TABLE notes (x int)", "user_schema", "with elements"},
+	{"ALTER SCHEMA s RENAME TO authenticated", "user_schema", "RenameStmt{OBJECT_SCHEMA}: renamed into place"},
+	{"CREATE SCHEMA AUTHORIZATION authenticated", "alter_role", "named after the role it names"},
+	{"CREATE SCHEMA AUTHORIZATION CURRENT_USER", "alter_role", "named after the current user, the mapped role"},
+
 	// Renaming a role is a RenameStmt, not an AlterRoleStmt.
 	{"ALTER ROLE admin RENAME TO authenticated", "alter_role",
 		"RenameStmt{OBJECT_ROLE}: the alter_role rule lists AlterRoleStmt but not a role's RenameStmt"},
@@ -592,6 +604,10 @@ var guardLookAlikes = []string{
 	"CREATE TEMP SEQUENCE s",
 	"CREATE INDEX ON t (x)",
 	"CREATE SCHEMA s",
+	`CREATE SCHEMA "Authenticated"`, // not the role's name: quoted, case kept
+	"CREATE SCHEMA authenticated_data",
+	"ALTER SCHEMA s RENAME TO s2",
+	"ALTER TABLE authenticated RENAME TO t",
 	"ALTER TABLE t ADD COLUMN x int",
 	"ALTER TABLE t ALTER COLUMN x SET DEFAULT 0",
 	"ALTER TABLE t ENABLE ROW LEVEL SECURITY",

@@ -67,6 +67,12 @@ func init() {
 			if c.AllowCode {
 				opts = append(opts, AllowCode)
 			}
+			if c.TrackState {
+				opts = append(opts, TrackState)
+			}
+			if c.NoRules {
+				opts = append(opts, NoRules)
+			}
 			g = New(c.Policy, 0, opts...)
 		})
 		return answerParse(g, req)
@@ -75,8 +81,8 @@ func init() {
 
 // helperConfig is the guard a helper judges as: its rules' inputs.
 type helperConfig struct {
-	Policy    session.Policy
-	AllowCode bool
+	Policy                         session.Policy
+	AllowCode, TrackState, NoRules bool
 }
 
 // parseRequest is what the guard asks a helper: the verdict on one text.
@@ -113,7 +119,7 @@ func (g *Guard) IsolateParsing(l ParseLimits) error {
 	if l.Timeout <= 0 {
 		l.Timeout = 15 * time.Second
 	}
-	policy, err := json.Marshal(helperConfig{Policy: g.policy, AllowCode: g.allowCode})
+	policy, err := json.Marshal(helperConfig{Policy: g.policy, AllowCode: g.allowCode, TrackState: g.trackState, NoRules: g.noRules})
 	if err != nil {
 		return err
 	}
@@ -144,6 +150,9 @@ func (g *Guard) decide(sql string, extended bool, lex Lexing) Verdict {
 		return g.decideHere(sql, extended, lex)
 	}
 	if len(sql) > g.limits.MaxStatement {
+		if g.noRules {
+			return Verdict{Pin: PinUnparsed}
+		}
 		return Verdict{Reject: &Rejection{Rule: "guard_limit", Kind: TooCostly, Msg: fmt.Sprintf(
 			"statement of %d bytes is longer than rlsproxy's guard checks (%d bytes) and holds words it must check: split it", len(sql), g.limits.MaxStatement)}}
 	}
@@ -156,6 +165,9 @@ func (g *Guard) decide(sql string, extended bool, lex Lexing) Verdict {
 		err = json.Unmarshal(resp, &v)
 	}
 	if err != nil {
+		if g.noRules {
+			return Verdict{Pin: PinUnparsed}
+		}
 		return Verdict{Reject: &Rejection{Rule: "guard_limit", Kind: TooCostly, Msg: parseFailure(err, len(sql), g.limits)}}
 	}
 	return v

@@ -3,6 +3,7 @@ package guard
 import (
 	"bytes"
 	"fmt"
+	"slices"
 	"strings"
 
 	pg_query "github.com/pganalyze/pg_query_go/v6"
@@ -70,10 +71,14 @@ func (g *Guard) node(n any) *Rejection {
 		if n.RenameType == pg_query.ObjectType_OBJECT_ROLE {
 			return rejection("alter_role", "changing roles, role memberships or ownership is not allowed through rlsproxy")
 		}
+		if n.RenameType == pg_query.ObjectType_OBJECT_SCHEMA {
+			return g.userSchema(n.Newname)
+		}
 	case *pg_query.CreateSchemaStmt:
 		if n.Authrole != nil {
 			return rejection("alter_role", "creating objects owned by another role (CREATE SCHEMA ... AUTHORIZATION) is not allowed through rlsproxy")
 		}
+		return g.userSchema(n.Schemaname)
 	case *pg_query.UpdateStmt:
 		if isSettingsView(n.Relation) {
 			return rejection("settings_view", "updating pg_settings is not allowed through rlsproxy: it changes settings as set_config does")
@@ -160,24 +165,7 @@ func (g *Guard) setConfig(call *pg_query.FuncCall) *Rejection {
 	if call.FuncVariadic || call.AggStar || len(call.Args) != 3 {
 		return setConfigRejection
 	}
-	var name, value *pg_query.Node
-	for i, arg := range call.Args {
-		if na := arg.GetNamedArgExpr(); na != nil {
-			switch strings.ToLower(na.Name) {
-			case "setting_name":
-				name = na.Arg
-			case "new_value":
-				value = na.Arg
-			}
-			continue
-		}
-		switch i {
-		case 0:
-			name = arg
-		case 1:
-			value = arg
-		}
-	}
+	name, value, _ := setConfigArgs(call)
 	setting, ok := constantString(name)
 	if !ok {
 		return setConfigRejection
@@ -195,6 +183,45 @@ func (g *Guard) setConfig(call *pg_query.FuncCall) *Rejection {
 		}
 	}
 	return nil
+}
+
+// userSchema refuses a schema named after a role sessions run as: it would
+// be the "$user" entry of the default search_path of every session of that
+// role, ahead of public, and every user's unqualified names would resolve to
+// objects of the one who created it. (rlsproxy sql reserves those names in
+// the database; this is the same wall on the guard's side.)
+func (g *Guard) userSchema(name string) *Rejection {
+	if name != "" && slices.Contains(g.policy.Roles(), name) {
+		return rejection("user_schema", fmt.Sprintf("a schema named %q is not allowed through rlsproxy: it is the \"$user\" schema of every session of role %s, where other users' unqualified names would find its objects first", name, name))
+	}
+	return nil
+}
+
+// setConfigArgs returns the arguments of a set_config call, by position or
+// by name (nil where none is given).
+func setConfigArgs(call *pg_query.FuncCall) (name, value, isLocal *pg_query.Node) {
+	for i, arg := range call.Args {
+		if na := arg.GetNamedArgExpr(); na != nil {
+			switch strings.ToLower(na.Name) {
+			case "setting_name":
+				name = na.Arg
+			case "new_value":
+				value = na.Arg
+			case "is_local":
+				isLocal = na.Arg
+			}
+			continue
+		}
+		switch i {
+		case 0:
+			name = arg
+		case 1:
+			value = arg
+		case 2:
+			isLocal = arg
+		}
+	}
+	return name, value, isLocal
 }
 
 // settingsRowCall recognises the one set_config whose name is a column that
@@ -363,9 +390,37 @@ var suspiciousWords = map[string]bool{
 	"pg_terminate_backend": true, "pg_cancel_backend": true,
 }
 
+// A wordSet selects the word lists a scan looks for: a guard parses the
+// statements that hold a word of its rules (suspiciousWords and the names
+// suspiciousWord matches by prefix or substring) or of its state rules
+// (stateWords, state.go).
+type wordSet uint8
+
+const (
+	forRules wordSet = 1 << iota
+	forState
+)
+
+// scanWords maps every listed word to the lists that hold it: one lookup a
+// word, whichever lists a guard scans for.
+var scanWords = func() map[string]wordSet {
+	m := make(map[string]wordSet, len(suspiciousWords)+len(stateWords))
+	for w := range suspiciousWords {
+		m[w] |= forRules
+	}
+	for w := range stateWords {
+		m[w] |= forState
+	}
+	return m
+}()
+
 // suspicious reports whether sql holds a word any rule needs, or a U&
 // escape that could spell one.
-func suspicious(sql []byte) bool {
+func suspicious(sql []byte) bool { return holdsWord(sql, forRules) }
+
+// holdsWord reports whether sql holds a word of the lists in which, or a U&
+// escape that could spell one.
+func holdsWord(sql []byte, which wordSet) bool {
 	start := -1
 	for i := 0; i <= len(sql); i++ {
 		var c byte
@@ -373,7 +428,7 @@ func suspicious(sql []byte) bool {
 			c = sql[i]
 		}
 		// '$' separates words here, so dollar quotes ($$...$$) cannot glue
-		// a word to a neighbour; no rule's word holds a '$'.
+		// a word to a neighbour; no listed word holds a '$'.
 		word := c == '_' || c >= 0x80 || (c|0x20 >= 'a' && c|0x20 <= 'z') || (c >= '0' && c <= '9')
 		if word && i < len(sql) {
 			if start < 0 {
@@ -385,7 +440,7 @@ func suspicious(sql []byte) bool {
 			return true
 		}
 		if start >= 0 {
-			if suspiciousWord(sql[start:i]) {
+			if suspiciousWord(sql[start:i], which) {
 				return true
 			}
 			start = -1
@@ -394,7 +449,7 @@ func suspicious(sql []byte) bool {
 	return false
 }
 
-func suspiciousWord(w []byte) bool {
+func suspiciousWord(w []byte, which wordSet) bool {
 	if len(w) < 2 {
 		return false
 	}
@@ -406,6 +461,11 @@ func suspiciousWord(w []byte) bool {
 		}
 		lw = append(lw, c) // beyond 32 bytes this grows on the heap: rare
 	}
-	return suspiciousWords[string(lw)] || // no allocation: map lookup of a converted key
-		bytes.Contains(lw, []byte("_to_xml")) || bytes.HasPrefix(lw, []byte("crosstab")) || bytes.HasPrefix(lw, []byte("dblink"))
+	if scanWords[string(lw)]&which != 0 { // no allocation: map lookup of a converted key
+		return true
+	}
+	if which&forRules != 0 && (bytes.Contains(lw, []byte("_to_xml")) || bytes.HasPrefix(lw, []byte("crosstab")) || bytes.HasPrefix(lw, []byte("dblink"))) {
+		return true
+	}
+	return which&forState != 0 && stateWordPrefix(lw)
 }

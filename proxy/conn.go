@@ -164,7 +164,7 @@ func (s *Server) serveSession(c *clientConn, req *startupRequest, up *session.Up
 		// them at connect: they include role and database defaults.
 		for _, name := range []string{"client_encoding", "standard_conforming_strings"} {
 			if ce := guard.lexing(name, up.Parameter(name)); ce != nil {
-				s.cfg.Pool.Release(context.Background(), up, false, 0)
+				s.cfg.Pool.Release(context.Background(), up, false, true, 0)
 				s.reject(c, ce, "startup")
 				return
 			}
@@ -172,7 +172,18 @@ func (s *Server) serveSession(c *clientConn, req *startupRequest, up *session.Up
 	}
 	r := newRelay(up, s.cfg.Metrics, guard, s.held)
 	defer r.dropFrame()
-	key := s.cancels.register(up)
+	var target canceler = up
+	if s.cfg.PoolMode == TransactionPooling {
+		r.tx = &txState{pool: s.cfg.Pool, database: req.database, params: req.params, grant: info.grant,
+			stmts: newStatements(s.sessionSeq.Add(1)), metrics: s.cfg.Metrics, carried: map[string]string{}}
+		for _, name := range carriedSettings {
+			if v := up.Parameter(name); v != "" {
+				r.tx.carried[name] = v
+			}
+		}
+		target = r // the connection serving the client at the time
+	}
+	key := s.cancels.register(target)
 	// Unregistered before the connection goes back to the pool, so that a
 	// late CancelRequest cannot reach the next client's statement.
 	unregister := sync.OnceFunc(func() { s.cancels.unregister(key) })
@@ -181,7 +192,7 @@ func (s *Server) serveSession(c *clientConn, req *startupRequest, up *session.Up
 		unregister()
 		rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		s.cfg.Pool.Release(rctx, up, clean, r.ledger.txStatus())
+		s.cfg.Pool.Release(rctx, up, clean, r.stateful(up), r.ledger.txStatus())
 	}
 
 	s.mu.Lock()
@@ -216,10 +227,18 @@ func (s *Server) serveSession(c *clientConn, req *startupRequest, up *session.Up
 		defer t.Stop()
 	}
 
-	if !s.loops.run(r, c.Conn, c.r) {
+	switch {
+	case r.tx != nil:
+		// The relay holds and lets go of connections itself, starting
+		// with the one the startup used.
+		r.runTx(c.Conn, c.r, up)
+		unregister()
+	case s.loops.run(r, c.Conn, c.r):
+		release(r.reusable())
+	default:
 		r.runConns(c.Conn, c.r, nil, nil)
+		release(r.reusable())
 	}
-	release(r.reusable())
 	s.cfg.Metrics.sessionsEnded.WithLabelValues(r.reason).Inc()
 	log.Info("session end", "reason", r.reason, "duration", time.Since(start).Round(time.Millisecond),
 		"bytes_in", r.bytesUp.Load(), "bytes_out", r.bytesDown.Load())

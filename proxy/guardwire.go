@@ -52,10 +52,10 @@ func inspected(typ byte) bool { return typ == 'Q' || typ == 'P' || typ == 'F' }
 
 // check judges a whole Query, Parse or FunctionCall frame. It returns the
 // frame to send instead with the error to tell the client (nil: send it as
-// is), and whether the session must be re-established after it.
-func (s *sessionGuard) check(typ byte, frame []byte) (substitute []byte, refusal *clientError, resets bool) {
+// is), and the verdict: whether the session must be re-established after
+// it, and what it leaves in the session beyond its transaction.
+func (s *sessionGuard) check(typ byte, frame []byte) (substitute []byte, refusal *clientError, v guard.Verdict) {
 	body := frame[5:]
-	var v guard.Verdict
 	var name []byte
 	lex := guard.Lexing{NonStandardStrings: s.scsOff.Load()}
 	switch typ {
@@ -66,15 +66,15 @@ func (s *sessionGuard) check(typ byte, frame []byte) (substitute []byte, refusal
 		v = s.g.Parse(cstring(body[min(len(name)+1, len(body)):]), lex)
 	case 'F':
 		if len(body) < 4 {
-			return nil, nil, false // malformed: the server refuses it
+			return nil, nil, v // malformed: the server refuses it
 		}
 		v = s.g.FunctionCall(binary.BigEndian.Uint32(body))
 	}
 	if v.Reject == nil {
-		return nil, nil, v.Resets
+		return nil, nil, v
 	}
 	refusal = toClientError(v.Reject)
-	return s.substitute(typ, name, refusal), refusal, false
+	return s.substitute(typ, name, refusal), refusal, guard.Verdict{}
 }
 
 // oversized returns the substitute and the refusal for a message longer

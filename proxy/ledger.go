@@ -70,6 +70,10 @@ type entry struct {
 	trigger bool
 	// described: a Describe's ParameterDescription has come.
 	described bool
+	// silent: the proxy sent it on the client's behalf (a statement
+	// prepared again on another connection): its completion is not passed
+	// on, an error is (n is 1).
+	silent bool
 }
 
 const ownEntry = '*'
@@ -185,6 +189,14 @@ func (l *ledger) sentRefused(typ byte, e *clientError) {
 	l.add(entry{typ: typ, n: 1, refused: e})
 }
 
+// sentSilent records a Parse or Close the proxy sent on the client's
+// behalf: its completion is dropped, an error passed on.
+func (l *ledger) sentSilent(typ byte) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.add(entry{typ: typ, n: 1, silent: true})
+}
+
 // sentReset records a client's Query that resets role or settings. It
 // reports false when the server will discard it unread (it skips to Sync).
 func (l *ledger) sentReset() bool {
@@ -227,7 +239,7 @@ func (l *ledger) add(e entry) bool {
 }
 
 func mergeable(last, e *entry) bool {
-	plain := func(x *entry) bool { return x.refused == nil && !x.reset && !x.trigger }
+	plain := func(x *entry) bool { return x.refused == nil && !x.reset && !x.trigger && !x.silent }
 	return last.typ == e.typ && e.typ != ownEntry && plain(last) && plain(e) && !last.described
 }
 
@@ -408,7 +420,11 @@ func (l *ledger) completes(ok bool, typ byte) (route, *clientError, event, error
 	if !ok {
 		return drop, nil, noEvent, fmt.Errorf("message %q from the server does not answer %q", typ, l.q[l.head].typ)
 	}
+	silent := l.q[l.head].silent
 	l.pop()
+	if silent {
+		return drop, nil, noEvent, nil
+	}
 	return toClient, nil, noEvent, nil
 }
 

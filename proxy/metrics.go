@@ -22,6 +22,11 @@ type Metrics struct {
 	cancelsForwarded prometheus.Counter
 	guardRejections  *prometheus.CounterVec
 	tokenCache       *prometheus.CounterVec
+	// Transaction pooling.
+	poolWait   prometheus.Histogram
+	txInstalls *prometheus.CounterVec
+	pinned     *prometheus.CounterVec
+	reprepared prometheus.Counter
 }
 
 // NewMetrics registers the series on reg.
@@ -49,6 +54,15 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Lookups of verified tokens in the cache, by result (hit skips signature verification)."}, []string{"result"}),
 		cancelsForwarded: f.NewCounter(prometheus.CounterOpts{Name: "rlsproxy_cancel_requests_forwarded_total",
 			Help: "CancelRequests that matched a session and were sent upstream."}),
+		poolWait: f.NewHistogram(prometheus.HistogramOpts{Name: "rlsproxy_pool_wait_seconds",
+			Help:    "Time a transaction-pooled client waited for an upstream connection.",
+			Buckets: prometheus.ExponentialBuckets(0.00005, 4, 12)}),
+		txInstalls: f.NewCounterVec(prometheus.CounterOpts{Name: "rlsproxy_transaction_connections_total",
+			Help: "Upstream connections handed to transaction-pooled clients, by whether the client's identity had to be installed (install) or was installed already (same_identity)."}, []string{"identity"}),
+		pinned: f.NewCounterVec(prometheus.CounterOpts{Name: "rlsproxy_pinned_sessions_total",
+			Help: "Transaction-pooled sessions pinned to their upstream connection, by reason."}, []string{"reason"}),
+		reprepared: f.NewCounter(prometheus.CounterOpts{Name: "rlsproxy_statements_reprepared_total",
+			Help: "Prepared statements a transaction-pooled client used on a connection that did not hold them, prepared there again."}),
 	}
 	m.bytesUp = m.bytes.WithLabelValues("client_to_server")
 	m.bytesDown = m.bytes.WithLabelValues("server_to_client")

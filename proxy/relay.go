@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -49,10 +51,21 @@ const (
 // proved; anything else ends the session, so no client statement runs as
 // the login role.
 type relay struct {
-	up      *session.Upstream
-	metrics *Metrics
-	guard   *sessionGuard // nil with --guard off
-	ledger  *ledger
+	// up is the upstream connection. In transaction mode (tx set) it
+	// changes between transactions and is nil while the client holds none
+	// (txpool.go).
+	up *session.Upstream
+	tx *txState
+	// sessionState, in session mode, names why the connection may hold
+	// state of the session's beyond its identity (a prepared statement, a
+	// setting, ...), so that it must be reset before another session.
+	sessionState string
+	// settingReported, in session mode, records a ParameterStatus during
+	// the session: a setting the next session must not inherit.
+	settingReported bool
+	metrics         *Metrics
+	guard           *sessionGuard // nil with --guard off
+	ledger          *ledger
 	// held counts the bytes of large frames the guard must read that all
 	// sessions hold while they gather them.
 	held *byteBudget
@@ -221,6 +234,24 @@ func (r *relay) fromClient(in []byte, out [][]byte) (int, [][]byte) {
 				r.frame, r.frameSize = make([]byte, 0, min(size, r.clientBuf)), size
 				continue
 			}
+			if r.tx != nil && typ == 'B' {
+				// A Bind too large to hold: its statement's name is renamed
+				// in the first part, the rest streamed through.
+				prefix, ok := bindPrefix(in[n:])
+				if !ok {
+					if len(in)-n < r.clientBuf {
+						break // the names will come
+					}
+					r.end(endProtocolError, newClientError(codeProtocolViolation, "protocol", "invalid Bind message from client"))
+					break
+				}
+				out = appendSegment(out, in[start:n])
+				out = r.txRef(out, in[n:n+prefix], size)
+				n += prefix
+				start = n
+				r.clientPass = size - prefix
+				continue
+			}
 			r.sent(typ)
 			r.clientPass = size
 			continue
@@ -232,10 +263,84 @@ func (r *relay) fromClient(in []byte, out [][]byte) (int, [][]byte) {
 			start = n
 			continue
 		}
+		if r.tx != nil && (typ == 'B' || typ == 'D' || typ == 'C') {
+			out = appendSegment(out, in[start:n])
+			out = r.txRef(out, in[n:n+size], size)
+			n += size
+			start = n
+			continue
+		}
+		if typ == 'P' {
+			r.noteParse(in[n : n+size])
+		}
 		r.sent(typ)
 		n += size
 	}
 	return n, appendSegment(out, in[start:n])
+}
+
+// noteParse records, in session mode, that a Parse named a statement, which
+// outlives the session unless the connection is reset.
+func (r *relay) noteParse(frame []byte) {
+	if r.tx == nil && r.sessionState == "" && len(frame) > 5 && frame[5] != 0 {
+		r.sessionState = "prepared_statement"
+	}
+}
+
+// txRef sends, in transaction mode, a Bind, Describe or Close naming a
+// prepared statement under its name on the server, after the frames that
+// prepare it when the connection does not hold it. prefix is the whole
+// frame, or for a Bind of size bytes too large to hold, its first part,
+// which holds the names.
+func (r *relay) txRef(out [][]byte, prefix []byte, size int) [][]byte {
+	whole := len(prefix) == size
+	frame := prefix
+	if !whole {
+		// A frame whose body is the names alone, renamed like a whole one;
+		// its length is then made the whole renamed frame's.
+		frame = rebuild('B', nil, prefix[5:])
+	}
+	pre, renamed := r.tx.stmts.renameRef(r.up, frame)
+	out = r.sentSilently(out, pre)
+	if !whole {
+		binary.BigEndian.PutUint32(renamed[1:], uint32(size-len(prefix)+len(renamed)-1))
+	}
+	r.sent(renamed[0])
+	return append(out, renamed)
+}
+
+// sentSilently appends frames of the proxy's own that the client did not
+// send (a statement prepared again), recorded so that their completions are
+// not passed on; an error is.
+func (r *relay) sentSilently(out [][]byte, pre []byte) [][]byte {
+	if len(pre) == 0 {
+		return out
+	}
+	for b := pre; len(b) >= 5; {
+		_, size, _, _ := wire.Header(b)
+		r.ledger.sentSilent(b[0])
+		b = b[size:]
+	}
+	r.tx.metrics.reprepared.Inc()
+	return append(out, pre)
+}
+
+// bindPrefix returns the length of a Bind frame's header, portal and
+// statement name, if b holds them.
+func bindPrefix(b []byte) (int, bool) {
+	if len(b) < 5 {
+		return 0, false
+	}
+	body := b[5:]
+	i := bytes.IndexByte(body, 0)
+	if i < 0 {
+		return 0, false
+	}
+	j := bytes.IndexByte(body[i+1:], 0)
+	if j < 0 {
+		return 0, false
+	}
+	return 5 + i + 1 + j + 1, true
 }
 
 // loopParseBudget is the parse time a session may spend on an event loop
@@ -287,15 +392,20 @@ func (r *relay) inspected(out [][]byte, frame []byte) [][]byte {
 	if r.handOffOver > 0 {
 		began = time.Now()
 	}
-	substitute, refusal, resets := r.guard.check(frame[0], frame)
+	substitute, refusal, v := r.guard.check(frame[0], frame)
 	if r.handOffOver > 0 {
 		r.parseSpent += time.Since(began)
+	}
+	if substitute == nil {
+		out, frame = r.stateEffects(out, frame, v)
 	}
 	switch {
 	case substitute != nil:
 		r.ledger.sentRefused(substitute[0], refusal)
 		frame = substitute
-	case resets:
+	case frame == nil:
+		// Replaced by the frames stateEffects sent.
+	case v.Resets:
 		if r.ledger.sentReset() {
 			r.holding.Store(true)
 		}
@@ -305,7 +415,56 @@ func (r *relay) inspected(out [][]byte, frame []byte) [][]byte {
 	if r.ledger.full() {
 		r.full.Store(true)
 	}
+	if frame == nil {
+		return out
+	}
 	return append(out, frame)
+}
+
+// stateEffects applies what a message the guard passed leaves in the
+// session beyond its transaction: it pins a transaction-pooled client, or
+// marks a session's connection for a reset; in transaction mode it renames
+// prepared statements. It returns the frame to send (nil when it has
+// appended to out what replaces it).
+func (r *relay) stateEffects(out [][]byte, frame []byte, v guard.Verdict) ([][]byte, []byte) {
+	if v.Pin != "" {
+		if r.tx == nil {
+			if r.sessionState == "" {
+				r.sessionState = v.Pin
+			}
+		} else {
+			r.tx.pin(v.Pin)
+		}
+	}
+	switch frame[0] {
+	case 'P':
+		r.noteParse(frame)
+		if t := r.tx; t != nil {
+			if t.stmts.full() {
+				t.pin("prepared_statements")
+			}
+			frame = t.stmts.parse(r.up, frame)
+		}
+	case 'Q':
+		t := r.tx
+		if t == nil {
+			if v.DeallocateAll && r.sessionState == "prepared_statement" {
+				r.sessionState = "" // every statement it prepared is gone
+			}
+			break
+		}
+		switch {
+		case v.DeallocateAll:
+			t.stmts.closeAll(r.up)
+		case v.Deallocate != "":
+			if pre, query := t.stmts.deallocate(r.up, v.Deallocate); query != nil {
+				out = r.sentSilently(out, pre)
+				r.ledger.sent('Q')
+				return append(out, query), nil
+			}
+		}
+	}
+	return out, frame
 }
 
 // frontendMessage reports the message types a client may send after
@@ -349,6 +508,13 @@ func (r *relay) fromServer(in []byte, out [][]byte) (int, [][]byte) {
 			break // the rest will fit: wait for it
 		}
 		body := in[n+wire.HeaderLen : min(n+size, len(in))]
+		if typ == 'S' && whole {
+			if r.tx != nil {
+				r.tx.reported(r.up, body)
+			} else {
+				r.settingReported = true
+			}
+		}
 		if typ == 'S' && whole && r.guard != nil {
 			if ce := r.guard.parameterStatus(body); ce != nil {
 				// What the server reports is what it lexes the next
@@ -390,7 +556,7 @@ func (r *relay) fromServer(in []byte, out [][]byte) (int, [][]byte) {
 		switch ev {
 		case resetDone:
 			if status := r.ledger.txStatus(); status != 'E' {
-				b := r.up.Reinstall(status)
+				b := r.up.Reinstall(status, nil)
 				r.ledger.sentOwn(b)
 				r.inject = append(r.inject, b.Frames...)
 				break

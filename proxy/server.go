@@ -43,7 +43,12 @@ type Config struct {
 	// keeps connections between them.
 	Pool *session.Pool
 	// Guard inspects every Query, Parse and FunctionCall; nil turns it off.
+	// It also tells what a statement leaves in the session (guard.TrackState):
+	// transaction pooling needs that, so there a guard is required, one
+	// without rules (guard.NoRules) for --guard off.
 	Guard *guard.Guard
+	// PoolMode is how long a client holds an upstream connection.
+	PoolMode PoolMode
 	// Databases a client may ask for; empty means only the upstream DSN's
 	// database, "*" means any.
 	Databases []string
@@ -92,7 +97,8 @@ type Server struct {
 	// held bounds the large frames all sessions gather for the guard.
 	held *byteBudget
 
-	conns atomic.Int64 // open client connections, startup included
+	conns      atomic.Int64  // open client connections, startup included
+	sessionSeq atomic.Uint64 // numbers sessions, for their statements' names
 
 	mu        sync.Mutex
 	listeners []net.Listener
@@ -110,6 +116,9 @@ func New(cfg Config) (*Server, error) {
 	}
 	if err := cfg.Pool.Policy().Validate(); err != nil {
 		return nil, err
+	}
+	if cfg.PoolMode == TransactionPooling && (cfg.Guard == nil || !cfg.Guard.TracksState()) {
+		return nil, errors.New("proxy: transaction pooling needs a guard that tracks session state (guard.TrackState; guard.NoRules for --guard off)")
 	}
 	if cfg.MaxClientConns <= 0 {
 		cfg.MaxClientConns = 1000

@@ -72,6 +72,15 @@ type Grant struct {
 	Claims string
 }
 
+// SameIdentity reports whether g and o install the same role, settings and
+// claims: a connection with g installed serves o's session as it is.
+func (g *Grant) SameIdentity(o *Grant) bool {
+	if g == nil || o == nil {
+		return false
+	}
+	return g == o || (g.Role == o.Role && g.Claims == o.Claims && slices.Equal(g.Settings, o.Settings))
+}
+
 // Setting is one session setting installed upstream.
 type Setting struct{ Name, Value string }
 

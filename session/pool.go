@@ -10,35 +10,40 @@ import (
 	"time"
 )
 
-// Pool hands out upstream connections with a session's grant installed,
-// and keeps them between client sessions. A connection is kept only after a
-// reset that is proved: ROLLBACK if needed, DISCARD ALL (role, settings,
-// prepared statements, temporary tables, advisory locks, LISTEN), then a
-// query showing the role is the login role and no claims are left.
-// Connections are kept per database and startup parameters, since those are
-// fixed when a connection is opened. The pool holds the policy its sessions
-// are set up by: the proxy asks it for a grant, and its reset checks the
-// claims setting.
+// Pool hands out upstream connections and keeps them between client
+// sessions, or, in transaction mode, between transactions.
+//
+// Connections are kept per role, database and startup parameters (the pool
+// key), since those are fixed when a connection logs in. A connection kept
+// after a session that may have left state behind is first reset and the
+// reset proved: ROLLBACK if needed, DISCARD ALL (role, settings, prepared
+// statements, temporary tables, advisory locks, LISTEN), then a query
+// showing the role is the login role and no claims are left. One that
+// served a transaction (or a session) that left nothing behind is kept as it
+// is, its grant installed: the next client of the same identity needs no
+// install at all, and another one's install overwrites it.
+//
+// Clients that find every connection in use wait in the order they came, up
+// to WaitTimeout. The pool holds the policy its sessions are set up by: the
+// proxy asks it for a grant, and its reset checks the claims setting.
 type Pool struct {
 	dialer *Dialer
 	policy Policy
 	cfg    PoolConfig
 
-	mu     sync.Mutex
-	idle   map[string][]*pooled // by key, most recently used last
-	open   int                  // connections open, idle or in use
-	closed bool
-	slots  chan struct{} // one per allowed connection; nil: unlimited
-	// returned wakes a client waiting at MaxConns when a connection comes
-	// back to the idle list.
-	returned chan struct{}
-	stop     chan struct{}
+	mu      sync.Mutex
+	idle    map[string][]*pooled // by key, most recently used last
+	open    int                  // connections open or being opened, idle or in use
+	waiters []*waiter            // clients waiting for a connection, oldest first
+	closed  bool
+	stop    chan struct{}
+	stats   poolCounters
 }
 
 // PoolConfig tunes a Pool.
 type PoolConfig struct {
-	// Size is the most idle connections kept per database; 0 turns pooling
-	// off (every session opens and closes its own connection).
+	// Size is the most idle connections kept per key; 0 turns pooling off
+	// (every session opens and closes its own connection).
 	Size int
 	// MaxConns bounds the upstream connections open at once; 0: no bound.
 	MaxConns int
@@ -53,9 +58,30 @@ type PoolConfig struct {
 
 type pooled struct {
 	up       *Upstream
-	key      string
-	born     time.Time
 	released time.Time
+}
+
+// waiter is a client waiting for a connection of key. It is handed either a
+// connection of its key, or the right to open one (a slot).
+type waiter struct {
+	key  string
+	got  chan handoff // buffered: the hand-over never blocks
+	done bool         // handed something, or gave up (under Pool.mu)
+}
+
+type handoff struct {
+	up   *Upstream // an idle connection of the waiter's key
+	slot bool      // or: a connection may be opened, counted in open already
+}
+
+// poolCounters are totals since the pool started, for metrics.
+type poolCounters struct {
+	waits                  int64
+	waited                 time.Duration
+	identityHits, installs int64
+	resets, reusedWithout  int64
+	opened, discarded      int64
+	timeouts               int64
 }
 
 // ErrPoolExhausted is returned when no upstream connection frees up in time.
@@ -64,10 +90,7 @@ var ErrPoolExhausted = errors.New("all upstream connections are in use")
 // NewPool returns a pool opening connections with d for sessions set up by
 // policy.
 func NewPool(d *Dialer, policy Policy, cfg PoolConfig) *Pool {
-	p := &Pool{dialer: d, policy: policy, cfg: cfg, idle: map[string][]*pooled{}, returned: make(chan struct{}, 1), stop: make(chan struct{})}
-	if cfg.MaxConns > 0 {
-		p.slots = make(chan struct{}, cfg.MaxConns)
-	}
+	p := &Pool{dialer: d, policy: policy, cfg: cfg, idle: map[string][]*pooled{}, stop: make(chan struct{})}
 	if cfg.WaitTimeout <= 0 {
 		p.cfg.WaitTimeout = 5 * time.Second
 	}
@@ -92,94 +115,233 @@ func (p *Pool) Ping(ctx context.Context) error {
 	return conn.Close(ctx)
 }
 
-// Get returns a connection to database with the grant installed: an idle one
-// that passes the install (its health check), or a new one. At MaxConns it
-// waits for a connection to come back or to close, up to WaitTimeout.
+// Get returns a connection to database with the grant installed, for a
+// session: an idle one that passes the install (its health check), or a new
+// one.
 func (p *Pool) Get(ctx context.Context, database string, params map[string]string, g *Grant) (*Upstream, error) {
-	key := poolKey(g.Role, database, params)
-	var timeout <-chan time.Time
 	for {
-		if pc := p.takeIdle(key); pc != nil {
-			if err := pc.up.install(ctx, g); err != nil {
-				p.discard(pc.up) // broken, or closed by the server: try the next
-				continue
-			}
-			pc.up.key, pc.up.born = key, pc.born
-			return pc.up, nil
+		up, installed, err := p.Acquire(ctx, database, params, g)
+		if err != nil || installed {
+			return up, err
 		}
-		if p.trySlot() || (p.closeOneIdle() && p.trySlot()) {
-			return p.openNew(ctx, key, database, params, g)
+		if err := up.install(ctx, g); err != nil {
+			p.discard(up) // broken, or closed by the server: try the next
+			continue
 		}
-		if timeout == nil {
-			t := time.NewTimer(p.cfg.WaitTimeout)
-			defer t.Stop()
-			timeout = t.C
-		}
-		select {
-		case p.slots <- struct{}{}:
-			return p.openNew(ctx, key, database, params, g)
-		case <-p.returned:
-		case <-timeout:
-			return nil, fmt.Errorf("%w (--max-upstream-conns %d) after waiting %s", ErrPoolExhausted, p.cfg.MaxConns, p.cfg.WaitTimeout)
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
+		return up, nil
 	}
 }
 
-// openNew opens a new connection in a slot already taken.
-func (p *Pool) openNew(ctx context.Context, key, database string, params map[string]string, g *Grant) (*Upstream, error) {
-	up, err := p.dialer.Open(ctx, database, params, g)
-	if err != nil {
-		p.releaseSlot()
-		return nil, err
+// Acquire returns a connection of g's role to database: preferably an idle
+// one whose installed grant is g's already (installed reports it), else
+// another idle one, whose grant the caller must install (Upstream.Reinstall,
+// sent ahead of the client's first message), else a new one, opened with g
+// installed. At MaxConns the caller waits its turn, up to WaitTimeout.
+func (p *Pool) Acquire(ctx context.Context, database string, params map[string]string, g *Grant) (up *Upstream, installed bool, err error) {
+	key := poolKey(g.Role, database, params)
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return nil, false, errors.New("the upstream pool is closed")
+	}
+	if pc := p.takeIdleLocked(key, g); pc != nil {
+		p.mu.Unlock()
+		return pc.up, p.installed(pc.up, g), nil
+	}
+	if p.cfg.MaxConns <= 0 || p.open < p.cfg.MaxConns {
+		p.open++
+		p.mu.Unlock()
+		return p.openNew(ctx, key, database, params, g)
+	}
+	if victim := p.oldestIdleLocked(); victim != nil {
+		// Every slot is taken, some by connections idle under another
+		// key: one of them makes room.
+		p.mu.Unlock()
+		p.closeUp(victim.up)
+		return p.openNew(ctx, key, database, params, g)
+	}
+	w := &waiter{key: key, got: make(chan handoff, 1)}
+	p.waiters = append(p.waiters, w)
+	p.stats.waits++
+	p.mu.Unlock()
+
+	began := time.Now()
+	t := time.NewTimer(p.cfg.WaitTimeout)
+	defer t.Stop()
+	var h handoff
+	select {
+	case h = <-w.got:
+	case <-t.C:
+	case <-ctx.Done():
 	}
 	p.mu.Lock()
-	p.open++
+	p.stats.waited += time.Since(began)
+	if !w.done {
+		// Gave up: out of the queue.
+		w.done = true
+		p.waiters = slices.DeleteFunc(p.waiters, func(x *waiter) bool { return x == w })
+		p.mu.Unlock()
+		if ctx.Err() != nil {
+			return nil, false, ctx.Err()
+		}
+		p.mu.Lock()
+		p.stats.timeouts++
+		p.mu.Unlock()
+		return nil, false, fmt.Errorf("%w (--max-upstream-conns %d) after waiting %s", ErrPoolExhausted, p.cfg.MaxConns, p.cfg.WaitTimeout)
+	}
 	p.mu.Unlock()
+	if h.up == nil && !h.slot {
+		h = <-w.got // handed over just as the wait ended
+	}
+	switch {
+	case h.up != nil:
+		return h.up, p.installed(h.up, g), nil
+	case h.slot:
+		return p.openNew(ctx, key, database, params, g)
+	}
+	return nil, false, errors.New("the upstream pool is closed")
+}
+
+// installed reports whether up's installed grant is g's identity, and
+// counts identity hits and installs.
+func (p *Pool) installed(up *Upstream, g *Grant) bool {
+	same := up.grant.SameIdentity(g)
+	p.mu.Lock()
+	if same {
+		p.stats.identityHits++
+	} else {
+		p.stats.installs++
+	}
+	p.mu.Unlock()
+	return same
+}
+
+// openNew opens a new connection in a slot already counted in open.
+func (p *Pool) openNew(ctx context.Context, key, database string, params map[string]string, g *Grant) (*Upstream, bool, error) {
+	up, err := p.dialer.Open(ctx, database, params, g)
+	if err != nil {
+		p.freeSlot()
+		return nil, false, err
+	}
 	up.key, up.born = key, time.Now()
-	return up, nil
+	p.mu.Lock()
+	p.stats.opened++
+	p.mu.Unlock()
+	return up, true, nil
+}
+
+// Return hands back, in transaction mode, a connection whose transaction
+// left nothing behind: idle, nothing owed, no session state. It keeps its
+// grant, so that the next transaction of the same identity needs no install.
+func (p *Pool) Return(up *Upstream) {
+	p.mu.Lock()
+	p.stats.reusedWithout++
+	p.mu.Unlock()
+	p.putBack(up)
 }
 
 // Release hands a connection back after its session. clean tells that the
 // session ended between statements, with every frame read and nothing owed;
-// only then is the connection reset and kept, otherwise it is closed.
+// only then is the connection kept, otherwise it is closed. stateful tells
+// that the session may have left state behind (settings, prepared
+// statements, temporary objects, ...): the connection is then reset first.
 // txStatus is the transaction status the server last reported.
-func (p *Pool) Release(ctx context.Context, up *Upstream, clean bool, txStatus byte) {
+func (p *Pool) Release(ctx context.Context, up *Upstream, clean, stateful bool, txStatus byte) {
 	if !clean || p.cfg.Size <= 0 || (p.cfg.MaxLifetime > 0 && time.Since(up.born) > p.cfg.MaxLifetime) {
 		p.discard(up)
 		return
 	}
 	up.txStatus = txStatus
-	if err := up.reset(ctx, p.policy.ClaimsSetting); err != nil {
-		p.discard(up)
-		return
+	if stateful || txStatus != 'I' {
+		if err := up.reset(ctx, p.policy.ClaimsSetting); err != nil {
+			p.discard(up)
+			return
+		}
+		p.mu.Lock()
+		p.stats.resets++
+		p.mu.Unlock()
+	} else {
+		p.mu.Lock()
+		p.stats.reusedWithout++
+		p.mu.Unlock()
 	}
+	p.putBack(up)
+}
+
+// putBack hands up to the first client waiting for its key, or keeps it
+// idle; a client waiting for another key gets its slot instead.
+func (p *Pool) putBack(up *Upstream) {
 	p.mu.Lock()
-	if p.closed || len(p.idle[up.key]) >= p.cfg.Size {
+	if p.closed || (p.cfg.MaxLifetime > 0 && time.Since(up.born) > p.cfg.MaxLifetime) {
 		p.mu.Unlock()
 		p.discard(up)
 		return
 	}
-	p.idle[up.key] = append(p.idle[up.key], &pooled{up: up, key: up.key, born: up.born, released: time.Now()})
-	p.mu.Unlock()
-	select { // wake a client waiting at MaxConns
-	case p.returned <- struct{}{}:
-	default:
+	for i, w := range p.waiters {
+		if w.key == up.key {
+			p.waiters = slices.Delete(p.waiters, i, i+1)
+			w.done = true
+			w.got <- handoff{up: up}
+			p.mu.Unlock()
+			return
+		}
 	}
+	if len(p.waiters) > 0 || len(p.idle[up.key]) >= p.cfg.Size {
+		// Waiters for other keys come first: this connection makes room.
+		p.mu.Unlock()
+		p.discard(up)
+		return
+	}
+	p.idle[up.key] = append(p.idle[up.key], &pooled{up: up, released: time.Now()})
+	p.mu.Unlock()
+}
+
+// PoolStats is a snapshot of the pool.
+type PoolStats struct {
+	Open, Idle, Waiting int
+	// ByKey are the connections by role and database.
+	ByKey []KeyStats
+	// Totals since the pool started.
+	Waits, Timeouts            int64
+	Waited                     time.Duration
+	IdentityHits, Installs     int64
+	Resets, ReusedWithoutReset int64
+	Opened, Discarded          int64
+}
+
+// KeyStats are one role and database's connections.
+type KeyStats struct {
+	Role, Database string
+	Idle           int
 }
 
 // Stats reports the connections open (idle or in use) and idle.
 func (p *Pool) Stats() (open, idle int) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for _, l := range p.idle {
-		idle += len(l)
-	}
-	return p.open, idle
+	s := p.Snapshot()
+	return s.Open, s.Idle
 }
 
-// Close closes the idle connections; connections in use close when released.
+// Snapshot reports the pool's state and totals.
+func (p *Pool) Snapshot() PoolStats {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	s := PoolStats{Open: p.open, Waiting: len(p.waiters),
+		Waits: p.stats.waits, Timeouts: p.stats.timeouts, Waited: p.stats.waited,
+		IdentityHits: p.stats.identityHits, Installs: p.stats.installs,
+		Resets: p.stats.resets, ReusedWithoutReset: p.stats.reusedWithout,
+		Opened: p.stats.opened, Discarded: p.stats.discarded}
+	for k, list := range p.idle {
+		s.Idle += len(list)
+		if len(list) > 0 {
+			role, db := splitKey(k)
+			s.ByKey = append(s.ByKey, KeyStats{Role: role, Database: db, Idle: len(list)})
+		}
+	}
+	return s
+}
+
+// Close closes the idle connections; connections in use close when
+// released. Waiting clients give up.
 func (p *Pool) Close() {
 	p.mu.Lock()
 	if p.closed {
@@ -193,72 +355,79 @@ func (p *Pool) Close() {
 		all = append(all, list...)
 		delete(p.idle, k)
 	}
+	for _, w := range p.waiters {
+		w.done = true
+		w.got <- handoff{}
+	}
+	p.waiters = nil
 	p.mu.Unlock()
 	for _, pc := range all {
 		p.discard(pc.up)
 	}
 }
 
-func (p *Pool) takeIdle(key string) *pooled {
-	p.mu.Lock()
-	defer p.mu.Unlock()
+// takeIdleLocked takes an idle connection of key: the most recently used one
+// whose grant is g's identity, else the most recently used one.
+func (p *Pool) takeIdleLocked(key string, g *Grant) *pooled {
 	list := p.idle[key]
 	if len(list) == 0 {
 		return nil
 	}
-	pc := list[len(list)-1]
-	p.idle[key] = list[:len(list)-1]
+	i := len(list) - 1
+	for j := len(list) - 1; j >= 0; j-- {
+		if list[j].up.grant.SameIdentity(g) {
+			i = j
+			break
+		}
+	}
+	pc := list[i]
+	p.idle[key] = slices.Delete(list, i, i+1)
 	return pc
 }
 
-func (p *Pool) discard(up *Upstream) {
-	_ = up.Close()
-	p.mu.Lock()
-	p.open--
-	p.mu.Unlock()
-	p.releaseSlot()
-}
-
-// trySlot takes a connection slot if one is free (always, without MaxConns).
-func (p *Pool) trySlot() bool {
-	if p.slots == nil {
-		return true
-	}
-	select {
-	case p.slots <- struct{}{}:
-		return true
-	default:
-		return false
-	}
-}
-
-func (p *Pool) releaseSlot() {
-	if p.slots != nil {
-		select {
-		case <-p.slots:
-		default:
-		}
-	}
-}
-
-// closeOneIdle closes the least recently released idle connection.
-func (p *Pool) closeOneIdle() bool {
-	p.mu.Lock()
+// oldestIdleLocked takes the least recently released idle connection.
+func (p *Pool) oldestIdleLocked() *pooled {
 	var oldest *pooled
-	for _, list := range p.idle {
+	var key string
+	for k, list := range p.idle {
 		if len(list) > 0 && (oldest == nil || list[0].released.Before(oldest.released)) {
-			oldest = list[0]
+			oldest, key = list[0], k
 		}
 	}
 	if oldest != nil {
-		p.idle[oldest.key] = slices.Delete(p.idle[oldest.key], 0, 1)
+		p.idle[key] = slices.Delete(p.idle[key], 0, 1)
 	}
+	return oldest
+}
+
+// discard closes up and frees its slot.
+func (p *Pool) discard(up *Upstream) {
+	_ = up.Close()
+	p.freeSlot()
+}
+
+// closeUp closes up, whose slot its caller takes over.
+func (p *Pool) closeUp(up *Upstream) {
+	_ = up.Close()
+	p.mu.Lock()
+	p.stats.discarded++
 	p.mu.Unlock()
-	if oldest == nil {
-		return false
+}
+
+// freeSlot gives a closed connection's slot to the first waiting client, or
+// frees it.
+func (p *Pool) freeSlot() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.stats.discarded++
+	if len(p.waiters) > 0 && !p.closed {
+		w := p.waiters[0]
+		p.waiters = p.waiters[1:]
+		w.done = true
+		w.got <- handoff{slot: true}
+		return
 	}
-	p.discard(oldest.up)
-	return true
+	p.open--
 }
 
 // janitor closes connections idle for longer than IdleTimeout.
@@ -311,4 +480,11 @@ func poolKey(role, database string, params map[string]string) string {
 		b.WriteString(params[k])
 	}
 	return b.String()
+}
+
+// splitKey returns the role and database of a pool key.
+func splitKey(key string) (role, database string) {
+	role, rest, _ := strings.Cut(key, "\x00")
+	database, _, _ = strings.Cut(rest, "\x00")
+	return role, database
 }

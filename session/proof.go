@@ -5,7 +5,9 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"fmt"
+	"slices"
 	"strconv"
+	"strings"
 
 	"github.com/jackc/pgx/v5/pgproto3"
 )
@@ -85,6 +87,14 @@ func (b *Batch) exec(sql string, oids []uint32, formats []int16, params [][]byte
 		}})
 	}
 	b.want = append(b.want, answer{typ: 'C'}, answer{typ: '3'}, answer{typ: '3'})
+}
+
+// closeUnnamed adds the Close of the unnamed statement and portal, each
+// answered by CloseComplete (also when there was none).
+func (b *Batch) closeUnnamed() {
+	b.Frames, _ = (&pgproto3.Close{ObjectType: 'S'}).Encode(b.Frames)
+	b.Frames, _ = (&pgproto3.Close{ObjectType: 'P'}).Encode(b.Frames)
+	b.want = append(b.want, answer{typ: '3'}, answer{typ: '3'})
 }
 
 // sync closes the extended-protocol statements added so far: one transaction.
@@ -177,9 +187,16 @@ func (b *Batch) Units() int {
 // which the server does not convert from the client's encoding: the UTF-8
 // of the token reaches the settings byte-exact whatever client_encoding the
 // client chose (a text parameter under LATIN1 turns "Zoë" into "ZoÃ«").
+//
+// Every name in them is schema-qualified, operators included: they run on
+// the session's search_path, whose "$user" schema (the login's, the mapped
+// role's) or public a client may be able to create objects in, and a
+// function there whose argument types match better (count(text) against
+// pg_catalog.count("any")) would run inside every later session's install,
+// where the claims and their signature are set.
 const (
-	installSettingsSQL = `SELECT count(pg_catalog.set_config(pg_catalog.convert_from(n, 'UTF8'), pg_catalog.convert_from(v, 'UTF8'), false)) FROM unnest($1::bytea[], $2::bytea[]) AS s(n, v)`
-	installRoleSQL     = `SELECT pg_catalog.set_config('role', pg_catalog.convert_from($1, 'UTF8'), false) IS NOT NULL AND current_user::text = pg_catalog.convert_from($1, 'UTF8'), $2::text`
+	installSettingsSQL = `SELECT pg_catalog.count(pg_catalog.set_config(pg_catalog.convert_from(n, 'UTF8'), pg_catalog.convert_from(v, 'UTF8'), false)) FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.bytea[]), pg_catalog.unnest($2::pg_catalog.bytea[])) AS s(n, v)`
+	installRoleSQL     = `SELECT pg_catalog.set_config('role', pg_catalog.convert_from($1, 'UTF8'), false) IS NOT NULL AND current_user::pg_catalog.text OPERATOR(pg_catalog.=) pg_catalog.convert_from($1, 'UTF8'), $2::pg_catalog.text`
 )
 
 // installBatch returns the batch that installs g on backend pid, in one
@@ -187,16 +204,44 @@ const (
 // leaves the mapped role in place, which, hardened, may not call
 // set_config), then the settings and the claims' signature, then the role,
 // proved by the nonce. status is the transaction status the connection is in.
-func installBatch(g *Grant, signer *Signer, pid uint32, status byte) *Batch {
-	names := make([][]byte, 0, len(g.Settings)+1)
-	values := make([][]byte, 0, len(g.Settings)+1)
+//
+// prev is the grant installed on the connection before, if any and if it was
+// not reset since: its settings that g lacks (a claim the new token does not
+// carry) are emptied, as a reset would have, so that no claim of another
+// identity is left for g's session to read. extra are settings of the
+// client's own the connection must carry too (transaction pooling: the
+// client's application_name, TimeZone, ...).
+func installBatch(g, prev *Grant, extra []Setting, signer *Signer, pid uint32, status byte) *Batch {
+	names := make([][]byte, 0, len(g.Settings)+len(extra)+1)
+	values := make([][]byte, 0, len(g.Settings)+len(extra)+1)
 	for _, s := range g.Settings {
 		names, values = append(names, []byte(s.Name)), append(values, []byte(s.Value))
 	}
-	if signer != nil && g.Claims != "" {
+	for _, s := range extra {
+		names, values = append(names, []byte(s.Name)), append(values, []byte(s.Value))
+	}
+	signed := signer != nil && g.Claims != ""
+	if signed {
 		names, values = append(names, []byte(SignatureSetting)), append(values, []byte(signer.Sign(pid, g.Claims)))
 	}
+	if prev != nil {
+		for _, s := range prev.Settings {
+			if !slices.ContainsFunc(g.Settings, func(t Setting) bool { return strings.EqualFold(t.Name, s.Name) }) {
+				names, values = append(names, []byte(s.Name)), append(values, nil)
+			}
+		}
+		if !signed && prev.Claims != "" && signer != nil {
+			names, values = append(names, []byte(SignatureSetting)), append(values, nil)
+		}
+	}
 	b := newBatch(status)
+	if prev != nil && !prev.SameIdentity(g) {
+		// The connection served another identity without a reset between:
+		// what that session left that no statement shows (a sequence's
+		// currval, its unnamed statement and portal) goes.
+		b.exec("DISCARD SEQUENCES", nil, nil, nil, nil)
+		b.closeUnnamed()
+	}
 	b.exec("RESET ROLE", nil, nil, nil, nil)
 	n := strconv.Itoa(len(names))
 	b.exec(installSettingsSQL, byteaArrays, binaryFormats, [][]byte{encodeByteaArray(names), encodeByteaArray(values)},
@@ -218,8 +263,9 @@ func installBatch(g *Grant, signer *Signer, pid uint32, status byte) *Batch {
 // (pg_settings would not show a planted claim: custom settings are not in
 // it until set.)
 const plantedSQL = `SELECT NOT EXISTS (SELECT FROM pg_catalog.pg_db_role_setting s
-	WHERE s.setrole = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = session_user)
-	AND s.setdatabase IN (0, (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()))), $1::text`
+	WHERE s.setrole OPERATOR(pg_catalog.=) (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) session_user)
+	AND (s.setdatabase OPERATOR(pg_catalog.=) 0::pg_catalog.oid
+	  OR s.setdatabase OPERATOR(pg_catalog.=) (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()))), $1::pg_catalog.text`
 
 // plantedCheck returns b with the proof that the login carries no setting of
 // its own put ahead of its statements, in the same transaction.
@@ -243,11 +289,12 @@ func plantedCheck(b *Batch) *Batch {
 // by its nonce) or LISTEN. (Advisory locks go
 // with DISCARD ALL too; the pool tests check them, but pg_locks is too dear
 // to read on every release.)
-const resetProofSQL = `SELECT current_user = session_user
-	AND coalesce(current_setting($1, true), '') = ''
-	AND coalesce(current_setting('` + SignatureSetting + `', true), '') = ''
-	AND NOT EXISTS (SELECT FROM pg_catalog.pg_prepared_statements WHERE left(name, length($2)) <> $2)
-	AND NOT EXISTS (SELECT FROM pg_catalog.pg_listening_channels()), $2::text`
+const resetProofSQL = `SELECT current_user OPERATOR(pg_catalog.=) session_user
+	AND coalesce(pg_catalog.current_setting($1, true), '') OPERATOR(pg_catalog.=) ''
+	AND coalesce(pg_catalog.current_setting('` + SignatureSetting + `', true), '') OPERATOR(pg_catalog.=) ''
+	AND NOT EXISTS (SELECT FROM pg_catalog.pg_prepared_statements p
+	  WHERE pg_catalog.left(p.name, pg_catalog.length($2)) OPERATOR(pg_catalog.<>) $2)
+	AND NOT EXISTS (SELECT FROM pg_catalog.pg_listening_channels()), $2::pg_catalog.text`
 
 // resetBatch returns the batch that undoes a session on a connection in
 // transaction status status: ROLLBACK when a transaction is open, DISCARD

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"time"
 
@@ -30,6 +31,13 @@ type Upstream struct {
 	grant  *Grant
 	signer *Signer
 
+	// prepared are the statements transaction-pooled clients prepared on
+	// the connection, by their names on the server; unnamedOwner is the
+	// client session whose unnamed statement the connection holds (0: none
+	// known). Only the relay serving the connection touches them.
+	prepared     map[string]struct{}
+	unnamedOwner uint64
+
 	key  string    // the pool key: database and startup parameters
 	born time.Time // when the connection was opened
 	// addr is the server's address, for cancel requests: the socket is
@@ -54,6 +62,13 @@ func (u *Upstream) Rebind(c net.Conn, buffered []byte) {
 // Parameter returns a setting the server reported (ParameterStatus).
 func (u *Upstream) Parameter(name string) string { return u.params[name] }
 
+// SetParameter records a setting the server reported while the relay read
+// the connection.
+func (u *Upstream) SetParameter(name, value string) { u.params[name] = value }
+
+// Parameters returns a copy of the settings the server reported.
+func (u *Upstream) Parameters() map[string]string { return maps.Clone(u.params) }
+
 // Greeting returns what a client reads once its session is ready:
 // AuthenticationOk, the server's ParameterStatus messages, the proxy's own
 // BackendKeyData (the server's never leaves the proxy) and ReadyForQuery.
@@ -70,21 +85,74 @@ func (u *Upstream) Greeting(pid uint32, secret []byte) []byte {
 // Reinstall returns the batch that installs the connection's grant again,
 // with a fresh nonce, on the connection now in transaction status status:
 // the relay sends it to re-establish the session after a client's reset.
-func (u *Upstream) Reinstall(status byte) *Batch {
-	return installBatch(u.grant, u.signer, u.pid, status)
+// extra are the client's own carried settings (see Switch).
+func (u *Upstream) Reinstall(status byte, extra []Setting) *Batch {
+	return installBatch(u.grant, nil, extra, u.signer, u.pid, status)
 }
+
+// Switch returns the batch that installs g, an identity other than the
+// connection's, on the idle connection: what transaction pooling sends ahead
+// of a client's first message on a connection that last served another
+// identity. extra are settings the client set that follow it from
+// connection to connection (application_name, TimeZone, ...). The grant is
+// recorded at once: a batch that fails ends the connection.
+func (u *Upstream) Switch(g *Grant, extra []Setting) *Batch {
+	b := installBatch(g, u.grant, extra, u.signer, u.pid, 'I')
+	if !u.grant.SameIdentity(g) {
+		u.unnamedOwner = 0 // closed by the batch
+	}
+	u.grant = g
+	return b
+}
+
+// Prepared reports whether the connection holds the statement of that name
+// on the server (transaction pooling's renamed statements).
+func (u *Upstream) Prepared(name string) bool {
+	_, ok := u.prepared[name]
+	return ok
+}
+
+// SetPrepared records that the connection holds, or no longer holds, a
+// statement.
+func (u *Upstream) SetPrepared(name string, held bool) {
+	switch {
+	case held && u.prepared == nil:
+		u.prepared = map[string]struct{}{name: {}}
+	case held:
+		u.prepared[name] = struct{}{}
+	default:
+		delete(u.prepared, name)
+	}
+}
+
+// PreparedCount is the number of statements the connection holds.
+func (u *Upstream) PreparedCount() int { return len(u.prepared) }
+
+// ForgetPrepared records that the connection holds no statement any more
+// (DEALLOCATE ALL, DISCARD ALL).
+func (u *Upstream) ForgetPrepared() { u.prepared, u.unnamedOwner = nil, 0 }
+
+// UnnamedOwner is the client session whose unnamed statement the
+// connection holds.
+func (u *Upstream) UnnamedOwner() uint64 { return u.unnamedOwner }
+
+// SetUnnamedOwner records whose unnamed statement the connection holds.
+func (u *Upstream) SetUnnamedOwner(owner uint64) { u.unnamedOwner = owner }
+
+// Grant is the identity installed on the connection.
+func (u *Upstream) Grant() *Grant { return u.grant }
 
 // install sets the grant on the connection, idle, in one round trip and one
 // transaction (it is also the health check of a connection taken from the
 // pool).
 func (u *Upstream) install(ctx context.Context, g *Grant) error {
-	return u.installWith(ctx, installBatch(g, u.signer, u.pid, 'I'), g)
+	return u.installWith(ctx, installBatch(g, u.grant, nil, u.signer, u.pid, 'I'), g)
 }
 
 // open is install on a connection just logged in: with per-role logins, it
 // also proves that the login carries no setting of its own.
 func (u *Upstream) open(ctx context.Context, g *Grant) error {
-	b := installBatch(g, u.signer, u.pid, 'I')
+	b := installBatch(g, nil, nil, u.signer, u.pid, 'I')
 	if u.signer != nil {
 		b = plantedCheck(b)
 	}
@@ -118,7 +186,7 @@ func installError(g *Grant, err error) error {
 // as the proxy does on its own connections (`rlsproxy check` uses it to
 // prove the database's side).
 func Install(ctx context.Context, conn *pgconn.PgConn, g *Grant, signer *Signer) error {
-	b := installBatch(g, signer, conn.PID(), 'I')
+	b := installBatch(g, nil, nil, signer, conn.PID(), 'I')
 	if _, err := conn.Conn().Write(b.Frames); err != nil {
 		return err
 	}
@@ -189,7 +257,14 @@ func (u *Upstream) reset(ctx context.Context, claimsSetting string) error {
 	if claimsSetting == "" {
 		claimsSetting = "request.jwt.claims"
 	}
-	return u.roundTrip(ctx, resetBatch(u.txStatus, claimsSetting))
+	if err := u.roundTrip(ctx, resetBatch(u.txStatus, claimsSetting)); err != nil {
+		return err
+	}
+	// Nothing of the grant is left: the next client, whoever it is, gets
+	// a full install.
+	u.grant = nil
+	u.ForgetPrepared()
+	return nil
 }
 
 // roundTrip sends one of the proxy's own batches on an idle connection and

@@ -50,7 +50,10 @@ type serveConfig struct {
 type guardConfig struct {
 	cacheSize int
 	allowCode bool
-	limits    guard.ParseLimits
+	// noRules: --guard off under transaction pooling, where the guard only
+	// tells what statements leave in the session.
+	noRules bool
+	limits  guard.ParseLimits
 }
 
 // guardCacheSize is not a flag: verdicts are small, and a text repeated
@@ -180,6 +183,13 @@ func (o *serveOptions) config(log *slog.Logger, dev *devOptions) (*serveConfig, 
 		if o.guardAllowCode {
 			return nil, errors.New("--guard-allow-code is for --guard on: with --guard off everything is let through already")
 		}
+		if o.poolMode == "transaction" {
+			// No rule, but transaction pooling must still know what
+			// statements leave in the session.
+			cfg.guard = &guardConfig{cacheSize: guardCacheSize, noRules: true, limits: guard.ParseLimits{
+				Helpers: o.guardParsers, Memory: uint64(o.guardParserMemory) << 20,
+			}}
+		}
 		warnings = append(warnings, warning{msg: "--guard off: clients can change their role and claims with SQL; only signed claims (--signing-key-file) and the database's privileges protect identity"})
 	}
 	cfg.pool = session.PoolConfig{
@@ -206,6 +216,9 @@ func (o *serveOptions) config(log *slog.Logger, dev *devOptions) (*serveConfig, 
 		MaxClientConns: o.maxClientConns, StartupTimeout: o.startupTimeout,
 		TerminateOnExpiry: o.onTokenExpiry == "terminate", ExpiryLeeway: leeway,
 		RelayLoops: o.relayLoops,
+	}
+	if o.poolMode == "transaction" {
+		cfg.proxy.PoolMode = proxy.TransactionPooling
 	}
 	if o.pprof && o.adminListen == "" {
 		return nil, errors.New("--pprof is served on --admin-listen, which is empty")

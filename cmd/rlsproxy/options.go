@@ -127,11 +127,13 @@ func (o *upstreamOptions) registerUpstream(fs *flag.FlagSet) {
 
 // poolOptions: upstream connections kept between client sessions.
 type poolOptions struct {
+	poolMode                         string
 	poolSize, maxUpstreamConns       int
 	poolWait, poolIdle, poolLifetime time.Duration
 }
 
 func (o *poolOptions) registerPool(fs *flag.FlagSet) {
+	enumVar(fs, &o.poolMode, "pool-mode", "session", []string{"session", "transaction"}, "session: a client holds an upstream connection from login to logout; transaction: only during each transaction, installed with its identity (README, \"Transaction pooling\")")
 	fs.IntVar(&o.poolSize, "pool-size", 20, "upstream connections kept per database between client sessions (reset and proved clean); 0: no pooling")
 	fs.IntVar(&o.maxUpstreamConns, "max-upstream-conns", 0, "upstream connections open at once; beyond it clients wait --pool-wait, then get 53300; 0: no bound")
 	fs.DurationVar(&o.poolWait, "pool-wait", 5*time.Second, "how long a client waits for an upstream connection at --max-upstream-conns")

@@ -46,9 +46,15 @@ func cmdServe(args []string) error {
 func runProxy(ctx context.Context, cfg *serveConfig, log *slog.Logger, ready func(addrs []net.Addr)) error {
 	var sqlGuard *guard.Guard
 	if cfg.guard != nil {
-		var opts []guard.Option
+		// What statements leave in the session: transaction pooling pins on
+		// it, and session pooling keeps a connection without a reset when
+		// a session left nothing.
+		opts := []guard.Option{guard.TrackState}
 		if cfg.guard.allowCode {
 			opts = append(opts, guard.AllowCode)
+		}
+		if cfg.guard.noRules {
+			opts = append(opts, guard.NoRules)
 		}
 		sqlGuard = guard.New(cfg.policy, cfg.guard.cacheSize, opts...)
 		limits := cfg.guard.limits

@@ -68,6 +68,19 @@ GRANT {{ident .}} TO {{ident $.Login}};
 {{- end}}
 {{- end}}
 
+-- The "$user" schemas. The default search_path is "$user", public: a schema
+-- named after a role comes first for every session of that role, so a user
+-- who could create it (CREATE on the database) would have every other user
+-- of the role find their tables and functions ahead of public's. The names
+-- are reserved here: empty schemas owned by the role running this script,
+-- which sessions can neither use nor create in (the search path skips them).
+{{- range .Roles}}
+CREATE SCHEMA IF NOT EXISTS {{ident .}};
+{{- end}}
+{{- range .Logins}}
+CREATE SCHEMA IF NOT EXISTS {{ident .Name}};
+{{- end}}
+
 -- 2. The auth schema: auth.session(), auth.claims() and auth.user_id(), with
 -- the names and meanings of Neon's pg_session_jwt, so policies port as they are.
 CREATE SCHEMA IF NOT EXISTS auth;

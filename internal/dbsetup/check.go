@@ -181,6 +181,7 @@ func (c *checker) run(ctx context.Context) error {
 		{"policies", c.checkPolicies},
 		{"tables owned by the login roles", c.checkLoginTables},
 		{"schemas", c.checkSchemas},
+		{"the \"$user\" schemas", c.checkUserSchemas},
 		{"privileges", c.checkPrivileges},
 		{"the auth schema", c.checkAuth},
 	}
@@ -852,6 +853,37 @@ func (c *checker) checkSchemas(ctx context.Context) (bool, error) {
 		c.warning("schema", "REVOKE CREATE ON SCHEMA "+sqlquote.Ident(schema)+" FROM PUBLIC, "+sqlquote.Ident(role)+";",
 			"role %s can create objects in schema %s: sessions can plant functions, tables or views there that other sessions of the same role then run or read",
 			role, schema)
+	}
+	return true, nil
+}
+
+// checkUserSchemas reports a "$user" schema that a session could create: one
+// named after a mapped role or a session login, first on the default
+// search_path of every session of that role, which does not exist while the
+// role may create schemas. (checkSchemas reports one that exists and that a
+// role owns or can create in.)
+func (c *checker) checkUserSchemas(ctx context.Context) (bool, error) {
+	roles, logins := c.sessionLogins()
+	rows, err := c.query(ctx, `SELECT u.name, r.role
+		FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS r(role, login, i)
+		CROSS JOIN LATERAL (VALUES (r.role, 1), (r.login, 2)) AS u(name, j)
+		WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_namespace n WHERE n.nspname = u.name)
+		AND EXISTS (SELECT FROM pg_catalog.pg_roles x WHERE x.rolname = r.role)
+		AND pg_catalog.has_database_privilege(r.role, pg_catalog.current_database(), 'CREATE')
+		ORDER BY r.i, u.j`, roles, logins)
+	if err != nil {
+		return false, err
+	}
+	seen := map[string]bool{}
+	for _, r := range rows {
+		name, role := r.str(0), r.str(1)
+		if seen[name] {
+			continue
+		}
+		seen[name] = true
+		c.problem("user-schema", "CREATE SCHEMA "+sqlquote.Ident(name)+";  -- as the database owner: reserves the name; or: REVOKE CREATE ON DATABASE "+sqlquote.Ident(c.database)+" FROM PUBLIC, "+sqlquote.Ident(role)+";  -- or: "+c.bootstrapFix(),
+			"role %s may create schemas and no schema %s exists: a session could create it, and as the \"$user\" entry of the default search_path it comes first for every session of %s, whose other users' unqualified names would then find that user's objects",
+			role, name, role)
 	}
 	return true, nil
 }

@@ -146,6 +146,12 @@ func TestCheck(t *testing.T) {
 			want: []finding{warning("language", "may use language plpgsql")}},
 		{name: "set_config", gap: "GRANT EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) TO PUBLIC",
 			want: []finding{warning("set_config", "may execute set_config()")}},
+		// The "$user" schemas, reserved by the bootstrap.
+		{name: "user_schema_reserved", gap: "GRANT CREATE ON DATABASE {db} TO {role}"},
+		{name: "user_schema", gap: "GRANT CREATE ON DATABASE {db} TO {role}; DROP SCHEMA {role}",
+			want: []finding{problem("user-schema", "role chk_user_schema_authenticated may create schemas and no schema chk_user_schema_authenticated exists")}},
+		{name: "user_schema_owned", gap: "ALTER SCHEMA {role} OWNER TO {role}",
+			want: []finding{problem("schema", "schema chk_user_schema_owned_authenticated is owned by chk_user_schema_owned_authenticated")}},
 		{name: "no_auth", gap: "DROP SCHEMA auth CASCADE",
 			want: []finding{problem("auth", "schema auth does not exist")}},
 		{name: "other_key", checkSigner: other,

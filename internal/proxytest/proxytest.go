@@ -114,6 +114,10 @@ func Pooled(size, maxConns int) Option {
 // GuardOff turns the SQL guard off.
 func GuardOff(s *Setup) { s.GuardOff = true }
 
+// TransactionPooling relays each transaction on whichever pooled connection
+// is free (--pool-mode transaction).
+func TransactionPooling(s *Setup) { s.PoolMode = proxy.TransactionPooling }
+
 // AllowCode lets through code the guard cannot see into (--guard-allow-code).
 func AllowCode(s *Setup) { s.GuardOptions = append(s.GuardOptions, guard.AllowCode) }
 
@@ -194,8 +198,12 @@ func StartListener(t testing.TB, pg *Postgres, l net.Listener, opts ...Option) *
 	for _, o := range opts {
 		o(&setup)
 	}
-	if !setup.GuardOff {
-		sqlGuard := guard.New(setup.Policy, 1000, setup.GuardOptions...)
+	if !setup.GuardOff || setup.PoolMode == proxy.TransactionPooling {
+		opts := append([]guard.Option{guard.TrackState}, setup.GuardOptions...)
+		if setup.GuardOff {
+			opts = append(opts, guard.NoRules)
+		}
+		sqlGuard := guard.New(setup.Policy, 1000, opts...)
 		if err := sqlGuard.IsolateParsing(guard.ParseLimits{Logger: setup.Logger}); err != nil {
 			t.Fatal(err)
 		}

@@ -1,0 +1,246 @@
+package proxy
+
+import (
+	"bytes"
+	"encoding/binary"
+	"strconv"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/rlsproxy/rlsproxy/session"
+)
+
+// statements are one transaction-pooled client's prepared statements
+// (protocol-level: Parse with a name), which must follow the client from
+// backend to backend: consecutive transactions may run on different
+// connections, and a statement prepared on one is unknown on the next.
+//
+// Each statement gets a name of its own on the server, unique to the client
+// session (prefix, then a number), so that clients sharing a connection
+// never see each other's; a name the client never prepared is renamed into
+// its own namespace too, so that no client can reach another's statement by
+// guessing its server name. The client's Parse is kept, renamed, and sent
+// again ahead of a Bind or Describe on a connection that does not hold the
+// statement (Upstream.Prepared). Close and DEALLOCATE are renamed likewise.
+// The unnamed statement keeps its name (every Parse replaces it); the
+// connection records whose it is (Upstream.UnnamedOwner).
+type statements struct {
+	owner  uint64 // the client session's number
+	prefix string // "rlsproxy_<owner>_"
+	byName map[string]*statement
+	seq    int
+	bytes  int // of the Parse frames kept
+}
+
+type statement struct {
+	server string // its name on the server
+	parse  []byte // the client's Parse, renamed
+}
+
+// The most a client may keep prepared; past it the client is pinned to its
+// connection, where its statements stay as they are.
+const (
+	maxStatements     = 2000
+	maxStatementBytes = 8 << 20
+)
+
+func newStatements(owner uint64) *statements {
+	return &statements{owner: owner, prefix: "rlsproxy_" + strconv.FormatUint(owner, 10) + "_", byName: map[string]*statement{}}
+}
+
+// full reports whether the client keeps as much as it may.
+func (s *statements) full() bool {
+	return len(s.byName) >= maxStatements || s.bytes >= maxStatementBytes
+}
+
+// serverName returns the name on the server of the client's statement name:
+// its own, or, for a name it never prepared, one in its namespace that no
+// statement has.
+func (s *statements) serverName(name string) string {
+	if name == "" {
+		return ""
+	}
+	if st := s.byName[name]; st != nil {
+		return st.server
+	}
+	return s.prefix + "unknown_" + name
+}
+
+// parse takes a client's Parse frame (whole, already passed by the guard)
+// and returns the frame to send: renamed, and kept to send again on other
+// connections.
+func (s *statements) parse(up *session.Upstream, frame []byte) []byte {
+	name, rest, ok := cut(frame[5:])
+	if !ok {
+		return frame // malformed: the server refuses it
+	}
+	if len(name) == 0 {
+		up.SetUnnamedOwner(s.owner)
+		s.keep("", "", frame)
+		return frame
+	}
+	st := s.byName[string(name)]
+	server := ""
+	if st != nil {
+		server = st.server
+	} else {
+		s.seq++
+		server = s.prefix + strconv.Itoa(s.seq)
+	}
+	renamed := rebuild(frame[0], []byte(server), rest)
+	if st == nil {
+		// A second Parse of a name the client holds is an error in the
+		// server, as it would be without the proxy.
+		s.keep(string(name), server, renamed)
+	}
+	up.SetPrepared(server, true)
+	return renamed
+}
+
+func (s *statements) keep(name, server string, frame []byte) {
+	if old := s.byName[name]; old != nil {
+		s.bytes -= len(old.parse)
+	}
+	s.byName[name] = &statement{server: server, parse: bytes.Clone(frame)}
+	s.bytes += len(frame)
+}
+
+// use returns, for a client message naming statement name (Bind, Describe
+// of a statement), the frames to send ahead of it on up when up does not
+// hold the statement (nil if it does, or if the client never prepared it),
+// and the name on the server. Ahead of a named statement's Parse goes its
+// Close: should the statement exist there after all (the proxy forgot it
+// too early), the Parse would fail.
+func (s *statements) use(up *session.Upstream, name string) (pre []byte, server string) {
+	st := s.byName[name]
+	if name == "" {
+		if st == nil || up.UnnamedOwner() == s.owner {
+			return nil, ""
+		}
+		up.SetUnnamedOwner(s.owner)
+		return st.parse, ""
+	}
+	if st == nil {
+		return nil, s.serverName(name)
+	}
+	if up.Prepared(st.server) {
+		return nil, st.server
+	}
+	up.SetPrepared(st.server, true)
+	pre = rebuild('C', append([]byte{'S'}, st.server...), nil)
+	return append(pre, st.parse...), st.server
+}
+
+// close forgets the client's statement name (Close, DEALLOCATE) and returns
+// its name on the server.
+func (s *statements) close(up *session.Upstream, name string) string {
+	server := s.serverName(name)
+	if st := s.byName[name]; st != nil {
+		s.bytes -= len(st.parse)
+		delete(s.byName, name)
+	}
+	if server != "" {
+		up.SetPrepared(server, false)
+	}
+	return server
+}
+
+// closeAll forgets every statement of the client (DEALLOCATE ALL, DISCARD
+// ALL): on up they are gone, with every other client's.
+func (s *statements) closeAll(up *session.Upstream) {
+	s.byName, s.bytes = map[string]*statement{}, 0
+	up.ForgetPrepared()
+}
+
+// renameRef rewrites a whole Bind, Describe or Close frame naming a
+// statement: it returns the renamed frame, and the frames the connection
+// needs first, if any (see use).
+func (s *statements) renameRef(up *session.Upstream, frame []byte) (pre, renamed []byte) {
+	typ, body := frame[0], frame[5:]
+	switch typ {
+	case 'B':
+		portal, rest, ok := cut(body)
+		if !ok {
+			return nil, frame
+		}
+		name, rest, ok := cut(rest)
+		if !ok {
+			return nil, frame
+		}
+		pre, server := s.use(up, string(name))
+		b := make([]byte, 0, len(portal)+1+len(server)+1+len(rest))
+		b = append(append(b, portal...), 0)
+		b = append(append(b, server...), 0)
+		b = append(b, rest...)
+		return pre, rebuild('B', nil, b)
+	case 'D', 'C':
+		if len(body) < 2 || body[0] != 'S' {
+			return nil, frame // a portal: portals end with their transaction
+		}
+		name, rest, ok := cut(body[1:])
+		if !ok {
+			return nil, frame
+		}
+		if typ == 'C' {
+			server := s.close(up, string(name))
+			return nil, rebuild('C', append([]byte{'S'}, server...), rest)
+		}
+		pre, server := s.use(up, string(name))
+		return pre, rebuild('D', append([]byte{'S'}, server...), rest)
+	}
+	return nil, frame
+}
+
+// deallocate returns the Query that deallocates the client's statement name
+// on the server, and the frames the connection needs first (so that the
+// server's answer is the one the client expects), or a nil query if the
+// client never prepared name (a statement of SQL PREPARE, under its own
+// name).
+func (s *statements) deallocate(up *session.Upstream, name string) (pre, query []byte) {
+	if name == "" || s.byName[name] == nil {
+		return nil, nil
+	}
+	pre, _ = s.use(up, name)
+	server := s.close(up, name)
+	query, _ = (&pgproto3.Query{String: "DEALLOCATE " + quoteIdent(server)}).Encode(nil)
+	return pre, query
+}
+
+// rebuild returns a frame of type typ whose body is name, a NUL, then rest
+// (or body alone when name is nil).
+func rebuild(typ byte, name, rest []byte) []byte {
+	n := len(rest)
+	if name != nil {
+		n += len(name) + 1
+	}
+	out := make([]byte, 5, 5+n)
+	out[0] = typ
+	binary.BigEndian.PutUint32(out[1:], uint32(4+n))
+	if name != nil {
+		out = append(append(out, name...), 0)
+	}
+	return append(out, rest...)
+}
+
+// cut splits b at its first NUL.
+func cut(b []byte) (before, after []byte, ok bool) {
+	i := bytes.IndexByte(b, 0)
+	if i < 0 {
+		return nil, nil, false
+	}
+	return b[:i], b[i+1:], true
+}
+
+// quoteIdent quotes an identifier for SQL.
+func quoteIdent(s string) string {
+	var b bytes.Buffer
+	b.WriteByte('"')
+	for _, c := range []byte(s) {
+		if c == '"' {
+			b.WriteByte('"')
+		}
+		b.WriteByte(c)
+	}
+	b.WriteByte('"')
+	return b.String()
+}
