@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"errors"
 	"net"
 	"slices"
 	"sync"
@@ -168,7 +169,7 @@ func (r *relay) runTx(client net.Conn, clientR *wire.Reader, first *session.Upst
 	var out [][]byte
 	var pre []byte
 	if first != nil {
-		served = r.attach(first, client, resume)
+		served = r.attach(first, client, resume, false)
 	}
 	for !r.ended.Load() {
 		if len(clientR.Buffered()) > 0 && !r.paused() {
@@ -176,6 +177,15 @@ func (r *relay) runTx(client net.Conn, clientR *wire.Reader, first *session.Upst
 			up := r.up
 			if up == nil {
 				t.mu.Unlock()
+				if b := clientR.Buffered(); b[0] == 'X' {
+					r.end(endClientTerminate, nil) // no connection needed to say goodbye
+					break
+				}
+				if r.expired.Load() {
+					// No new transaction after the token expired.
+					r.end(endTokenExpired, r.expiredErr)
+					break
+				}
 				if served != nil {
 					<-served // the last connection's reader has handed it back
 				}
@@ -186,11 +196,13 @@ func (r *relay) runTx(client net.Conn, clientR *wire.Reader, first *session.Upst
 					}
 					break
 				}
-				served = r.attach(up, client, resume)
-				t.mu.Lock()
+				// Attached already sending: the new reader must not let go
+				// of the connection before the client's message is on it.
+				served = r.attach(up, client, resume, true)
+			} else {
+				t.sending = true
+				t.mu.Unlock()
 			}
-			t.sending = true
-			t.mu.Unlock()
 
 			var n int
 			n, out = r.fromClient(clientR.Buffered(), out[:0])
@@ -282,12 +294,14 @@ func (r *relay) acquire(ctx context.Context) (*session.Upstream, []byte, error) 
 	return up, pre, nil
 }
 
-// attach makes up the session's connection and starts reading it.
-func (r *relay) attach(up *session.Upstream, client net.Conn, resume chan struct{}) chan struct{} {
+// attach makes up the session's connection and starts reading it; sending
+// marks a client write under way, which the client side clears.
+func (r *relay) attach(up *session.Upstream, client net.Conn, resume chan struct{}, sending bool) chan struct{} {
 	t := r.tx
 	t.nudged.Store(false)
 	t.mu.Lock()
 	r.up = up
+	t.sending = sending
 	t.mu.Unlock()
 	served := make(chan struct{})
 	go func() {
@@ -357,6 +371,10 @@ func (r *relay) serveUpstream(up *session.Upstream, client net.Conn, resume chan
 			if t.nudged.Swap(false) && isStop(err) {
 				_ = up.Conn().SetReadDeadline(time.Time{})
 				continue
+			}
+			if isStop(err) {
+				// A deadline nobody here set: the connection is unusable.
+				err = errors.New("the upstream read timed out")
 			}
 			r.lost(false, err)
 			break

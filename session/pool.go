@@ -271,6 +271,8 @@ func (p *Pool) Release(ctx context.Context, up *Upstream, clean, stateful bool, 
 // putBack hands up to the first client waiting for its key, or keeps it
 // idle; a client waiting for another key gets its slot instead.
 func (p *Pool) putBack(up *Upstream) {
+	// A session that ended may have set deadlines to stop its reader.
+	_ = up.conn.SetDeadline(time.Time{})
 	p.mu.Lock()
 	if p.closed || (p.cfg.MaxLifetime > 0 && time.Since(up.born) > p.cfg.MaxLifetime) {
 		p.mu.Unlock()
