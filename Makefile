@@ -3,15 +3,16 @@ GO       ?= go
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS  := -s -w -X main.version=$(VERSION)
 
-.PHONY: dev test build lint fuzz bench
+.PHONY: dev test build lint fuzz bench bench-tx
 
 dev: ## the demo: throwaway Postgres + local issuer + proxy, prints psql lines
 	./scripts/deps.sh dev
 	$(GO) run ./cmd/rlsproxy dev
 
-test: ## every test, against a real PostgreSQL, with the race detector
+test: ## every test, against a real PostgreSQL, with the race detector; then the proxy's tests again in transaction-pooling mode
 	./scripts/deps.sh test
 	$(GO) test -race -count=1 ./...
+	RLSPROXY_TEST_POOL_MODE=transaction $(GO) test -race -count=1 ./proxy/
 
 build: ## the binary, built as the Dockerfile builds it (cgo: the guard uses PostgreSQL's parser)
 	CGO_ENABLED=1 $(GO) build -trimpath -tags netgo,osusergo -ldflags "$(LDFLAGS)" -o bin/rlsproxy ./cmd/rlsproxy
@@ -34,3 +35,8 @@ bench: ## pgbench: direct vs PgBouncer vs rlsproxy; rewrites BENCHMARKS.md and b
 	./scripts/deps.sh test
 	command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || apt-get install -y -qq pgbouncer
 	$(GO) run ./bench -markdown BENCHMARKS.md -chart bench/chart.svg -goroutine-relay
+
+bench-tx: ## transaction pooling: pgbench -S with 1,000 clients over 20 connections, many users, connect before/after; rewrites BENCHMARKS.md's "Transaction pooling" section (~15 min)
+	./scripts/deps.sh test
+	command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || apt-get install -y -qq pgbouncer
+	$(GO) run ./bench -workloads tx-1000,many-users,connect-before -markdown BENCHMARKS.md

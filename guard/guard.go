@@ -10,6 +10,7 @@ package guard
 
 import (
 	"fmt"
+	"strings"
 	"unicode/utf8"
 	"unsafe"
 
@@ -67,6 +68,9 @@ type Verdict struct {
 	// DeallocatedNames splits them. DeallocateAll is a DEALLOCATE ALL.
 	Deallocate    string
 	DeallocateAll bool
+	// DeallocateMixed: the message holds other statements besides its
+	// DEALLOCATE name statements.
+	DeallocateMixed bool
 }
 
 // Lexing is how the server reads a session's statements, as it reports
@@ -290,11 +294,21 @@ func (g *Guard) verdict(tree *pg_query.ParseResult, extended bool) Verdict {
 		switch {
 		case resets && extended && !g.noRules:
 			return reject("reset_in_extended_protocol", "RESET ALL, DISCARD ALL, RESET ROLE and SET SESSION AUTHORIZATION DEFAULT are allowed through rlsproxy only as a simple query, not as a prepared statement")
+		case resets && extended:
+			// It runs when executed, where the proxy cannot put role and
+			// claims back right after it: the client keeps its backend,
+			// which is reset when the session ends.
+			if v.Pin == "" {
+				v.Pin = PinPreparedReset
+			}
 		case resets:
 			v.Resets = true
 		case v.Resets && !g.noRules:
 			return reject("reset_position", fmt.Sprintf("statement %d follows a reset of the role or settings in the same message; through rlsproxy a reset must be the last statement of its message", i+1))
 		}
+	}
+	if v.Deallocate != "" && len(tree.Stmts) > strings.Count(v.Deallocate, "\x00")+1 {
+		v.DeallocateMixed = true
 	}
 	if v.Resets && copyIn && !g.noRules {
 		// The client waits after a reset until the session is

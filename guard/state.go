@@ -58,6 +58,10 @@ const (
 	// PinDblink: dblink_connect, a connection kept by the session (with
 	// NoRules only: the rules refuse dblink).
 	PinDblink = "dblink"
+	// PinPreparedReset: with NoRules, a reset (DISCARD ALL, RESET ROLE,
+	// ...) in a Parse: it runs at each Execute, where the proxy cannot
+	// re-install role and claims right after it as it does after a Query.
+	PinPreparedReset = "prepared_reset"
 	// PinUnparsed: with NoRules, a message the guard cannot read, so
 	// cannot tell what it leaves: it does not parse, its readings
 	// (readings.go) disagree, or it is beyond the guard's parse limits.

@@ -634,10 +634,12 @@ func TestStateResets(t *testing.T) {
 		"LISTEN c; DISCARD ALL":                                  PinListen, // nothing unpins
 		"RESET ALL; SET search_path = app":                       PinSet,
 	} {
-		for _, v := range []Verdict{guardQuery(noRules, sql), guardParse(noRules, sql)} {
-			if v.Reject != nil || !v.Resets || v.Pin != pin {
-				t.Errorf("NoRules: %q = %+v, want Resets and pin %q", sql, v, pin)
-			}
+		if v := guardQuery(noRules, sql); v.Reject != nil || !v.Resets || v.Pin != pin {
+			t.Errorf("NoRules: Query %q = %+v, want Resets and pin %q", sql, v, pin)
+		}
+		// Prepared, it runs at Execute, out of the proxy's sight: pinned.
+		if v := guardParse(noRules, sql); v.Reject != nil || v.Resets || (v.Pin != pin && v.Pin != PinPreparedReset) || v.Pin == "" {
+			t.Errorf("NoRules: Parse %q = %+v, want pinned (%q or %q), no reset", sql, v, pin, PinPreparedReset)
 		}
 	}
 }
@@ -695,7 +697,12 @@ func TestNoRulesPassesAttacks(t *testing.T) {
 		if !ok && (strings.Contains(a.sql, "set_config(name,") || strings.Contains(a.sql, "set_config(r.name,")) {
 			want = PinSet // the name is a column
 		}
-		for _, v := range []Verdict{guardQuery(g, a.sql), guardParse(g, a.sql)} {
+		q := guardQuery(g, a.sql)
+		for i, v := range []Verdict{q, guardParse(g, a.sql)} {
+			want := want
+			if i == 1 && want == "" && q.Resets {
+				want = PinPreparedReset // a reset runs at Execute, out of the proxy's sight
+			}
 			if v.Reject != nil {
 				t.Errorf("NoRules: %q refused by rule %q: %s", a.sql, v.Reject.Rule, v.Reject.Msg)
 			} else if v.Pin != want {
@@ -1086,6 +1093,21 @@ func BenchmarkTrackState(b *testing.B) {
 					i++
 				}
 			})
+		}
+	}
+}
+
+// With NoRules a reset prepared through the extended protocol passes, pinned:
+// it runs at Execute, where the proxy cannot re-install role and claims
+// right after it; as a simple Query it is a reset, as with the rules.
+func TestStateNoRulesPreparedReset(t *testing.T) {
+	g := New(guardPolicy, 1000, NoRules)
+	for _, sql := range []string{"DISCARD ALL", "RESET ALL", "RESET ROLE", "RESET SESSION AUTHORIZATION", "SELECT 1; DISCARD ALL"} {
+		if v := g.Parse([]byte(sql), Lexing{}); v.Reject != nil || v.Resets || v.Pin != PinPreparedReset {
+			t.Errorf("Parse %q = %+v, want pinned %s, no reset", sql, v, PinPreparedReset)
+		}
+		if v := g.Query([]byte(sql), Lexing{}); v.Reject != nil || !v.Resets {
+			t.Errorf("Query %q = %+v, want a reset", sql, v)
 		}
 	}
 }

@@ -170,16 +170,21 @@ func (s *Server) serveSession(c *clientConn, req *startupRequest, up *session.Up
 			}
 		}
 	}
+	log := s.log.With("peer", hostOf(c.RemoteAddr()), "sub", info.subject, "user", req.user,
+		"role", info.role, "database", req.database, "application_name", req.applicationName)
 	r := newRelay(up, s.cfg.Metrics, guard, s.held)
 	defer r.dropFrame()
 	var target canceler = up
 	if s.cfg.PoolMode == TransactionPooling {
+		id := s.sessionSeq.Add(1)
+		s.live.add(id)
+		defer s.live.remove(id)
 		r.tx = &txState{pool: s.cfg.Pool, database: req.database, params: req.params, grant: info.grant,
-			stmts: newStatements(s.sessionSeq.Add(1)), metrics: s.cfg.Metrics, carried: map[string]string{}}
-		for _, name := range carriedSettings {
-			if v := up.Parameter(name); v != "" {
-				r.tx.carried[name] = v
-			}
+			stmts: newStatements(id), live: &s.live, metrics: s.cfg.Metrics, carried: map[string]string{},
+			log: log, refuse: s.cfg.RefuseSessionState}
+		for _, name := range session.CarriedSettings {
+			// Empty values too: another client's must not stay.
+			r.tx.carried[name] = up.Parameter(name)
 		}
 		target = r // the connection serving the client at the time
 	}
@@ -215,10 +220,6 @@ func (s *Server) serveSession(c *clientConn, req *startupRequest, up *session.Up
 		return
 	}
 	_ = c.SetDeadline(time.Time{})
-
-	log := s.log.With("peer", hostOf(c.RemoteAddr()), "sub", info.subject, "user", req.user,
-		"role", info.role, "database", req.database, "application_name", req.applicationName)
-	log.Info("session start")
 
 	if s.cfg.TerminateOnExpiry && !info.expires.IsZero() {
 		exp := newClientError(codeInvalidPassword, "token_expired",

@@ -405,7 +405,9 @@ func TestLexingStartupEncodings(t *testing.T) {
 // (pg_settings and a view over it, which is updatable through pg_settings'
 // own rules).
 func TestLexingControlsGuardOff(t *testing.T) {
-	p := proxytest.Start(t, pg, proxytest.GuardOff)
+	// Session mode: transaction mode reads statements for state even with
+	// the guard off, and so refuses these encodings (TestTxPooling*).
+	p := proxytest.Start(t, pg, proxytest.GuardOff, proxytest.SessionPooling)
 	for _, params := range [][]string{
 		{"client_encoding", "mskanji"},
 		{"Client_Encoding", "SJIS"},
@@ -802,7 +804,7 @@ func TestLexingHiddenEncodingSwitch(t *testing.T) {
 	}
 
 	t.Run("guard off: the attacks are real", func(t *testing.T) {
-		p := proxytest.Start(t, pg, proxytest.GuardOff)
+		p := proxytest.Start(t, pg, proxytest.GuardOff, proxytest.SessionPooling)
 		for _, e := range lexHiddenEncodings {
 			n++
 			tag := fmt.Sprintf("enc-%d", n)
@@ -968,7 +970,7 @@ func TestLexingStandardConformingStrings(t *testing.T) {
 		})
 	}
 	t.Run("guard off: the attacks are real", func(t *testing.T) {
-		p := proxytest.Start(t, pg, proxytest.GuardOff)
+		p := proxytest.Start(t, pg, proxytest.GuardOff, proxytest.SessionPooling)
 		c := rawSession(t, p, "user1")
 		c.send(t,
 			&pgproto3.Query{String: "SELECT public.lexing_use_scs('off')"},

@@ -24,7 +24,6 @@ type Metrics struct {
 	tokenCache       *prometheus.CounterVec
 	// Transaction pooling.
 	poolWait   prometheus.Histogram
-	txInstalls *prometheus.CounterVec
 	pinned     *prometheus.CounterVec
 	reprepared prometheus.Counter
 }
@@ -57,8 +56,6 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		poolWait: f.NewHistogram(prometheus.HistogramOpts{Name: "rlsproxy_pool_wait_seconds",
 			Help:    "Time a transaction-pooled client waited for an upstream connection.",
 			Buckets: prometheus.ExponentialBuckets(0.00005, 4, 12)}),
-		txInstalls: f.NewCounterVec(prometheus.CounterOpts{Name: "rlsproxy_transaction_connections_total",
-			Help: "Upstream connections handed to transaction-pooled clients, by whether the client's identity had to be installed (install) or was installed already (same_identity)."}, []string{"identity"}),
 		pinned: f.NewCounterVec(prometheus.CounterOpts{Name: "rlsproxy_pinned_sessions_total",
 			Help: "Transaction-pooled sessions pinned to their upstream connection, by reason."}, []string{"reason"}),
 		reprepared: f.NewCounter(prometheus.CounterOpts{Name: "rlsproxy_statements_reprepared_total",
@@ -98,4 +95,42 @@ func RegisterPool(reg prometheus.Registerer, p *session.Pool) {
 	f.NewGaugeFunc(prometheus.GaugeOpts{Name: "rlsproxy_upstream_connections_idle",
 		Help: "Upstream connections idle in the pool, kept for the next session of their role."},
 		func() float64 { _, idle := p.Stats(); return float64(idle) })
+	reg.MustRegister(poolCollector{p})
+}
+
+// poolCollector reads the pool's snapshot at each scrape: connections by
+// role and database, clients waiting, and how connections were handed out
+// and taken back.
+type poolCollector struct{ p *session.Pool }
+
+var (
+	poolConnsDesc = prometheus.NewDesc("rlsproxy_pool_connections",
+		"Upstream connections open, by role and database; in use = open - idle.", []string{"role", "database"}, nil)
+	poolIdleDesc = prometheus.NewDesc("rlsproxy_pool_idle_connections",
+		"Upstream connections idle in the pool, by role and database.", []string{"role", "database"}, nil)
+	poolWaitingDesc = prometheus.NewDesc("rlsproxy_pool_waiting_clients",
+		"Clients waiting for an upstream connection now.", nil, nil)
+	poolHandedDesc = prometheus.NewDesc("rlsproxy_pool_checkouts_total",
+		"Upstream connections handed to clients, by whether the client's identity was installed on them already (same_identity) or had to be (install).", []string{"identity"}, nil)
+	poolReleasesDesc = prometheus.NewDesc("rlsproxy_pool_releases_total",
+		"Upstream connections taken back into the pool, by whether they were reset (DISCARD ALL) first.", []string{"kind"}, nil)
+)
+
+func (c poolCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{poolConnsDesc, poolIdleDesc, poolWaitingDesc, poolHandedDesc, poolReleasesDesc} {
+		ch <- d
+	}
+}
+
+func (c poolCollector) Collect(ch chan<- prometheus.Metric) {
+	s := c.p.Snapshot()
+	for _, k := range s.ByKey {
+		ch <- prometheus.MustNewConstMetric(poolConnsDesc, prometheus.GaugeValue, float64(k.Open), k.Role, k.Database)
+		ch <- prometheus.MustNewConstMetric(poolIdleDesc, prometheus.GaugeValue, float64(k.Idle), k.Role, k.Database)
+	}
+	ch <- prometheus.MustNewConstMetric(poolWaitingDesc, prometheus.GaugeValue, float64(s.Waiting))
+	ch <- prometheus.MustNewConstMetric(poolHandedDesc, prometheus.CounterValue, float64(s.IdentityHits), "same_identity")
+	ch <- prometheus.MustNewConstMetric(poolHandedDesc, prometheus.CounterValue, float64(s.Installs), "install")
+	ch <- prometheus.MustNewConstMetric(poolReleasesDesc, prometheus.CounterValue, float64(s.Resets), "reset")
+	ch <- prometheus.MustNewConstMetric(poolReleasesDesc, prometheus.CounterValue, float64(s.ReusedWithoutReset), "without_reset")
 }

@@ -151,7 +151,7 @@ func (r *slowReader) Read(b []byte) (int, error) {
 
 // At --max-upstream-conns, clients wait, then get 53300 with a clear message.
 func TestPoolMaxUpstreamConns(t *testing.T) {
-	p := proxytest.Start(t, pg, proxytest.Pooled(1, 1))
+	p := proxytest.Start(t, pg, proxytest.Pooled(1, 1), proxytest.SessionPooling)
 	ctx := context.Background()
 	holder := connect(t, p, "user1", p.Token(t, "user1"))
 	start := time.Now()
@@ -182,7 +182,7 @@ func TestPoolMaxUpstreamConns(t *testing.T) {
 // /metrics shows the pool: a connection in use while its session lasts,
 // then idle in the pool once the client leaves.
 func TestPoolMetrics(t *testing.T) {
-	p := proxytest.Start(t, pg, proxytest.Pooled(1, 1))
+	p := proxytest.Start(t, pg, proxytest.Pooled(1, 1), proxytest.SessionPooling)
 	gauges := func() string {
 		out, _ := scrapeMetrics(p)
 		var lines []string

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"strconv"
+	"strings"
 
 	"github.com/jackc/pgx/v5/pgproto3"
 
@@ -30,6 +31,10 @@ type statements struct {
 	byName map[string]*statement
 	seq    int
 	bytes  int // of the Parse frames kept
+	// pending are the statements marked held on the connection since the
+	// server last reported ready: an error before the next Sync makes the
+	// server skip what follows it, Parse frames included (failed).
+	pending []string
 }
 
 type statement struct {
@@ -44,8 +49,11 @@ const (
 	maxStatementBytes = 8 << 20
 )
 
+// statementPrefix begins every statement name the proxy gives on the server.
+const statementPrefix = "rlsproxy_"
+
 func newStatements(owner uint64) *statements {
-	return &statements{owner: owner, prefix: "rlsproxy_" + strconv.FormatUint(owner, 10) + "_", byName: map[string]*statement{}}
+	return &statements{owner: owner, prefix: statementPrefix + strconv.FormatUint(owner, 10) + "_", byName: map[string]*statement{}}
 }
 
 // full reports whether the client keeps as much as it may.
@@ -69,6 +77,18 @@ func (s *statements) serverName(name string) string {
 // parse takes a client's Parse frame (whole, already passed by the guard)
 // and returns the frame to send: renamed, and kept to send again on other
 // connections.
+//
+// Each Parse of a name gets a server name never used before, even one of a
+// name the client holds already. A client parses a name again only when it
+// believes it holds no such statement: its last Parse of the name failed
+// (an error in the statement, a transaction already aborted, or skipped
+// after an earlier error before Sync), though the connection it went to was
+// marked as holding it, and its text kept. Under the old server name, the
+// next connection would be sent that failed text again, and the one marked
+// would be sent a Bind of a statement it does not have (26000). The
+// PostgreSQL error for a name prepared twice (42P05) is lost: the second
+// text wins, and the first, should it exist, stays on its connection until
+// its session's statements are dropped.
 func (s *statements) parse(up *session.Upstream, frame []byte) []byte {
 	name, rest, ok := cut(frame[5:])
 	if !ok {
@@ -79,21 +99,12 @@ func (s *statements) parse(up *session.Upstream, frame []byte) []byte {
 		s.keep("", "", frame)
 		return frame
 	}
-	st := s.byName[string(name)]
-	server := ""
-	if st != nil {
-		server = st.server
-	} else {
-		s.seq++
-		server = s.prefix + strconv.Itoa(s.seq)
-	}
+	s.seq++
+	server := s.prefix + strconv.Itoa(s.seq)
 	renamed := rebuild(frame[0], []byte(server), rest)
-	if st == nil {
-		// A second Parse of a name the client holds is an error in the
-		// server, as it would be without the proxy.
-		s.keep(string(name), server, renamed)
-	}
+	s.keep(string(name), server, renamed)
 	up.SetPrepared(server, true)
+	s.pending = append(s.pending, server)
 	return renamed
 }
 
@@ -127,6 +138,7 @@ func (s *statements) use(up *session.Upstream, name string) (pre []byte, server 
 		return nil, st.server
 	}
 	up.SetPrepared(st.server, true)
+	s.pending = append(s.pending, st.server)
 	pre = rebuild('C', append([]byte{'S'}, st.server...), nil)
 	return append(pre, st.parse...), st.server
 }
@@ -144,6 +156,23 @@ func (s *statements) close(up *session.Upstream, name string) string {
 	}
 	return server
 }
+
+// failed is told of an ErrorResponse on up: the server may have skipped
+// the Parse frames sent since it was last ready, so up is not trusted to
+// hold them (a later use closes and prepares them again), nor the unnamed
+// statement.
+func (s *statements) failed(up *session.Upstream) {
+	for _, name := range s.pending {
+		up.SetPrepared(name, false)
+	}
+	s.pending = s.pending[:0]
+	if up.UnnamedOwner() == s.owner {
+		up.SetUnnamedOwner(0)
+	}
+}
+
+// settled is told that the server is ready: what was prepared stands.
+func (s *statements) settled() { s.pending = s.pending[:0] }
 
 // closeAll forgets every statement of the client (DEALLOCATE ALL, DISCARD
 // ALL): on up they are gone, with every other client's.
@@ -191,18 +220,41 @@ func (s *statements) renameRef(up *session.Upstream, frame []byte) (pre, renamed
 	return nil, frame
 }
 
-// deallocate returns the Query that deallocates the client's statement name
-// on the server, and the frames the connection needs first (so that the
-// server's answer is the one the client expects), or a nil query if the
-// client never prepared name (a statement of SQL PREPARE, under its own
-// name).
-func (s *statements) deallocate(up *session.Upstream, name string) (pre, query []byte) {
-	if name == "" || s.byName[name] == nil {
+// deallocate returns the Query that deallocates the client's statement
+// names on the server, and the frames the connection needs first (so that
+// the server's answer is the one the client expects), or a nil query when
+// the names are to be sent as the client wrote them. names are a verdict's
+// Deallocate: one name, or several separated by NUL bytes (a Query of
+// several DEALLOCATE statements), each deallocated in turn. A name the
+// client never prepared goes under its own name (a statement of SQL
+// PREPARE, on a connection the client is pinned to), unless it is in the
+// proxy's namespace: another client's statement on the same connection,
+// which it must not reach, so it is renamed into the client's own, where no
+// statement has it.
+func (s *statements) deallocate(up *session.Upstream, names string) (pre, query []byte) {
+	var sql strings.Builder
+	rewrite := false
+	for _, name := range strings.Split(names, "\x00") {
+		server := name
+		switch {
+		case name != "" && s.byName[name] != nil:
+			p, _ := s.use(up, name)
+			pre = append(pre, p...)
+			server = s.close(up, name)
+			rewrite = true
+		case strings.HasPrefix(name, statementPrefix):
+			server = s.serverName(name)
+			rewrite = true
+		}
+		if sql.Len() > 0 {
+			sql.WriteString("; ")
+		}
+		sql.WriteString("DEALLOCATE " + quoteIdent(server))
+	}
+	if !rewrite {
 		return nil, nil
 	}
-	pre, _ = s.use(up, name)
-	server := s.close(up, name)
-	query, _ = (&pgproto3.Query{String: "DEALLOCATE " + quoteIdent(server)}).Encode(nil)
+	query, _ = (&pgproto3.Query{String: sql.String()}).Encode(nil)
 	return pre, query
 }
 

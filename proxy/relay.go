@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgproto3"
 	"github.com/rlsproxy/rlsproxy/guard"
 	"github.com/rlsproxy/rlsproxy/internal/wire"
 	"github.com/rlsproxy/rlsproxy/session"
@@ -397,6 +398,15 @@ func (r *relay) inspected(out [][]byte, frame []byte) [][]byte {
 		r.parseSpent += time.Since(began)
 	}
 	if substitute == nil {
+		if refusal = r.tx.refusal(v, frame); refusal != nil {
+			var name []byte
+			if frame[0] == 'P' {
+				name = cstring(frame[5:])
+			}
+			substitute, v = r.guard.substitute(frame[0], name, refusal), guard.Verdict{}
+		}
+	}
+	if substitute == nil {
 		out, frame = r.stateEffects(out, frame, v)
 	}
 	switch {
@@ -442,6 +452,18 @@ func (r *relay) stateEffects(out [][]byte, frame []byte, v guard.Verdict) ([][]b
 		if t := r.tx; t != nil {
 			if t.stmts.full() {
 				t.pin("prepared_statements")
+			}
+			switch {
+			case v.DeallocateAll:
+				t.stmts.closeAll(r.up)
+			case v.Deallocate != "":
+				// psycopg 3 deallocates through the extended protocol:
+				// the statement's text is renamed as a Query's would be.
+				if pre, query := t.stmts.deallocate(r.up, v.Deallocate); query != nil {
+					out = r.sentSilently(out, pre)
+					name, _, _ := cut(frame[5:])
+					frame, _ = (&pgproto3.Parse{Name: string(name), Query: string(cstring(query[5:]))}).Encode(nil)
+				}
 			}
 			frame = t.stmts.parse(r.up, frame)
 		}
@@ -513,6 +535,18 @@ func (r *relay) fromServer(in []byte, out [][]byte) (int, [][]byte) {
 				r.tx.reported(r.up, body)
 			} else {
 				r.settingReported = true
+			}
+		}
+		if t := r.tx; t != nil && whole {
+			switch typ {
+			case 'E':
+				t.stmtsMu.Lock()
+				t.stmts.failed(r.up)
+				t.stmtsMu.Unlock()
+			case 'Z':
+				t.stmtsMu.Lock()
+				t.stmts.settled()
+				t.stmtsMu.Unlock()
 			}
 		}
 		if typ == 'S' && whole && r.guard != nil {

@@ -49,6 +49,10 @@ type Config struct {
 	Guard *guard.Guard
 	// PoolMode is how long a client holds an upstream connection.
 	PoolMode PoolMode
+	// RefuseSessionState, in transaction mode, refuses a statement that
+	// would leave state in its backend (guard/state.go), with an error
+	// naming it, instead of pinning the client to the backend.
+	RefuseSessionState bool
 	// Databases a client may ask for; empty means only the upstream DSN's
 	// database, "*" means any.
 	Databases []string
@@ -99,6 +103,7 @@ type Server struct {
 
 	conns      atomic.Int64  // open client connections, startup included
 	sessionSeq atomic.Uint64 // numbers sessions, for their statements' names
+	live       liveSessions  // transaction-pooled sessions, by number
 
 	mu        sync.Mutex
 	listeners []net.Listener

@@ -29,7 +29,9 @@ func TestSignedClaimsStandAlone(t *testing.T) {
 		opts  []proxytest.Option
 		guard bool
 	}{
-		{"guard off, signed claims", []proxytest.Option{proxytest.GuardOff, withSigner}, false},
+		// Session mode: the signature binds the backend, which transaction
+		// pooling shares between clients (README, "Residual risks").
+		{"guard off, signed claims", []proxytest.Option{proxytest.GuardOff, withSigner, proxytest.SessionPooling}, false},
 		{"guard on, signed claims", []proxytest.Option{withSigner}, true},
 	} {
 		t.Run(mode.name, func(t *testing.T) {

@@ -3,14 +3,19 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
+	"log/slog"
 	"net"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
 
+	"github.com/rlsproxy/rlsproxy/guard"
 	"github.com/rlsproxy/rlsproxy/internal/wire"
 	"github.com/rlsproxy/rlsproxy/session"
 )
@@ -45,11 +50,6 @@ const (
 	TransactionPooling
 )
 
-// carriedSettings are the settings the server reports in ParameterStatus
-// that a client may change (SET, set_config): they follow the client from
-// connection to connection, installed with its identity, and so never pin.
-var carriedSettings = []string{"application_name", "client_encoding", "DateStyle", "IntervalStyle", "TimeZone", "standard_conforming_strings"}
-
 // txState is what a transaction-pooled session keeps between transactions.
 type txState struct {
 	pool     *session.Pool
@@ -57,7 +57,11 @@ type txState struct {
 	params   map[string]string
 	grant    *session.Grant
 	stmts    *statements
+	live     *liveSessions
 	metrics  *Metrics
+	log      *slog.Logger
+	// refuse refuses what would pin (Config.RefuseSessionState).
+	refuse bool
 
 	// mu orders attaching and detaching against the client side's sends:
 	// the relay's up is set and cleared under it, and sending marks a
@@ -68,10 +72,15 @@ type txState struct {
 	// client side wrote nothing the server will answer).
 	nudged atomic.Bool
 
+	// stmtsMu orders what the client side does to the statements (and to
+	// the attached connection's record of them) against what the server
+	// side learns of them (an error, ReadyForQuery).
+	stmtsMu sync.Mutex
+
 	// pinned, once set, names why the client keeps its connection for the
 	// rest of its session.
 	pinned string
-	// carried are the client's values of carriedSettings, as the servers
+	// carried are the client's values of session.CarriedSettings, as the servers
 	// reported them to it.
 	carried map[string]string
 
@@ -90,7 +99,47 @@ func (t *txState) pin(reason string) bool {
 	}
 	t.pinned = reason
 	t.metrics.pinned.WithLabelValues(reason).Inc()
+	t.log.Info("session pinned to its upstream connection", "reason", reason)
 	return true
+}
+
+// refusal is the error for a statement that would pin the client, when
+// pinning is refused (Config.RefuseSessionState); nil when it may pass.
+func (t *txState) refusal(v guard.Verdict, frame []byte) *clientError {
+	if t != nil && v.DeallocateMixed {
+		return newClientError(codeFeatureNotSupported, "deallocate_mixed",
+			"rlsproxy (transaction pooling) renames prepared statements per connection: send DEALLOCATE of a named statement as a query of its own, not with other statements")
+	}
+	if t == nil || !t.refuse || v.Pin == "" || t.pinned != "" {
+		return nil
+	}
+	text := frame[5:]
+	if frame[0] == 'P' {
+		text = text[min(len(cstring(text))+1, len(text)):]
+	}
+	text = cstring(text)
+	if len(text) > 80 {
+		text = append(text[:77:77], "..."...)
+	}
+	return newClientError(codeFeatureNotSupported, "session_state", fmt.Sprintf(
+		"rlsproxy (transaction pooling) refuses %q: it would leave %s in the session's upstream connection, which the next transaction may not have; use SET LOCAL or set_config(..., true), ON COMMIT DROP, or the _xact_ forms of advisory locks, or connect to a session-pooled rlsproxy",
+		text, pinWords[v.Pin]))
+}
+
+// pinWords say what each pin reason leaves behind.
+var pinWords = map[string]string{
+	guard.PinSet:                    "a setting changed for the session",
+	guard.PinSessionCharacteristics: "session transaction characteristics",
+	guard.PinListen:                 "a LISTEN",
+	guard.PinTempObject:             "a temporary object",
+	guard.PinHoldCursor:             "a WITH HOLD cursor",
+	guard.PinAdvisoryLock:           "a session-level advisory lock",
+	guard.PinPrepare:                "an SQL prepared statement",
+	guard.PinLoad:                   "a loaded library",
+	guard.PinCode:                   "whatever a DO block does",
+	guard.PinDblink:                 "a dblink connection",
+	guard.PinUnparsed:               "something the guard could not read",
+	guard.PinPreparedReset:          "a reset run out of the proxy's sight",
 }
 
 // reported follows a ParameterStatus from the attached connection: the
@@ -104,7 +153,7 @@ func (t *txState) reported(up *session.Upstream, body []byte) {
 	if up != nil {
 		up.SetParameter(ps.Name, ps.Value)
 	}
-	if slices.Contains(carriedSettings, ps.Name) {
+	if slices.Contains(session.CarriedSettings, ps.Name) {
 		t.carried[ps.Name] = ps.Value
 	}
 }
@@ -112,12 +161,83 @@ func (t *txState) reported(up *session.Upstream, body []byte) {
 // extra returns the carried settings up must be given for the client.
 func (t *txState) extra(up *session.Upstream) []session.Setting {
 	var out []session.Setting
-	for _, name := range carriedSettings {
+	for _, name := range session.CarriedSettings {
 		if v, ok := t.carried[name]; ok && up.Parameter(name) != v {
 			out = append(out, session.Setting{Name: name, Value: v})
 		}
 	}
 	return out
+}
+
+// liveSessions are the transaction-pooled sessions alive, by number: the
+// statements of a session that ended are closed on each connection before
+// its next client (relay.sweep), so that no client finds another's in
+// pg_prepared_statements.
+type liveSessions struct {
+	mu  sync.Mutex
+	ids map[uint64]struct{}
+	// ended counts the sessions that ended: a connection swept at that
+	// count holds no statement of an ended session.
+	ended atomic.Uint64
+}
+
+func (l *liveSessions) add(id uint64) {
+	l.mu.Lock()
+	if l.ids == nil {
+		l.ids = map[uint64]struct{}{}
+	}
+	l.ids[id] = struct{}{}
+	l.mu.Unlock()
+}
+
+func (l *liveSessions) remove(id uint64) {
+	l.mu.Lock()
+	delete(l.ids, id)
+	l.mu.Unlock()
+	l.ended.Add(1)
+}
+
+// sweep returns the Close frames, recorded in the ledger as the proxy's own,
+// of the statements on up of sessions that ended.
+func (r *relay) sweep(up *session.Upstream) []byte {
+	t := r.tx
+	ended := t.live.ended.Load()
+	if up.Swept() == ended {
+		return nil
+	}
+	var dead []string
+	t.live.mu.Lock()
+	up.EachPrepared(func(name string) {
+		if owner, ok := statementOwner(name); ok {
+			if _, alive := t.live.ids[owner]; !alive {
+				dead = append(dead, name)
+			}
+		}
+	})
+	t.live.mu.Unlock()
+	up.SetSwept(ended)
+	var pre []byte
+	for _, name := range dead {
+		pre, _ = (&pgproto3.Close{ObjectType: 'S', Name: name}).Encode(pre)
+		up.SetPrepared(name, false)
+		r.ledger.sentSilent('C')
+	}
+	return pre
+}
+
+// statementOwner is the session number in a statement's server name
+// ("rlsproxy_<owner>_...", newStatements).
+func statementOwner(name string) (uint64, bool) {
+	rest, ok := strings.CutPrefix(name, "rlsproxy_")
+	if !ok {
+		return 0, false
+	}
+	num, _, ok := strings.Cut(rest, "_")
+	if !ok {
+		return 0, false
+	}
+	n, err := strconv.ParseUint(num, 10, 64)
+	return n, err == nil
 }
 
 // Cancel cancels the statement of the connection the session holds now, if
@@ -169,7 +289,12 @@ func (r *relay) runTx(client net.Conn, clientR *wire.Reader, first *session.Upst
 	var out [][]byte
 	var pre []byte
 	if first != nil {
-		served = r.attach(first, client, resume, false)
+		// The startup's connection goes back at once: the client's first
+		// message acquires one like any other (most likely this one).
+		t.mu.Lock()
+		r.up = nil
+		t.mu.Unlock()
+		t.pool.Return(first)
 	}
 	for !r.ended.Load() {
 		if len(clientR.Buffered()) > 0 && !r.paused() {
@@ -205,7 +330,9 @@ func (r *relay) runTx(client net.Conn, clientR *wire.Reader, first *session.Upst
 			}
 
 			var n int
+			t.stmtsMu.Lock()
 			n, out = r.fromClient(clientR.Buffered(), out[:0])
+			t.stmtsMu.Unlock()
 			if len(pre) > 0 {
 				out = append([][]byte{pre}, out...)
 				pre = nil
@@ -281,15 +408,12 @@ func (r *relay) acquire(ctx context.Context) (*session.Upstream, []byte, error) 
 	t.acquired++
 	// The ledger is idle, as it was when the last connection was let go:
 	// it carries over.
-	var pre []byte
+	pre := r.sweep(up)
 	if extra := t.extra(up); !installed || len(extra) > 0 {
 		b := up.Switch(t.grant, extra)
 		r.ledger.sentOwn(b)
-		pre = b.Frames
+		pre = append(pre, b.Frames...)
 		t.installs++
-		t.metrics.txInstalls.WithLabelValues("install").Inc()
-	} else {
-		t.metrics.txInstalls.WithLabelValues("same_identity").Inc()
 	}
 	return up, pre, nil
 }

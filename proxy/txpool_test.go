@@ -26,6 +26,9 @@ func txPooled(size int) proxytest.Option {
 	return func(s *proxytest.Setup) {
 		proxytest.TransactionPooling(s)
 		s.PoolConfig = session.PoolConfig{Size: size, MaxConns: size, WaitTimeout: 60 * time.Second}
+		// Hundreds of clients log in at once through a few connections:
+		// on a loaded machine the last ones wait longer than 10 s.
+		s.StartupTimeout = time.Minute
 	}
 }
 
@@ -166,3 +169,240 @@ func txCheck(ctx context.Context, conn *pgx.Conn, user string, shape int) error 
 	return nil
 }
 
+// txStateCase is a statement run by client A, and what it leaves: pin names
+// the reason it pins A to its backend ("" for none), probe is a query whose
+// answer, want, shows the state A's later transactions still see.
+type txStateCase struct {
+	sql, pin    string
+	probe, want string
+}
+
+var txStateCases = []txStateCase{
+	{"SET search_path = public, pg_catalog", "set", "SHOW search_path", "public, pg_catalog"},
+	{"SELECT set_config('statement_timeout', '1234', false)", "set", "SHOW statement_timeout", "1234ms"},
+	{"SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE", "session_characteristics", "SHOW default_transaction_isolation", "serializable"},
+	{"LISTEN tx_channel", "listen", "SELECT string_agg(c, ',') FROM pg_listening_channels() c", "tx_channel"},
+	{"CREATE TEMP TABLE tx_temp (x int); INSERT INTO tx_temp VALUES (7)", "temp_object", "SELECT x::text FROM tx_temp", "7"},
+	{"DECLARE tx_cursor CURSOR WITH HOLD FOR SELECT 'held'::text", "hold_cursor", "SELECT count(*)::text FROM pg_cursors WHERE name = 'tx_cursor'", "1"},
+	{"SELECT pg_advisory_lock(4242)", "advisory_lock", "SELECT count(*)::text FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND pid = pg_backend_pid()", "1"},
+	{"PREPARE tx_prep AS SELECT 'prepared'::text", "prepare", "EXECUTE tx_prep", "prepared"},
+
+	// Look-alikes that leave nothing a later transaction misses.
+	{"BEGIN; SET LOCAL search_path = public; COMMIT", "", "SHOW search_path", `"$user", public`},
+	{"SELECT set_config('statement_timeout', '1234', true)", "", "SHOW statement_timeout", "0"},
+	{"RESET statement_timeout", "", "SHOW statement_timeout", "0"},
+	{"SELECT pg_advisory_xact_lock(4242)", "", "SELECT count(*)::text FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242", "0"},
+	{"BEGIN; CREATE TEMP TABLE tx_gone (x int) ON COMMIT DROP; COMMIT", "", "SELECT count(*)::text FROM pg_class WHERE relname = 'tx_gone'", "0"},
+	{"BEGIN; DECLARE c CURSOR FOR SELECT 1; COMMIT", "", "SELECT count(*)::text FROM pg_cursors", "0"},
+	{"SELECT 'SET search_path = x; LISTEN y'", "", "SELECT 1::text", "1"},
+	// Reported settings follow the client instead (TestTxPoolingCarriedSettings).
+	{"SET application_name = 'client-a'", "", "SHOW application_name", "client-a"},
+	{"SET TimeZone = 'Asia/Tokyo'", "", "SHOW TimeZone", "Asia/Tokyo"},
+}
+
+// With one upstream connection, a pinned client keeps it: another client's
+// transaction waits out --pool-wait and gets 53300. One that is not pinned
+// lets it go, and still sees its own state. The reason is counted once.
+func TestTxPoolingPins(t *testing.T) {
+	for _, tc := range txStateCases {
+		t.Run(tc.sql, func(t *testing.T) {
+			p := proxytest.Start(t, pg, func(s *proxytest.Setup) {
+				proxytest.TransactionPooling(s)
+				s.PoolConfig = session.PoolConfig{Size: 1, MaxConns: 1, WaitTimeout: time.Second}
+			})
+			ctx := context.Background()
+			a := rawSession(t, p, "user1")
+			b := connect(t, p, "user2", p.Token(t, "user2"))
+			before := counterValue(t, p, "rlsproxy_pinned_sessions_total")
+			r10Must(t, a, tc.sql)
+			var one int
+			err := b.QueryRow(ctx, "SELECT 1").Scan(&one)
+			pinned := err != nil && strings.Contains(err.Error(), "53300")
+			if tc.pin != "" && !pinned {
+				t.Errorf("not pinned: another client's transaction got the connection (%v)", err)
+			}
+			if tc.pin == "" && err != nil {
+				t.Errorf("pinned (or failed): another client's transaction: %v", err)
+			}
+			if got := counterValue(t, p, "rlsproxy_pinned_sessions_total") - before; got != map[bool]float64{true: 1, false: 0}[tc.pin != ""] {
+				t.Errorf("pinned sessions counted %v", got)
+			}
+			if tc.pin != "" && !strings.Contains(p.Logs(), "reason="+tc.pin) {
+				t.Errorf("no log of the pin with reason=%s", tc.pin)
+			}
+			for range 3 { // and again, after other clients' transactions
+				if got := r10Must(t, a, tc.probe); len(got) != 1 || got[0] != tc.want {
+					t.Errorf("%s: %v, want %s", tc.probe, got, tc.want)
+				}
+				if tc.pin == "" {
+					if err := b.QueryRow(ctx, "SELECT 1").Scan(&one); err != nil {
+						t.Errorf("another client's transaction: %v", err)
+					}
+				}
+			}
+			if got := r10Must(t, a, "SELECT current_user::text || ' ' || current_setting('jwt.claims.sub')"); got[0] != "authenticated user1" {
+				t.Errorf("a runs as %v", got)
+			}
+		})
+	}
+}
+
+// --session-state refuse: what would pin is refused with 0A000 naming the
+// statement, and nothing pins; the look-alikes pass.
+func TestTxPoolingRefuseSessionState(t *testing.T) {
+	p := proxytest.Start(t, pg, func(s *proxytest.Setup) {
+		proxytest.TransactionPooling(s)
+		s.RefuseSessionState = true
+		s.PoolConfig = session.PoolConfig{Size: 1, MaxConns: 1, WaitTimeout: time.Second}
+	})
+	a := rawSession(t, p, "user1")
+	b := connect(t, p, "user2", p.Token(t, "user2"))
+	for _, tc := range txStateCases {
+		rows, code := r10Query(t, a, tc.sql)
+		switch {
+		case tc.pin != "" && code != "0A000":
+			t.Errorf("%s: SQLSTATE %q (%v), want 0A000", tc.sql, code, rows)
+		case tc.pin == "" && code != "":
+			t.Errorf("%s: SQLSTATE %s", tc.sql, code)
+		}
+		var one int
+		if err := b.QueryRow(context.Background(), "SELECT 1").Scan(&one); err != nil {
+			t.Fatalf("after %s, another client's transaction: %v", tc.sql, err)
+		}
+	}
+	if got := counterValue(t, p, "rlsproxy_pinned_sessions_total"); got != 0 {
+		t.Errorf("%v sessions pinned", got)
+	}
+}
+
+// The pool's series: connections by role and database, waiting clients,
+// checkouts by identity, releases, pins by reason, statements re-prepared.
+func TestTxPoolingMetrics(t *testing.T) {
+	p := proxytest.Start(t, pg, txPooled(2))
+	ctx := context.Background()
+	var conns []*pgx.Conn
+	for _, u := range []string{"user1", "user2", "user1"} {
+		conns = append(conns, connect(t, p, u, p.Token(t, u)))
+	}
+	subs := []string{"user1", "user2", "user1"}
+	run := func(i int) {
+		t.Helper()
+		if got := queryStrings(t, conns[i], "SELECT current_setting('jwt.claims.sub')"); got[0] != subs[i] {
+			t.Fatalf("client %d runs as %v", i, got)
+		}
+	}
+	// Client 0 holds a backend in a transaction while the others run on the
+	// other: both backends open.
+	tx, err := conns[0].Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	run(1)
+	run(2)
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for i := range conns {
+		run(i)
+	}
+	if _, err := conns[2].Exec(ctx, "LISTEN metrics_test"); err != nil {
+		t.Fatal(err)
+	}
+	out, err := scrapeMetrics(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		`rlsproxy_pool_connections{database="app",role="authenticated"} 2`,
+		`rlsproxy_pool_idle_connections{database="app",role="authenticated"} 1`, // one pinned
+		`rlsproxy_pool_waiting_clients 0`,
+		`rlsproxy_pool_checkouts_total{identity="install"}`,
+		`rlsproxy_pool_checkouts_total{identity="same_identity"}`,
+		`rlsproxy_pool_releases_total{kind="without_reset"}`,
+		`rlsproxy_pinned_sessions_total{reason="listen"} 1`,
+		`rlsproxy_pool_wait_seconds_count`,
+		`rlsproxy_statements_reprepared_total`,
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
+}
+
+// The settings the server reports follow each client from backend to
+// backend and never reach another client: over one connection, A's
+// application_name, TimeZone, DateStyle and read-only default are A's in
+// every transaction and never B's.
+func TestTxPoolingCarriedSettings(t *testing.T) {
+	p := proxytest.Start(t, pg, txPooled(1))
+	a := rawSession(t, p, "user1", "application_name", "client-a")
+	b := rawSession(t, p, "user2")
+	const show = "SELECT current_setting('application_name') || '|' || current_setting('TimeZone') || '|' || current_setting('DateStyle') || '|' || current_setting('default_transaction_read_only')"
+	bDefault := r10Must(t, b, show)[0]
+	r10Must(t, a, "SET TimeZone = 'Asia/Tokyo'; SET DateStyle = 'SQL, DMY'; SET default_transaction_read_only = on")
+	for range 3 {
+		if got := r10Must(t, a, show)[0]; got != "client-a|Asia/Tokyo|SQL, DMY|on" {
+			t.Errorf("A sees %s", got)
+		}
+		if got := r10Must(t, b, show)[0]; got != bDefault {
+			t.Errorf("B sees %s, want its own %s", got, bDefault)
+		}
+	}
+	r10Must(t, a, "RESET TimeZone; SET application_name = 'client-a2'")
+	if got := r10Must(t, a, show)[0]; !strings.HasPrefix(got, "client-a2|"+strings.Split(bDefault, "|")[1]) {
+		t.Errorf("A after RESET sees %s", got)
+	}
+	// A client that leaves does not leave its settings to the next one.
+	a.Close()
+	c := rawSession(t, p, "user3")
+	if got := r10Must(t, c, show)[0]; got != bDefault {
+		t.Errorf("C after A left sees %s, want %s", got, bDefault)
+	}
+}
+
+// Session mode releases a connection without DISCARD ALL when the session
+// left nothing behind (the next install overwrites identity), and resets it
+// when it did.
+func TestSessionReleaseWithoutReset(t *testing.T) {
+	p := proxytest.Start(t, pg, proxytest.SessionPooling, proxytest.Pooled(1, 1))
+	releases := func(kind string) float64 {
+		out, err := scrapeMetrics(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var v float64
+		for _, line := range strings.Split(out, "\n") {
+			if strings.HasPrefix(line, `rlsproxy_pool_releases_total{kind="`+kind+`"} `) {
+				fmt.Sscan(strings.Fields(line)[1], &v)
+			}
+		}
+		return v
+	}
+	for _, tc := range []struct {
+		sql   string
+		reset bool
+	}{
+		{"SELECT count(*) FROM notes", false},
+		{"BEGIN; SELECT 1; COMMIT", false},
+		{"SET LOCAL statement_timeout = 5", false},
+		{"SET search_path = pg_catalog", true},
+		{"SET application_name = 'left-behind'", true},
+		{"CREATE TEMP TABLE t (x int)", true},
+		{"LISTEN c", true},
+	} {
+		before := map[bool]float64{true: releases("reset"), false: releases("without_reset")}
+		a := rawSession(t, p, "user1")
+		r10Must(t, a, tc.sql)
+		a.Close()
+		// The next client on the same backend finds nothing of A's.
+		b := rawSession(t, p, "user2")
+		got := r10Must(t, b, "SELECT current_setting('search_path') || '|' || current_setting('application_name') || '|' || current_setting('jwt.claims.sub') || '|' || (SELECT count(*) FROM pg_listening_channels()) || '|' || (SELECT count(*) FROM pg_class WHERE relpersistence = 't')")
+		if got[0] != `"$user", public||user2|0|0` {
+			t.Errorf("after %q, the next client sees %s", tc.sql, got[0])
+		}
+		b.Close()
+		if after := releases(map[bool]string{true: "reset", false: "without_reset"}[tc.reset]); after < before[tc.reset]+1 {
+			t.Errorf("after %q: releases of kind reset=%v did not grow", tc.sql, tc.reset)
+		}
+	}
+}

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what rlsproxy's demo and tests need on a Debian machine, when it
 # is missing. `deps.sh dev`: the PostgreSQL server. `deps.sh test`: also the
-# client drivers the test suite runs (JDBC, psycopg 2 and 3, SQLAlchemy,
-# asyncpg, node-postgres and the ORMs of e2e/clients/node), pg_dump and pgbench.
+# client drivers the test suite runs (JDBC and HikariCP, psycopg 2 and 3,
+# SQLAlchemy, asyncpg, node-postgres and the ORMs of e2e/clients/node),
+# pg_dump and pgbench.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +16,8 @@ command -v psql >/dev/null || pkgs+=(postgresql-client)
 if [ "$mode" = test ]; then
   command -v pgbench >/dev/null || ls /usr/lib/postgresql/*/bin/pgbench >/dev/null 2>&1 || pkgs+=(postgresql-contrib)
   have_pkg libpostgresql-jdbc-java || pkgs+=(libpostgresql-jdbc-java)
+  # HikariCP (and SLF4J, which it depends on): e2e/txpool_clients_test.go.
+  have_pkg libhikaricp-java || pkgs+=(libhikaricp-java)
   command -v java >/dev/null || pkgs+=(default-jdk-headless)
   have_pkg python3-psycopg2 || pkgs+=(python3-psycopg2)
   have_pkg python3-psycopg || pkgs+=(python3-psycopg)

@@ -132,6 +132,10 @@ func (d *Dialer) Open(ctx context.Context, database string, params map[string]st
 		txStatus:  hc.TxStatus,
 		signer:    d.signer,
 	}
+	u.initial = make(map[string]string, len(CarriedSettings))
+	for _, name := range CarriedSettings {
+		u.initial[name] = u.params[name]
+	}
 	if err := u.open(ctx, g); err != nil {
 		_ = u.Close()
 		return nil, &OpenError{Stage: StageInstall, Err: err}

@@ -31,13 +31,16 @@ type Pool struct {
 	policy Policy
 	cfg    PoolConfig
 
-	mu      sync.Mutex
-	idle    map[string][]*pooled // by key, most recently used last
-	open    int                  // connections open or being opened, idle or in use
-	waiters []*waiter            // clients waiting for a connection, oldest first
-	closed  bool
-	stop    chan struct{}
-	stats   poolCounters
+	mu   sync.Mutex
+	idle map[string][]*pooled // by key, most recently used last
+	// openByRole counts the open connections by role and database
+	// (roleDatabase), for the metrics.
+	openByRole map[string]int
+	open       int       // connections open or being opened, idle or in use
+	waiters    []*waiter // clients waiting for a connection, oldest first
+	closed     bool
+	stop       chan struct{}
+	stats      poolCounters
 }
 
 // PoolConfig tunes a Pool.
@@ -90,7 +93,7 @@ var ErrPoolExhausted = errors.New("all upstream connections are in use")
 // NewPool returns a pool opening connections with d for sessions set up by
 // policy.
 func NewPool(d *Dialer, policy Policy, cfg PoolConfig) *Pool {
-	p := &Pool{dialer: d, policy: policy, cfg: cfg, idle: map[string][]*pooled{}, stop: make(chan struct{})}
+	p := &Pool{dialer: d, policy: policy, cfg: cfg, idle: map[string][]*pooled{}, openByRole: map[string]int{}, stop: make(chan struct{})}
 	if cfg.WaitTimeout <= 0 {
 		p.cfg.WaitTimeout = 5 * time.Second
 	}
@@ -121,7 +124,7 @@ func (p *Pool) Ping(ctx context.Context) error {
 func (p *Pool) Get(ctx context.Context, database string, params map[string]string, g *Grant) (*Upstream, error) {
 	for {
 		up, installed, err := p.Acquire(ctx, database, params, g)
-		if err != nil || installed {
+		if err != nil || (installed && len(up.Drift()) == 0) {
 			return up, err
 		}
 		if err := up.install(ctx, g); err != nil {
@@ -226,6 +229,7 @@ func (p *Pool) openNew(ctx context.Context, key, database string, params map[str
 	up.key, up.born = key, time.Now()
 	p.mu.Lock()
 	p.stats.opened++
+	p.openByRole[roleDatabase(key)]++
 	p.mu.Unlock()
 	return up, true, nil
 }
@@ -314,7 +318,7 @@ type PoolStats struct {
 // KeyStats are one role and database's connections.
 type KeyStats struct {
 	Role, Database string
-	Idle           int
+	Open, Idle     int
 }
 
 // Stats reports the connections open (idle or in use) and idle.
@@ -332,13 +336,23 @@ func (p *Pool) Snapshot() PoolStats {
 		IdentityHits: p.stats.identityHits, Installs: p.stats.installs,
 		Resets: p.stats.resets, ReusedWithoutReset: p.stats.reusedWithout,
 		Opened: p.stats.opened, Discarded: p.stats.discarded}
+	byRole := map[string]*KeyStats{}
+	for rd, n := range p.openByRole {
+		role, db := splitKey(rd)
+		byRole[rd] = &KeyStats{Role: role, Database: db, Open: n}
+	}
 	for k, list := range p.idle {
 		s.Idle += len(list)
-		if len(list) > 0 {
-			role, db := splitKey(k)
-			s.ByKey = append(s.ByKey, KeyStats{Role: role, Database: db, Idle: len(list)})
+		if ks := byRole[roleDatabase(k)]; ks != nil {
+			ks.Idle += len(list)
 		}
 	}
+	for _, ks := range byRole {
+		s.ByKey = append(s.ByKey, *ks)
+	}
+	slices.SortFunc(s.ByKey, func(a, b KeyStats) int {
+		return strings.Compare(a.Role+"\x00"+a.Database, b.Role+"\x00"+b.Database)
+	})
 	return s
 }
 
@@ -405,15 +419,36 @@ func (p *Pool) oldestIdleLocked() *pooled {
 // discard closes up and frees its slot.
 func (p *Pool) discard(up *Upstream) {
 	_ = up.Close()
+	p.closed1(up)
 	p.freeSlot()
 }
 
 // closeUp closes up, whose slot its caller takes over.
 func (p *Pool) closeUp(up *Upstream) {
 	_ = up.Close()
+	p.closed1(up)
 	p.mu.Lock()
 	p.stats.discarded++
 	p.mu.Unlock()
+}
+
+// closed1 counts a connection of the pool's closed.
+func (p *Pool) closed1(up *Upstream) {
+	if up.key == "" {
+		return // not the pool's (NewUpstream)
+	}
+	p.mu.Lock()
+	rd := roleDatabase(up.key)
+	if p.openByRole[rd]--; p.openByRole[rd] <= 0 {
+		delete(p.openByRole, rd)
+	}
+	p.mu.Unlock()
+}
+
+// roleDatabase is the role and database part of a pool key.
+func roleDatabase(key string) string {
+	role, database := splitKey(key)
+	return role + "\x00" + database
 }
 
 // freeSlot gives a closed connection's slot to the first waiting client, or

@@ -37,12 +37,38 @@ type Upstream struct {
 	// known). Only the relay serving the connection touches them.
 	prepared     map[string]struct{}
 	unnamedOwner uint64
+	swept        uint64
+
+	// initial are the values of CarriedSettings the server reported at
+	// login, which its startup parameters (the pool key) gave it.
+	initial map[string]string
 
 	key  string    // the pool key: database and startup parameters
 	born time.Time // when the connection was opened
 	// addr is the server's address, for cancel requests: the socket is
 	// rebound while a session is relayed (proxy/relay_loop_linux.go).
 	addr net.Addr
+}
+
+// CarriedSettings are the settings the server reports in ParameterStatus
+// that a client may change (SET, set_config) and that carry no identity:
+// a connection's values follow its startup parameters between sessions
+// (Drift), and a transaction-pooled client's values follow it from
+// connection to connection, so that they never pin (guard/state.go).
+var CarriedSettings = []string{"application_name", "client_encoding", "DateStyle", "IntervalStyle",
+	"TimeZone", "standard_conforming_strings", "default_transaction_read_only"}
+
+// Drift returns the carried settings whose values differ from those the
+// connection had at login: what a session that was not reset left, which
+// the next session from the pool must not see.
+func (u *Upstream) Drift() []Setting {
+	var out []Setting
+	for _, name := range CarriedSettings {
+		if v, ok := u.initial[name]; ok && u.params[name] != v {
+			out = append(out, Setting{Name: name, Value: v})
+		}
+	}
+	return out
 }
 
 // Conn is the connection's socket, for the relay.
@@ -128,6 +154,21 @@ func (u *Upstream) SetPrepared(name string, held bool) {
 // PreparedCount is the number of statements the connection holds.
 func (u *Upstream) PreparedCount() int { return len(u.prepared) }
 
+// EachPrepared calls f with the name of each statement the connection holds.
+func (u *Upstream) EachPrepared(f func(name string)) {
+	for name := range u.prepared {
+		f(name)
+	}
+}
+
+// Swept is the count of ended sessions whose statements were last closed on
+// the connection (the relay's sweep); SetSwept records a sweep.
+func (u *Upstream) Swept() uint64 { return u.swept }
+
+// SetSwept records that the statements of the first n ended sessions are
+// closed on the connection.
+func (u *Upstream) SetSwept(n uint64) { u.swept = n }
+
 // ForgetPrepared records that the connection holds no statement any more
 // (DEALLOCATE ALL, DISCARD ALL).
 func (u *Upstream) ForgetPrepared() { u.prepared, u.unnamedOwner = nil, 0 }
@@ -146,7 +187,7 @@ func (u *Upstream) Grant() *Grant { return u.grant }
 // transaction (it is also the health check of a connection taken from the
 // pool).
 func (u *Upstream) install(ctx context.Context, g *Grant) error {
-	return u.installWith(ctx, installBatch(g, u.grant, nil, u.signer, u.pid, 'I'), g)
+	return u.installWith(ctx, installBatch(g, u.grant, u.Drift(), u.signer, u.pid, 'I'), g)
 }
 
 // open is install on a connection just logged in: with per-role logins, it

@@ -219,6 +219,7 @@ func (o *serveOptions) config(log *slog.Logger, dev *devOptions) (*serveConfig, 
 	}
 	if o.poolMode == "transaction" {
 		cfg.proxy.PoolMode = proxy.TransactionPooling
+		cfg.proxy.RefuseSessionState = o.sessionState == "refuse"
 	}
 	if o.pprof && o.adminListen == "" {
 		return nil, errors.New("--pprof is served on --admin-listen, which is empty")

@@ -127,13 +127,14 @@ func (o *upstreamOptions) registerUpstream(fs *flag.FlagSet) {
 
 // poolOptions: upstream connections kept between client sessions.
 type poolOptions struct {
-	poolMode                         string
+	poolMode, sessionState           string
 	poolSize, maxUpstreamConns       int
 	poolWait, poolIdle, poolLifetime time.Duration
 }
 
 func (o *poolOptions) registerPool(fs *flag.FlagSet) {
 	enumVar(fs, &o.poolMode, "pool-mode", "session", []string{"session", "transaction"}, "session: a client holds an upstream connection from login to logout; transaction: only during each transaction, installed with its identity (README, \"Transaction pooling\")")
+	enumVar(fs, &o.sessionState, "session-state", "pin", []string{"pin", "refuse"}, "transaction mode: what to do with a statement that leaves state in its upstream connection (a session SET, LISTEN, a temporary table, ...; README, \"Transaction pooling\"): pin the client to that connection for the rest of its session, or refuse the statement")
 	fs.IntVar(&o.poolSize, "pool-size", 20, "upstream connections kept per database between client sessions (reset and proved clean); 0: no pooling")
 	fs.IntVar(&o.maxUpstreamConns, "max-upstream-conns", 0, "upstream connections open at once; beyond it clients wait --pool-wait, then get 53300; 0: no bound")
 	fs.DurationVar(&o.poolWait, "pool-wait", 5*time.Second, "how long a client waits for an upstream connection at --max-upstream-conns")

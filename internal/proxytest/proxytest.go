@@ -118,6 +118,11 @@ func GuardOff(s *Setup) { s.GuardOff = true }
 // is free (--pool-mode transaction).
 func TransactionPooling(s *Setup) { s.PoolMode = proxy.TransactionPooling }
 
+// SessionPooling keeps each client on one upstream connection from login to
+// logout (--pool-mode session, the default): for the tests of what only
+// that mode promises, also when the suite runs in transaction mode.
+func SessionPooling(s *Setup) { s.PoolMode = proxy.SessionPooling }
+
 // AllowCode lets through code the guard cannot see into (--guard-allow-code).
 func AllowCode(s *Setup) { s.GuardOptions = append(s.GuardOptions, guard.AllowCode) }
 
@@ -195,6 +200,11 @@ func StartListener(t testing.TB, pg *Postgres, l net.Listener, opts ...Option) *
 		Policy:   DefaultPolicy(),
 	}
 	Pooled(4, 0)(&setup) // the suite runs pooled, as production does by default
+	if os.Getenv("RLSPROXY_TEST_POOL_MODE") == "transaction" {
+		// The whole suite in transaction mode (make test-tx): each test's
+		// own options still win.
+		TransactionPooling(&setup)
+	}
 	for _, o := range opts {
 		o(&setup)
 	}
