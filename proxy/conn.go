@@ -197,6 +197,7 @@ func (s *Server) serveSession(c *clientConn, req *startupRequest, up *session.Up
 		unregister()
 		rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
+		r.cancelRunning(rctx, up, clean)
 		s.cfg.Pool.Release(rctx, up, clean, r.stateful(up), r.ledger.txStatus())
 	}
 

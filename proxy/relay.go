@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -663,6 +664,17 @@ func appendSegment(out [][]byte, b []byte) [][]byte {
 		return out
 	}
 	return append(out, b)
+}
+
+// cancelRunning cancels what the server still runs for a session that ended
+// without waiting for it (the client vanished, the session was cut): closing
+// the connection alone leaves a statement running, locks held, until it
+// next writes. The connection is not reused (clean is false).
+func (r *relay) cancelRunning(ctx context.Context, up *session.Upstream, clean bool) {
+	if clean || r.ledger.quiet() {
+		return
+	}
+	_ = up.Cancel(ctx)
 }
 
 // reusable reports whether the upstream connection can go back to the pool:

@@ -378,7 +378,9 @@ func (r *relay) runTx(client net.Conn, clientR *wire.Reader, first *session.Upst
 	if up != nil {
 		t.cancels.Wait()
 		rctx, rcancel := context.WithTimeout(context.Background(), 5*time.Second)
-		t.pool.Release(rctx, up, r.reusable(), r.stateful(up), r.ledger.txStatus())
+		clean := r.reusable()
+		r.cancelRunning(rctx, up, clean)
+		t.pool.Release(rctx, up, clean, r.stateful(up), r.ledger.txStatus())
 		rcancel()
 	}
 	if r.fatal != nil {

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/rlsproxy/rlsproxy/internal/proxytest"
 	"github.com/rlsproxy/rlsproxy/session"
@@ -404,5 +405,46 @@ func TestSessionReleaseWithoutReset(t *testing.T) {
 		if after := releases(map[bool]string{true: "reset", false: "without_reset"}[tc.reset]); after < before[tc.reset]+1 {
 			t.Errorf("after %q: releases of kind reset=%v did not grow", tc.sql, tc.reset)
 		}
+	}
+}
+
+// A client that vanishes mid-statement leaves nothing running upstream: the
+// proxy cancels the statement as it drops the connection (issue 12, item 3),
+// in both pool modes.
+func TestVanishedClientStatementCancelled(t *testing.T) {
+	for _, mode := range []struct {
+		name string
+		opt  proxytest.Option
+	}{{"session", proxytest.SessionPooling}, {"transaction", proxytest.TransactionPooling}} {
+		t.Run(mode.name, func(t *testing.T) {
+			p := proxytest.Start(t, pg, mode.opt)
+			c := rawSession(t, p, "user1")
+			tag := fmt.Sprintf("vanish_%d", time.Now().UnixNano())
+			c.send(t, &pgproto3.Query{String: "SELECT pg_sleep(30) AS " + tag})
+			su := superConn(t)
+			running := func() int {
+				var n int
+				if err := su.QueryRow(context.Background(),
+					"SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%' || $1 || '%' AND state = 'active' AND pid <> pg_backend_pid()", tag).Scan(&n); err != nil {
+					t.Fatal(err)
+				}
+				return n
+			}
+			deadline := time.Now().Add(5 * time.Second)
+			for running() == 0 && time.Now().Before(deadline) {
+				time.Sleep(20 * time.Millisecond)
+			}
+			if running() == 0 {
+				t.Fatal("the statement never ran")
+			}
+			c.Close() // the client vanishes
+			deadline = time.Now().Add(5 * time.Second)
+			for running() > 0 && time.Now().Before(deadline) {
+				time.Sleep(50 * time.Millisecond)
+			}
+			if n := running(); n > 0 {
+				t.Fatalf("the statement still runs upstream 5 s after its client left")
+			}
+		})
 	}
 }
