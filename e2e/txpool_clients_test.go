@@ -250,9 +250,9 @@ func TestTxPoolClients(t *testing.T) {
 					}
 					seen, m := txpoolCheckLines(t, res, user, c.redo)
 					moved += m
-					if len(seen) < 2 {
-						t.Errorf("every transaction of %s's %d connections ran on backend %v", user, txpoolPerUser, seen)
-					}
+					// One user's clients may stay on one backend (it is
+					// preferred for their identity): movement is judged
+					// over all clients below.
 					for _, pid := range seen {
 						if !slices.Contains(pids, pid) {
 							pids = append(pids, pid)

@@ -334,6 +334,13 @@ func (l *relayLoop) commands() bool {
 
 // add registers a session and relays what was buffered during startup.
 func (l *relayLoop) add(s *loopSession) {
+	if s.finished {
+		// The session ended before it was added (its stop, posted first,
+		// finished it), and its goroutine owns and may have closed the
+		// descriptors: registering their numbers now would register
+		// whatever they name since, and nothing would remove it.
+		return
+	}
 	for _, x := range []*loopSide{&s.client, &s.server} {
 		l.gen++
 		x.events, x.gen = unix.EPOLLIN, l.gen
