@@ -45,6 +45,8 @@ type serveConfig struct {
 	proxy proxy.Config
 
 	dev *devOptions // nil for serve
+	// certs is the TLS certificate, read again on SIGHUP; nil without TLS.
+	certs *certReloader
 }
 
 type guardConfig struct {
@@ -205,11 +207,12 @@ func (o *serveOptions) config(log *slog.Logger, dev *devOptions) (*serveConfig, 
 	case (o.tlsCert == "") != (o.tlsKey == ""):
 		return nil, errors.New("give --tls-cert and --tls-key together")
 	case o.tlsCert != "":
-		cert, err := tls.LoadX509KeyPair(o.tlsCert, o.tlsKey)
+		certs, err := newCertReloader(o.tlsCert, o.tlsKey)
 		if err != nil {
-			return nil, fmt.Errorf("--tls-cert/--tls-key: %w", err)
+			return nil, err
 		}
-		tlsConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+		cfg.certs = certs
+		tlsConfig = &tls.Config{GetCertificate: certs.getCertificate, MinVersion: tls.VersionTLS12}
 	}
 	cfg.proxy = proxy.Config{
 		Databases: splitList(o.databases), TLS: tlsConfig, InsecurePlaintext: o.insecurePlaintext,

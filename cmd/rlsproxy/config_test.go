@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -278,4 +279,41 @@ func selfSigned(t *testing.T) (cert, key string) {
 	}
 	return writeFile(t, "cert.pem", string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))),
 		writeFile(t, "key.pem", string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder})))
+}
+
+// A certificate renewed on disk is served after a reload; one that does
+// not load leaves the previous one in use.
+func TestCertReloader(t *testing.T) {
+	certFile, keyFile := selfSigned(t)
+	c, err := newCertReloader(certFile, keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, _ := c.getCertificate(nil)
+	renewedCert, renewedKey := selfSigned(t)
+	for _, f := range [][2]string{{renewedCert, certFile}, {renewedKey, keyFile}} {
+		b, err := os.ReadFile(f[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(f[1], b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.reload(); err != nil {
+		t.Fatal(err)
+	}
+	renewed, _ := c.getCertificate(nil)
+	if bytes.Equal(renewed.Certificate[0], first.Certificate[0]) {
+		t.Fatal("the renewed certificate is not served")
+	}
+	if err := os.WriteFile(certFile, []byte("not a certificate"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.reload(); err == nil {
+		t.Fatal("a broken certificate loaded")
+	}
+	if kept, _ := c.getCertificate(nil); !bytes.Equal(kept.Certificate[0], renewed.Certificate[0]) {
+		t.Fatal("a failed reload replaced the certificate")
+	}
 }

@@ -138,6 +138,17 @@ func TestDevQuickstart(t *testing.T) {
 		t.Fatalf("the dev dir's signing key: %v %q", err, key)
 	}
 
+	// SIGHUP (systemctl reload, a closed terminal) does not end it.
+	if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	c = exec.Command("psql", "-X", "-A", "-t", conninfo, "-c", "SELECT auth.user_id()")
+	c.Env = append(os.Environ(), "PGPASSWORD="+strings.TrimSpace(string(tok)))
+	if out, err := c.CombinedOutput(); err != nil || strings.TrimSpace(string(out)) != "user2" {
+		t.Fatalf("after SIGHUP: %v %s\n%s", err, out, stderr.String())
+	}
+
 	cmd.Process.Signal(syscall.SIGTERM)
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()

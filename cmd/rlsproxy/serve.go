@@ -44,6 +44,7 @@ func cmdServe(args []string) error {
 // here comes from the world (a port taken, a helper that cannot start), not
 // from a flag: config has judged those.
 func runProxy(ctx context.Context, cfg *serveConfig, log *slog.Logger, ready func(addrs []net.Addr)) error {
+	defer onHangup(log, cfg.certs)()
 	var sqlGuard *guard.Guard
 	if cfg.guard != nil {
 		// What statements leave in the session: transaction pooling pins on
