@@ -14,6 +14,8 @@ type Identity struct {
 	Claims map[string]any
 	// ClaimsJSON is Claims as compact JSON with sorted keys.
 	ClaimsJSON []byte
+	// keyID is the kid of the key that verified the token.
+	keyID string
 }
 
 func newIdentity(claims map[string]any, sub string, exp time.Time) (*Identity, error) {

@@ -3,6 +3,8 @@
 package auth
 
 import (
+	"log/slog"
+
 	"github.com/rlsproxy/rlsproxy/internal/loopback"
 
 	"context"
@@ -52,6 +54,9 @@ type Config struct {
 	HTTPClient *http.Client
 	// OnFetch, if set, is called after every key fetch with its outcome.
 	OnFetch func(ok bool)
+	// Logger receives failed key fetches (at most one line a minute) and
+	// the recovery after them; nil discards them.
+	Logger *slog.Logger
 	// Now returns the current time; nil means time.Now.
 	Now func() time.Time
 	// CacheSize bounds the verified tokens remembered until they expire;
@@ -95,11 +100,22 @@ func New(ctx context.Context, cfg Config) (*Verifier, error) {
 	if err := checkURL("issuer", cfg.Issuer); err != nil {
 		return nil, err
 	}
-	if cfg.JWKSURL == "" {
-		cfg.JWKSURL = strings.TrimSuffix(cfg.Issuer, "/") + "/.well-known/jwks.json"
+	jwksURL := cfg.JWKSURL
+	if jwksURL == "" && (cfg.Cognito || IsCognitoIssuer(cfg.Issuer)) {
+		// Cognito publishes its keys there and nowhere else.
+		jwksURL = strings.TrimSuffix(cfg.Issuer, "/") + "/.well-known/jwks.json"
 	}
-	if err := checkURL("JWKS URL", cfg.JWKSURL); err != nil {
-		return nil, err
+	if jwksURL != "" {
+		if err := checkURL("JWKS URL", jwksURL); err != nil {
+			return nil, err
+		}
+	}
+	if cfg.JWKSURL == "" {
+		// For messages; the keys come from OIDC discovery where jwksURL is "".
+		cfg.JWKSURL = strings.TrimSuffix(cfg.Issuer, "/") + "/.well-known/jwks.json (or as OIDC discovery names it)"
+		if jwksURL != "" {
+			cfg.JWKSURL = jwksURL
+		}
 	}
 	switch cfg.TokenUse {
 	case "":
@@ -132,7 +148,7 @@ func New(ctx context.Context, cfg Config) (*Verifier, error) {
 	}
 
 	ctx, cancel := context.WithCancel(ctx)
-	keys := newKeySet(ctx, cfg.JWKSURL, client, cfg.OnFetch, cfg.UnknownKeyInterval)
+	keys := newKeySet(ctx, jwksURL, cfg.Issuer, client, cfg.OnFetch, cfg.Logger, cfg.UnknownKeyInterval)
 	kf, err := keyfunc.New(keyfunc.Options{Ctx: ctx, Storage: keys})
 	if err != nil {
 		cancel()
@@ -172,7 +188,7 @@ func (v *Verifier) Verify(ctx context.Context, token string) (*Identity, error) 
 	}
 	key := sha256.Sum256([]byte(token))
 	now := v.cfg.Now()
-	if id := v.cache.get(key, now, v.cfg.Leeway); id != nil {
+	if id := v.cache.get(key, now, v.cfg.Leeway); id != nil && v.published(ctx, id) {
 		v.observeCache(true)
 		if _, err := v.cfg.Rules.checkTimes(id.Claims, now); err != nil {
 			return nil, err
@@ -185,6 +201,17 @@ func (v *Verifier) Verify(ctx context.Context, token string) (*Identity, error) 
 		v.cache.put(key, id)
 	}
 	return id, err
+}
+
+// published reports whether the key that verified a cached identity is
+// still in the issuer's key set: a key the issuer withdrew (compromised,
+// rotated out) ends the tokens it signed, cached or not.
+func (v *Verifier) published(ctx context.Context, id *Identity) bool {
+	if id.keyID == "" {
+		return true // no kid: keyfunc tried every key; nothing to look up
+	}
+	_, err := v.keys.Storage.KeyRead(ctx, id.keyID)
+	return err == nil
 }
 
 func (v *Verifier) observeCache(hit bool) {
@@ -232,7 +259,11 @@ func (v *Verifier) verify(ctx context.Context, token string) (*Identity, error) 
 	default:
 		return nil, invalid("malformed", "the password is not a well-formed JWT: send an identity token of "+v.cfg.Issuer+" as the password")
 	}
-	return v.cfg.Rules.Check(claims, v.cfg.Now())
+	id, err := v.cfg.Rules.Check(claims, v.cfg.Now())
+	if id != nil {
+		id.keyID = hdr.Kid
+	}
+	return id, err
 }
 
 type header struct {

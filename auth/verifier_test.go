@@ -1,6 +1,8 @@
 package auth
 
 import (
+	"log/slog"
+
 	"github.com/rlsproxy/rlsproxy/internal/devissuer"
 
 	"bytes"
@@ -885,8 +887,9 @@ func TestNewConfigErrors(t *testing.T) {
 func TestNewDefaults(t *testing.T) {
 	ti := newTestIssuer(t)
 	v := ti.start(t, Config{Rules: Rules{Issuer: ti.URL + "/"}})
-	if v.cfg.JWKSURL != ti.URL+"/.well-known/jwks.json" {
-		t.Errorf("JWKS URL %q", v.cfg.JWKSURL)
+	// The dev issuer publishes no discovery document: the conventional place.
+	if v.keys.url != ti.URL+"/.well-known/jwks.json" {
+		t.Errorf("JWKS URL %q", v.keys.url)
 	}
 	if v.cfg.TokenUse != "access" || v.cfg.MaxTokenBytes != DefaultMaxTokenBytes {
 		t.Errorf("token use %q, max token bytes %d", v.cfg.TokenUse, v.cfg.MaxTokenBytes)
@@ -1077,4 +1080,176 @@ func TestDevIssuerRoundTrip(t *testing.T) {
 		}
 	}
 	// The first key signs by default: here the EC key.
+}
+
+// keysServer serves whatever body it holds at the issuer's JWKS path, and,
+// if discovery is set, an OIDC discovery document naming another path.
+type keysServer struct {
+	*httptest.Server
+	body      atomic.Pointer[[]byte]
+	discovery atomic.Bool
+	fetches   atomic.Int64
+}
+
+func newKeysServer(t *testing.T, body []byte) *keysServer {
+	ks := &keysServer{}
+	ks.body.Store(&body)
+	ks.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case r.URL.Path == "/.well-known/openid-configuration" && ks.discovery.Load():
+			fmt.Fprintf(w, `{"issuer": %q, "jwks_uri": %q}`, ks.URL, ks.URL+"/oauth2/v3/certs")
+		case r.URL.Path == "/.well-known/openid-configuration":
+			http.NotFound(w, r)
+		case r.URL.Path == "/oauth2/v3/certs" || (r.URL.Path == "/.well-known/jwks.json" && !ks.discovery.Load()):
+			ks.fetches.Add(1)
+			_, _ = w.Write(*ks.body.Load())
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	t.Cleanup(ks.Close)
+	return ks
+}
+
+// A key set answered with 200 that is not one (an API gateway's or CDN's
+// error body, an empty set) never replaces the last good keys: tokens keep
+// verifying, the proxy stays ready, and the failures are logged, at most a
+// line a minute with their count, then the recovery once.
+func TestJWKSNeverWorseThanLastGood(t *testing.T) {
+	d, err := devissuer.New("", newECKey(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	good, err := d.JWKS(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ks := newKeysServer(t, good)
+	d.URL = ks.URL
+	var logs syncBuffer
+	var fetched atomic.Int64
+	v := startVerifier(t, Config{Rules: Rules{Issuer: ks.URL}, RefreshInterval: time.Hour,
+		Logger:  slog.New(slog.NewTextHandler(&logs, nil)),
+		OnFetch: func(bool) { fetched.Add(1) }})
+	waitFor(t, "the keys", func() bool { return v.Ready(context.Background()) })
+	tok, err := d.Mint(devissuer.TokenRequest{Subject: "u"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, bad := range []string{`{"message": "Internal server error"}`, `{"keys": []}`, `{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}`, `[]`, `<html>busy</html>`} {
+		b := []byte(bad)
+		ks.body.Store(&b)
+		n := fetched.Load()
+		if err := v.keys.refresh(context.Background()); err == nil {
+			t.Errorf("%s: the fetch succeeded", bad)
+		}
+		waitFor(t, "the fetch", func() bool { return fetched.Load() > n })
+		if !v.Ready(context.Background()) {
+			t.Errorf("%s: not ready any more", bad)
+		}
+		if _, err := v.verify(context.Background(), tok); err != nil {
+			t.Errorf("%s: the token is refused: %v", bad, err)
+		}
+	}
+	if got := strings.Count(logs.String(), "issuer keys not fetched"); got != 1 {
+		t.Errorf("%d lines about failed fetches, want 1 (a minute apart):\n%s", got, logs.String())
+	}
+	ks.body.Store(&good)
+	if err := v.keys.refresh(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(logs.String(), "issuer keys fetched again") || !strings.Contains(logs.String(), "failed_fetches=5") {
+		t.Errorf("no line about the recovery after 5 failures:\n%s", logs.String())
+	}
+}
+
+// A token answered from the cache still needs its key published: once the
+// issuer withdraws the key, its tokens are refused at the next refresh.
+func TestCachedTokenNeedsPublishedKey(t *testing.T) {
+	d, err := devissuer.New("", newECKey(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	good, err := d.JWKS(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ks := newKeysServer(t, good)
+	d.URL = ks.URL
+	v := startVerifier(t, Config{Rules: Rules{Issuer: ks.URL}, RefreshInterval: time.Hour, UnknownKeyInterval: time.Hour})
+	waitFor(t, "the keys", func() bool { return v.Ready(context.Background()) })
+	tok, err := d.Mint(devissuer.TokenRequest{Subject: "u"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 2 { // the second from the cache
+		if _, err := v.Verify(context.Background(), tok); err != nil {
+			t.Fatal(err)
+		}
+	}
+	other, err := devissuer.New("", newECKey(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rotated, err := other.JWKS(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ks.body.Store(&rotated)
+	if err := v.keys.refresh(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	id, err := v.Verify(context.Background(), tok)
+	expectRejection(t, id, err, tok, Invalid, "unknown_key", "is not published by issuer")
+}
+
+// For an issuer other than Cognito, the keys are where its OIDC discovery
+// document says (jwks_uri); the discovery and key documents are bounded.
+func TestJWKSDiscoveryAndBounds(t *testing.T) {
+	d, err := devissuer.New("", newECKey(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	good, err := d.JWKS(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ks := newKeysServer(t, good)
+	ks.discovery.Store(true)
+	d.URL = ks.URL
+	v := startVerifier(t, Config{Rules: Rules{Issuer: ks.URL}, RefreshInterval: time.Hour})
+	waitFor(t, "the keys", func() bool { return v.Ready(context.Background()) })
+	if v.keys.url != ks.URL+"/oauth2/v3/certs" {
+		t.Errorf("keys fetched from %s", v.keys.url)
+	}
+	tok, err := d.Mint(devissuer.TokenRequest{Subject: "u"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.Verify(context.Background(), tok); err != nil {
+		t.Fatal(err)
+	}
+	huge := []byte(`{"keys":[],"pad":"` + strings.Repeat("x", 64<<10) + `"}`)
+	ks.body.Store(&huge)
+	if err := v.keys.refresh(context.Background()); err == nil || !strings.Contains(err.Error(), "larger than 64 KiB") {
+		t.Errorf("a 64 KiB document: %v", err)
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a logger and a test.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

@@ -154,7 +154,7 @@ func (o *issuerOptions) registerIssuer(fs *flag.FlagSet) {
 	fs.StringVar(&o.cognitoRegion, "cognito-region", "", "AWS `region` of the Cognito user pool")
 	fs.StringVar(&o.cognitoPool, "cognito-user-pool-id", "", "Cognito user pool `id`, e.g. eu-west-1_AbCdEf123")
 	fs.StringVar(&o.issuer, "issuer", "", "issuer `URL` of any OIDC provider (http only for loopback)")
-	fs.StringVar(&o.jwksURL, "jwks-url", "", "JWKS `URL`; default <issuer>/.well-known/jwks.json")
+	fs.StringVar(&o.jwksURL, "jwks-url", "", "JWKS `URL`; default: Cognito's <issuer>/.well-known/jwks.json, for other issuers the jwks_uri of their OIDC discovery document (<issuer>/.well-known/openid-configuration), or <issuer>/.well-known/jwks.json without one")
 	fs.DurationVar(&o.jwksRefresh, "jwks-refresh", time.Hour, "how often the issuer's keys are refetched")
 	fs.StringVar(&o.clientID, "client-id", "", "comma `list` of allowed app clients: client_id of access tokens, aud of id tokens")
 	fs.StringVar(&o.audience, "audience", "", "comma `list` of accepted aud values, for issuers other than Cognito")

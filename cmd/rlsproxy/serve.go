@@ -76,6 +76,7 @@ func runProxy(ctx context.Context, cfg *serveConfig, log *slog.Logger, ready fun
 	defer cancelVerifier()
 	authConfig := cfg.auth
 	authConfig.OnFetch, authConfig.OnCacheLookup = metrics.JWKSFetched, metrics.TokenCacheLookup
+	authConfig.Logger = log
 	verifier, err := auth.New(vctx, authConfig)
 	if err != nil {
 		return err
