@@ -93,6 +93,20 @@ func toClientError(err error) *clientError {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) {
 			ce.detail = pgErr.Detail
+			// The server's own refusals keep their meaning for the client:
+			// a full database is 53300 to retry later, one starting or
+			// stopping 57P03; a refused service login is the operator's.
+			switch pgErr.Code {
+			case "53300":
+				ce.code, ce.reason = codeTooManyConnections, "upstream_full"
+			case "57P03":
+				ce.code, ce.reason = codeCannotConnectNow, "upstream_unavailable"
+			case "28P01", "28000":
+				if ce.reason == "upstream_connect" {
+					ce.reason = "upstream_login_refused"
+					ce.msg = "rlsproxy could not log in to the database (" + pgErr.Message + "): its operator must check the --upstream credentials; your token was fine"
+				}
+			}
 		}
 		return ce
 	}

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // Pool hands out upstream connections and keeps them between client
@@ -109,10 +111,40 @@ func (p *Pool) Policy() Policy { return p.policy }
 // Database is the database of the upstream DSN, a client's default.
 func (p *Pool) Database() string { return p.dialer.Database() }
 
-// Ping proves that the database answers the service login.
+// Ping proves that the pool can serve: an idle pooled connection that
+// answers a round trip proves the database answers, with no new login (a
+// full database refuses those while pooled sessions work); without one, the
+// service login must succeed, or the database be full (53300) while the
+// pool holds connections, whose clients it serves in turn.
 func (p *Pool) Ping(ctx context.Context) error {
+	p.mu.Lock()
+	var pc *pooled
+	for k, list := range p.idle {
+		if n := len(list); n > 0 {
+			pc = list[n-1]
+			p.idle[k] = list[:n-1]
+			break
+		}
+	}
+	open := p.open
+	p.mu.Unlock()
+	if pc != nil {
+		b := newBatch('I')
+		b.exec("SELECT 1", nil, nil, nil, func([][]byte) error { return nil })
+		b.sync()
+		if err := pc.up.roundTrip(ctx, b); err != nil {
+			p.discard(pc.up)
+		} else {
+			p.putBack(pc.up)
+			return nil
+		}
+	}
 	conn, err := p.dialer.Connect(ctx)
 	if err != nil {
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "53300" && open > 0 {
+			return nil
+		}
 		return err
 	}
 	return conn.Close(ctx)

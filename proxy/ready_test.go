@@ -1,0 +1,58 @@
+package proxy_test
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/rlsproxy/rlsproxy/internal/proxytest"
+)
+
+// A full database (here: the login's connection limit reached, which
+// PostgreSQL refuses with 53300 as it does past max_connections) leaves the
+// proxy ready while a pooled connection answers, and a client that needs a
+// new upstream connection gets the server's 53300, to retry, not 08001.
+func TestReadyAndFullDatabase(t *testing.T) {
+	p := proxytest.Start(t, pg, proxytest.Pooled(2, 0), proxytest.SessionPooling)
+	ctx := context.Background()
+	first := connect(t, p, "user1", p.Token(t, "user1"))
+	first.Close(ctx) // its connection waits in the pool
+
+	r10Super(t, "ALTER ROLE authenticator CONNECTION LIMIT 0")
+	t.Cleanup(func() { _, _ = superConn(t).Exec(ctx, "ALTER ROLE authenticator CONNECTION LIMIT -1") })
+
+	admin := httptest.NewServer(p.Server.AdminHandler(prometheus.NewRegistry(), false))
+	defer admin.Close()
+	resp, err := http.Get(admin.URL + "/readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("/readyz answered %s with the database full and a pooled connection that works", resp.Status)
+	}
+
+	holder := connect(t, p, "user1", p.Token(t, "user1")) // takes the pooled connection
+	defer holder.Close(ctx)
+	_, err = pgx.Connect(ctx, p.DSN("user2", p.Token(t, "user2")))
+	if err == nil {
+		t.Fatal("a new upstream connection was opened past the limit")
+	}
+	if pgErr := asPgError(err); pgErr == nil || pgErr.Code != "53300" {
+		t.Fatalf("a client refused by a full database got %v, want SQLSTATE 53300", err)
+	}
+}
+
+func asPgError(err error) *pgconn.PgError {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		return pgErr
+	}
+	return nil
+}
