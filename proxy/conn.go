@@ -259,7 +259,11 @@ func (s *Server) reject(c *clientConn, err error, stage string) {
 		if strings.HasPrefix(ce.reason, "upstream") {
 			level = slog.LevelWarn
 		}
-		s.log.Log(context.Background(), level, "connection refused", "peer", hostOf(c.RemoteAddr()), "stage", stage, "reason", ce.reason, "error", ce.msg)
+		peer := hostOf(c.RemoteAddr())
+		if ok, suppressed := s.refusals.allow(peer, ce.reason, time.Now()); ok {
+			s.log.Log(context.Background(), level, "connection refused", "peer", peer, "stage", stage, "reason", ce.reason, "error", ce.msg,
+				"refused_since_last_line", suppressed)
+		}
 		_ = c.SetWriteDeadline(time.Now().Add(time.Second))
 		_, _ = c.Write(encodeError(nil, "FATAL", ce))
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
 
 	"github.com/jackc/pgx/v5"
@@ -55,4 +56,16 @@ func asPgError(err error) *pgconn.PgError {
 		return pgErr
 	}
 	return nil
+}
+
+// Failed logins are logged at most once a minute per address and reason,
+// with the count refused since: 50 bad tokens cost one line.
+func TestRefusalsLoggedOnce(t *testing.T) {
+	p := proxytest.Start(t, pg)
+	for range 50 {
+		connectErr(t, p.DSN("user1", "not-a-token"))
+	}
+	if n := strings.Count(p.Logs(), `msg="connection refused"`); n != 1 {
+		t.Errorf("%d lines for 50 refused logins, want 1", n)
+	}
 }

@@ -95,6 +95,8 @@ type Server struct {
 	cancels *cancelRegistry
 	// authFailures limits failed authentications per client address.
 	authFailures *authLimiter
+	// refusals bounds the log lines about refused connections.
+	refusals refusalLog
 	// buffers recycles the read buffers of client connections, so that a
 	// storm of short connections does not churn the heap.
 	buffers sync.Pool
