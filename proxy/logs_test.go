@@ -17,7 +17,7 @@ func TestRefusalLog(t *testing.T) {
 		{"10.0.0.1", "signature", 0, true, 0},
 		{"10.0.0.1", "signature", time.Second, false, 0},
 		{"10.0.0.1", "signature", 2 * time.Second, false, 0},
-		{"10.0.0.1", "expired", 2 * time.Second, true, 0}, // another reason
+		{"10.0.0.1", "expired", 2 * time.Second, true, 0},   // another reason
 		{"10.0.0.2", "signature", 2 * time.Second, true, 0}, // another address
 		{"10.0.0.1", "signature", 61 * time.Second, true, 2},
 		{"10.0.0.1", "signature", 62 * time.Second, false, 0},
