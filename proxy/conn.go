@@ -48,8 +48,14 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn) {
 	}()
 	req, cancelReq, err := readStartup(c, s.cfg.TLS, s.cfg.Pool.Policy())
 	if cancelReq != nil {
-		if s.cancels.cancel(ctx, cancelReq.pid, cancelReq.secret) {
+		switch {
+		case s.cancels.cancel(ctx, cancelReq.pid, cancelReq.secret):
 			m.cancelsForwarded.Inc()
+		case !cancelReq.fromPeer:
+			// Not a session of this instance: perhaps a peer's.
+			if s.peers.forward(ctx, cancelReq.pid, cancelReq.secret) > 0 {
+				m.cancelsToPeers.Inc()
+			}
 		}
 		return
 	}

@@ -20,6 +20,7 @@ type Metrics struct {
 	sessionsEnded    *prometheus.CounterVec
 	JWKSFetches      *prometheus.CounterVec
 	cancelsForwarded prometheus.Counter
+	cancelsToPeers   prometheus.Counter
 	guardRejections  *prometheus.CounterVec
 	tokenCache       *prometheus.CounterVec
 	// Transaction pooling.
@@ -51,6 +52,8 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Client messages refused by the SQL guard, by rule."}, []string{"rule"}),
 		tokenCache: f.NewCounterVec(prometheus.CounterOpts{Name: "rlsproxy_token_cache_lookups_total",
 			Help: "Lookups of verified tokens in the cache, by result (hit skips signature verification)."}, []string{"result"}),
+		cancelsToPeers: f.NewCounter(prometheus.CounterOpts{Name: "rlsproxy_cancel_requests_to_peers_total",
+			Help: "CancelRequests for a session this instance does not hold, forwarded to its peers (--peers)."}),
 		cancelsForwarded: f.NewCounter(prometheus.CounterOpts{Name: "rlsproxy_cancel_requests_forwarded_total",
 			Help: "CancelRequests that matched a session and were sent upstream."}),
 		poolWait: f.NewHistogram(prometheus.HistogramOpts{Name: "rlsproxy_pool_wait_seconds",

@@ -49,6 +49,10 @@ type Config struct {
 	Guard *guard.Guard
 	// PoolMode is how long a client holds an upstream connection.
 	PoolMode PoolMode
+	// Peers are the other instances of the same service (host:port, a host
+	// may be a DNS name for several): a CancelRequest for a session this
+	// instance does not hold is forwarded to them (peers.go).
+	Peers []string
 	// RefuseSessionState, in transaction mode, refuses a statement that
 	// would leave state in its backend (guard/state.go), with an error
 	// naming it, instead of pinning the client to the backend.
@@ -97,6 +101,8 @@ type Server struct {
 	authFailures *authLimiter
 	// refusals bounds the log lines about refused connections.
 	refusals refusalLog
+	// peers receive the cancels this instance does not hold; nil: none.
+	peers *peerForwarder
 	// buffers recycles the read buffers of client connections, so that a
 	// storm of short connections does not churn the heap.
 	buffers sync.Pool
@@ -152,7 +158,8 @@ func New(cfg Config) (*Server, error) {
 		cfg.AuthFailureInterval = time.Second
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger, cancels: newCancelRegistry(), sessions: map[*relay]struct{}{}, held: newByteBudget(maxHeldForGuard),
-		authFailures: newAuthLimiter(cfg.AuthFailureInterval, cfg.AuthFailureBurst)}
+		authFailures: newAuthLimiter(cfg.AuthFailureInterval, cfg.AuthFailureBurst),
+		peers:        newPeerForwarder(cfg.Peers)}
 	s.buffers.New = func() any { b := make([]byte, cfg.BufferSize); return &b }
 	if cfg.RelayLoops >= 0 {
 		n := cfg.RelayLoops
@@ -171,9 +178,19 @@ func New(cfg Config) (*Server, error) {
 // Listen opens a client listener. An address starting with "/" is a
 // directory holding a unix socket named .s.PGSQL.<port>, as PostgreSQL does;
 // the port is taken from "/dir:port" and defaults to 6432.
-func Listen(addr string) (net.Listener, error) {
+func Listen(addr string) (net.Listener, error) { return ListenReusePort(addr, false) }
+
+// ListenReusePort is Listen, with SO_REUSEPORT on a TCP address when
+// reusePort is set: several processes (instances of one service, an old and
+// a new one during an upgrade) accept on the same port, the kernel spreading
+// connections between them.
+func ListenReusePort(addr string, reusePort bool) (net.Listener, error) {
 	if !strings.HasPrefix(addr, "/") {
-		return net.Listen("tcp", addr)
+		lc := net.ListenConfig{}
+		if reusePort {
+			lc.Control = setReusePort
+		}
+		return lc.Listen(context.Background(), "tcp", addr)
 	}
 	dir, port := addr, "6432"
 	if i := strings.LastIndexByte(addr, ':'); i > 0 {

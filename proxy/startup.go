@@ -56,6 +56,9 @@ type startupRequest struct {
 type cancelRequest struct {
 	pid    uint32
 	secret []byte
+	// fromPeer: forwarded by another instance (codePeerCancel), never
+	// forwarded again.
+	fromPeer bool
 }
 
 // errDropped marks failures where PostgreSQL closes the socket without a
@@ -109,12 +112,17 @@ func readStartup(c *clientConn, tlsConfig *tls.Config, p session.Policy) (req *s
 			if _, err := c.Write([]byte{'N'}); err != nil {
 				return nil, nil, err
 			}
-		case code == codeCancelRequest:
+		case code == codeCancelRequest, code == codePeerCancel:
 			var cr pgproto3.CancelRequest
+			if cancelBody := body; code == codePeerCancel {
+				// Decode checks the code: give it PostgreSQL's.
+				body = binary.BigEndian.AppendUint32(nil, codeCancelRequest)
+				body = append(body, cancelBody[4:]...)
+			}
 			if err := cr.Decode(body); err != nil {
 				return nil, nil, err
 			}
-			return nil, &cancelRequest{pid: cr.ProcessID, secret: cr.SecretKey}, nil
+			return nil, &cancelRequest{pid: cr.ProcessID, secret: cr.SecretKey, fromPeer: code == codePeerCancel}, nil
 		case code>>16 == 3:
 			req, err := parseStartup(body, p)
 			return req, nil, err

@@ -26,6 +26,7 @@ import (
 // serveConfig is a checked serveOptions, in the packages' own types.
 type serveConfig struct {
 	listen          []string
+	reusePort       bool
 	admin           string // "": no admin listener
 	pprof           bool
 	shutdownTimeout time.Duration
@@ -199,6 +200,12 @@ func (o *serveOptions) config(log *slog.Logger, dev *devOptions) (*serveConfig, 
 		IdleTimeout: o.poolIdle, MaxLifetime: o.poolLifetime,
 	}
 
+	cfg.reusePort = o.reusePort
+	for _, p := range splitList(o.peers) {
+		if _, _, err := net.SplitHostPort(p); err != nil {
+			return nil, fmt.Errorf("--peers entry %q is not host:port", p)
+		}
+	}
 	if cfg.listen = splitList(o.listen); len(cfg.listen) == 0 {
 		return nil, errors.New("--listen is empty: give at least one address, e.g. 127.0.0.1:6432")
 	}
@@ -218,7 +225,7 @@ func (o *serveOptions) config(log *slog.Logger, dev *devOptions) (*serveConfig, 
 		Databases: splitList(o.databases), TLS: tlsConfig, InsecurePlaintext: o.insecurePlaintext,
 		MaxClientConns: o.maxClientConns, StartupTimeout: o.startupTimeout,
 		TerminateOnExpiry: o.onTokenExpiry == "terminate", ExpiryLeeway: leeway,
-		RelayLoops: o.relayLoops,
+		RelayLoops: o.relayLoops, Peers: splitList(o.peers),
 	}
 	if o.poolMode == "transaction" {
 		cfg.proxy.PoolMode = proxy.TransactionPooling

@@ -102,6 +102,8 @@ type clientOptions struct {
 	maxClientConns                  int
 	startupTimeout, shutdownTimeout time.Duration
 	relayLoops                      int
+	peers                           string
+	reusePort                       bool
 }
 
 func (o *clientOptions) registerClients(fs *flag.FlagSet) {
@@ -113,6 +115,8 @@ func (o *clientOptions) registerClients(fs *flag.FlagSet) {
 	fs.IntVar(&o.maxClientConns, "max-client-conns", 1000, "client connections beyond this get SQLSTATE 53300")
 	fs.DurationVar(&o.startupTimeout, "startup-timeout", 30*time.Second, "time a client has from connecting to a ready session")
 	fs.DurationVar(&o.shutdownTimeout, "shutdown-timeout", 30*time.Second, "on SIGTERM, time sessions have to finish before they are ended")
+	fs.StringVar(&o.peers, "peers", "", "comma `list` of the other instances of this service (host:port; a DNS name resolving to several, as a Kubernetes headless Service does, counts for all): a CancelRequest for a session held elsewhere is forwarded to them")
+	fs.BoolVar(&o.reusePort, "reuse-port", false, "listen with SO_REUSEPORT, so that several processes share the --listen port (Linux)")
 	fs.IntVar(&o.relayLoops, "relay-loops", 0, "event loops relaying plaintext sessions; 0: one per two CPUs; -1: none, a goroutine pair per session (as TLS sessions always are)")
 }
 

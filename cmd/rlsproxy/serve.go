@@ -98,7 +98,7 @@ func runProxy(ctx context.Context, cfg *serveConfig, log *slog.Logger, ready fun
 		}
 	}()
 	for _, addr := range cfg.listen {
-		l, err := proxy.Listen(addr)
+		l, err := proxy.ListenReusePort(addr, cfg.reusePort)
 		if err != nil {
 			return fmt.Errorf("--listen %s: %w", addr, err)
 		}
