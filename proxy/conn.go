@@ -215,6 +215,7 @@ func (s *Server) serveSession(c *clientConn, req *startupRequest, up *session.Up
 		return
 	}
 	s.sessions[r] = struct{}{}
+	r.lastClientByte.Store(time.Now().UnixNano())
 	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()

@@ -27,6 +27,7 @@ const (
 	codeRejectedConnection    = "08004"
 	codeProgramLimitExceeded  = "54000"
 	codeSyntaxError           = "42601"
+	codeIdleSessionTimeout    = "57P05"
 )
 
 // clientError is an error the client should read, with its SQLSTATE.

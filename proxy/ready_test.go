@@ -7,9 +7,11 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/rlsproxy/rlsproxy/internal/proxytest"
@@ -67,5 +69,43 @@ func TestRefusalsLoggedOnce(t *testing.T) {
 	}
 	if n := strings.Count(p.Logs(), `msg="connection refused"`); n != 1 {
 		t.Errorf("%d lines for 50 refused logins, want 1", n)
+	}
+}
+
+// A client that starts a message and stops is disconnected after
+// FrameTimeout (it was kept forever); one idle past ClientIdleTimeout is
+// told so (57P05), while an active one is not; both with either driver.
+func TestClientTimeouts(t *testing.T) {
+	for _, d := range relayDrivers {
+		t.Run(d.name, func(t *testing.T) {
+			p := proxytest.Start(t, pg, d.opt, func(s *proxytest.Setup) {
+				s.FrameTimeout = time.Second
+				s.ClientIdleTimeout = 2 * time.Second
+			})
+			half := rawSession(t, p, "user1")
+			// The header of a 100-byte Query, and 3 bytes of it.
+			if _, err := half.Write([]byte{'Q', 0, 0, 0, 100, 'S', 'E', 'L'}); err != nil {
+				t.Fatal(err)
+			}
+			idle := rawSession(t, p, "user2")
+			active := connect(t, p, "user3", p.Token(t, "user3"))
+			deadline := time.Now().Add(3500 * time.Millisecond)
+			for time.Now().Before(deadline) {
+				if _, err := active.Exec(context.Background(), "SELECT 1"); err != nil {
+					t.Fatalf("an active client was disconnected: %v", err)
+				}
+				time.Sleep(300 * time.Millisecond)
+			}
+			for _, tc := range []struct {
+				c    *rawClient
+				code string
+			}{{half, "08P01"}, {idle, "57P05"}} {
+				_ = tc.c.SetReadDeadline(time.Now().Add(3 * time.Second))
+				m, err := tc.c.fe.Receive()
+				if e, ok := m.(*pgproto3.ErrorResponse); err != nil || !ok || e.Severity != "FATAL" || e.Code != tc.code {
+					t.Errorf("want FATAL %s, got %#v (%v)", tc.code, m, err)
+				}
+			}
+		})
 	}
 }

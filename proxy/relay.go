@@ -27,6 +27,8 @@ const (
 	endProtocolError   = "protocol_error"
 	endServerConfused  = "upstream_protocol_error"
 	endUnsafeSetting   = "unsafe_setting"
+	endFrameStalled    = "client_frame_timeout"
+	endIdleTimeout     = "client_idle_timeout"
 )
 
 // relay is what the proxy does with the frames of an authenticated session:
@@ -53,6 +55,12 @@ const (
 // proved; anything else ends the session, so no client statement runs as
 // the login role.
 type relay struct {
+	// lastClientByte is when the client last sent bytes (Unix ns), and
+	// midFrame whether they end inside a message: the server's watchdog
+	// ends sessions stalled mid-message or idle too long (timeouts.go).
+	lastClientByte atomic.Int64
+	midFrame       atomic.Bool
+
 	// up is the upstream connection. In transaction mode (tx set) it
 	// changes between transactions and is nil while the client holds none
 	// (txpool.go).
@@ -278,7 +286,20 @@ func (r *relay) fromClient(in []byte, out [][]byte) (int, [][]byte) {
 		r.sent(typ)
 		n += size
 	}
+	r.noteClientBytes(in[n:])
 	return n, appendSegment(out, in[start:n])
+}
+
+// noteClientBytes records that the client sent bytes, and whether it is in
+// the middle of a message: rest is what fromClient left unread.
+func (r *relay) noteClientBytes(rest []byte) {
+	r.lastClientByte.Store(time.Now().UnixNano())
+	mid := r.clientPass > 0 || r.clientDrop > 0 || r.frame != nil
+	if !mid && len(rest) > 0 {
+		_, size, ok, err := wire.Header(rest)
+		mid = err == nil && (!ok || size > len(rest))
+	}
+	r.midFrame.Store(mid)
 }
 
 // noteParse records, in session mode, that a Parse named a statement, which
@@ -682,7 +703,7 @@ func (r *relay) cancelRunning(ctx context.Context, up *session.Upstream, clean b
 // with no frame half-sent either way.
 func (r *relay) reusable() bool {
 	switch r.reason {
-	case endClientTerminate, endClientClosed, endTokenExpired:
+	case endClientTerminate, endClientClosed, endTokenExpired, endIdleTimeout:
 	default:
 		return false
 	}

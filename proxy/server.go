@@ -68,6 +68,12 @@ type Config struct {
 	MaxClientConns int
 	// StartupTimeout bounds the time from accept to ReadyForQuery.
 	StartupTimeout time.Duration
+	// FrameTimeout ends a session whose client started a message and sent
+	// nothing more of it for that long; 0: 60 s, negative: never.
+	FrameTimeout time.Duration
+	// ClientIdleTimeout ends a session whose client sent nothing for that
+	// long while the server owed it nothing; 0: never.
+	ClientIdleTimeout time.Duration
 	// TerminateOnExpiry ends a session when its token expires.
 	TerminateOnExpiry bool
 	// ExpiryLeeway is added to a token's exp before its session ends, the
@@ -103,6 +109,8 @@ type Server struct {
 	refusals refusalLog
 	// peers receive the cancels this instance does not hold; nil: none.
 	peers *peerForwarder
+	// stopWatchdog ends the watchdog (timeouts.go) at Shutdown.
+	stopWatchdog chan struct{}
 	// buffers recycles the read buffers of client connections, so that a
 	// storm of short connections does not churn the heap.
 	buffers sync.Pool
@@ -139,6 +147,9 @@ func New(cfg Config) (*Server, error) {
 	if cfg.StartupTimeout <= 0 {
 		cfg.StartupTimeout = 30 * time.Second
 	}
+	if cfg.FrameTimeout == 0 {
+		cfg.FrameTimeout = time.Minute
+	}
 	if cfg.BufferSize <= 0 {
 		cfg.BufferSize = 32 << 10
 	}
@@ -161,6 +172,8 @@ func New(cfg Config) (*Server, error) {
 		authFailures: newAuthLimiter(cfg.AuthFailureInterval, cfg.AuthFailureBurst),
 		peers:        newPeerForwarder(cfg.Peers)}
 	s.buffers.New = func() any { b := make([]byte, cfg.BufferSize); return &b }
+	s.stopWatchdog = make(chan struct{})
+	go s.watchdog()
 	if cfg.RelayLoops >= 0 {
 		n := cfg.RelayLoops
 		if n == 0 {
@@ -253,6 +266,7 @@ func (s *Server) Shutdown(ctx context.Context) {
 
 	done := make(chan struct{})
 	go func() { s.wg.Wait(); close(done) }()
+	defer close(s.stopWatchdog)
 	defer s.cfg.Pool.Close()
 	defer s.loops.close()
 	select {

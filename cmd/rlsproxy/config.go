@@ -157,7 +157,7 @@ func (o *serveOptions) config(log *slog.Logger, dev *devOptions) (*serveConfig, 
 		{o.shutdownTimeout < 0, "shutdown-timeout", "0 or more", o.shutdownTimeout},
 		{o.relayLoops < -1, "relay-loops", "-1 (none), 0 (one per two CPUs) or more", o.relayLoops},
 		{o.tokenCacheSize == 0 || o.tokenCacheSize < -1, "token-cache-size", "-1 (off) or at least 1", o.tokenCacheSize},
-		{o.poolSize < 0, "pool-size", "0 (no pooling) or more", o.poolSize},
+		{o.poolSize < -1, "pool-size", "-1 (auto), 0 (no pooling) or more", o.poolSize},
 		{o.maxUpstreamConns < 0, "max-upstream-conns", "0 (no bound) or more", o.maxUpstreamConns},
 		{o.poolWait <= 0, "pool-wait", "positive", o.poolWait},
 		{o.poolIdle < 0, "pool-idle-timeout", "0 (never) or more", o.poolIdle},
@@ -195,8 +195,15 @@ func (o *serveOptions) config(log *slog.Logger, dev *devOptions) (*serveConfig, 
 		}
 		warnings = append(warnings, warning{msg: "--guard off: clients can change their role and claims with SQL; only signed claims (--signing-key-file) and the database's privileges protect identity"})
 	}
+	poolSize := o.poolSize
+	if poolSize < 0 {
+		poolSize = 20
+		if o.maxUpstreamConns > 0 {
+			poolSize = o.maxUpstreamConns
+		}
+	}
 	cfg.pool = session.PoolConfig{
-		Size: o.poolSize, MaxConns: o.maxUpstreamConns, WaitTimeout: o.poolWait,
+		Size: poolSize, MaxConns: o.maxUpstreamConns, WaitTimeout: o.poolWait,
 		IdleTimeout: o.poolIdle, MaxLifetime: o.poolLifetime,
 	}
 
@@ -226,6 +233,7 @@ func (o *serveOptions) config(log *slog.Logger, dev *devOptions) (*serveConfig, 
 		MaxClientConns: o.maxClientConns, StartupTimeout: o.startupTimeout,
 		TerminateOnExpiry: o.onTokenExpiry == "terminate", ExpiryLeeway: leeway,
 		RelayLoops: o.relayLoops, Peers: splitList(o.peers),
+		FrameTimeout: o.frameTimeout, ClientIdleTimeout: o.clientIdleTimeout,
 	}
 	if o.poolMode == "transaction" {
 		cfg.proxy.PoolMode = proxy.TransactionPooling

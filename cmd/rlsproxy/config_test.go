@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"flag"
 	"log/slog"
 	"math/big"
 	"os"
@@ -85,7 +86,7 @@ func TestServeConfigErrors(t *testing.T) {
 		{"relay loops", serveArgs("--relay-loops", "-2"), "--relay-loops must be -1"},
 		{"token cache 0", serveArgs("--token-cache-size", "0"), "--token-cache-size must be -1 (off) or at least 1"},
 		{"token cache -2", serveArgs("--token-cache-size", "-2"), "--token-cache-size must be"},
-		{"pool size", serveArgs("--pool-size", "-1"), "--pool-size must be 0"},
+		{"pool size", serveArgs("--pool-size", "-2"), "--pool-size must be -1"},
 		{"max upstream conns", serveArgs("--max-upstream-conns", "-1"), "--max-upstream-conns must be 0"},
 		{"pool wait", serveArgs("--pool-wait", "0s"), "--pool-wait must be positive"},
 		{"pool idle", serveArgs("--pool-idle-timeout", "-1s"), "--pool-idle-timeout must be 0"},
@@ -315,5 +316,34 @@ func TestCertReloader(t *testing.T) {
 	}
 	if kept, _ := c.getCertificate(nil); !bytes.Equal(kept.Certificate[0], renewed.Certificate[0]) {
 		t.Fatal("a failed reload replaced the certificate")
+	}
+}
+
+// --pool-size defaults to what --max-upstream-conns allows, so that
+// connect-per-query load up to the bound reuses connections; 20 without it.
+func TestPoolSizeDefault(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want int
+	}{
+		{serveArgs(), 20},
+		{serveArgs("--max-upstream-conns", "200"), 200},
+		{serveArgs("--max-upstream-conns", "5"), 5},
+		{serveArgs("--max-upstream-conns", "200", "--pool-size", "50"), 50},
+		{serveArgs("--pool-size", "0"), 0},
+	} {
+		fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+		var o serveOptions
+		o.register(fs)
+		if err := parseFlags(fs, tc.args); err != nil {
+			t.Fatal(err)
+		}
+		cfg, err := o.config(slog.New(slog.DiscardHandler), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if cfg.pool.Size != tc.want {
+			t.Errorf("%v: pool size %d, want %d", tc.args, cfg.pool.Size, tc.want)
+		}
 	}
 }

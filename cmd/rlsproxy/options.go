@@ -101,6 +101,7 @@ type clientOptions struct {
 	insecurePlaintext               bool
 	maxClientConns                  int
 	startupTimeout, shutdownTimeout time.Duration
+	frameTimeout, clientIdleTimeout time.Duration
 	relayLoops                      int
 	peers                           string
 	reusePort                       bool
@@ -114,6 +115,8 @@ func (o *clientOptions) registerClients(fs *flag.FlagSet) {
 	fs.BoolVar(&o.insecurePlaintext, "insecure-plaintext", false, "accept tokens over unencrypted connections from non-loopback peers")
 	fs.IntVar(&o.maxClientConns, "max-client-conns", 1000, "client connections beyond this get SQLSTATE 53300")
 	fs.DurationVar(&o.startupTimeout, "startup-timeout", 30*time.Second, "time a client has from connecting to a ready session")
+	fs.DurationVar(&o.frameTimeout, "frame-timeout", time.Minute, "a client that starts a message and sends nothing more of it for this long is disconnected (08P01); negative: never")
+	fs.DurationVar(&o.clientIdleTimeout, "client-idle-timeout", 0, "a client that sends nothing for this long while nothing is owed to it is disconnected (57P05); 0: never")
 	fs.DurationVar(&o.shutdownTimeout, "shutdown-timeout", 30*time.Second, "on SIGTERM, time sessions have to finish before they are ended")
 	fs.StringVar(&o.peers, "peers", "", "comma `list` of the other instances of this service (host:port; a DNS name resolving to several, as a Kubernetes headless Service does, counts for all): a CancelRequest for a session held elsewhere is forwarded to them")
 	fs.BoolVar(&o.reusePort, "reuse-port", false, "listen with SO_REUSEPORT, so that several processes share the --listen port (Linux)")
@@ -139,7 +142,7 @@ type poolOptions struct {
 func (o *poolOptions) registerPool(fs *flag.FlagSet) {
 	enumVar(fs, &o.poolMode, "pool-mode", "session", []string{"session", "transaction"}, "session: a client holds an upstream connection from login to logout; transaction: only during each transaction, installed with its identity (README, \"Transaction pooling\")")
 	enumVar(fs, &o.sessionState, "session-state", "pin", []string{"pin", "refuse"}, "transaction mode: what to do with a statement that leaves state in its upstream connection (a session SET, LISTEN, a temporary table, ...; README, \"Transaction pooling\"): pin the client to that connection for the rest of its session, or refuse the statement")
-	fs.IntVar(&o.poolSize, "pool-size", 20, "upstream connections kept per database between client sessions (reset and proved clean); 0: no pooling")
+	fs.IntVar(&o.poolSize, "pool-size", -1, "upstream connections kept idle per role, database and startup parameters between client sessions; -1: as many as --max-upstream-conns allows, or 20 without it (so that connect-per-query load reuses connections instead of churning); 0: no pooling")
 	fs.IntVar(&o.maxUpstreamConns, "max-upstream-conns", 0, "upstream connections open at once; beyond it clients wait --pool-wait, then get 53300; 0: no bound")
 	fs.DurationVar(&o.poolWait, "pool-wait", 5*time.Second, "how long a client waits for an upstream connection at --max-upstream-conns")
 	fs.DurationVar(&o.poolIdle, "pool-idle-timeout", 10*time.Minute, "pooled connections idle for longer are closed; 0: never")

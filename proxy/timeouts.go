@@ -1,0 +1,41 @@
+package proxy
+
+import (
+	"fmt"
+	"time"
+)
+
+// watchdog ends, once a second, the sessions whose client stalled in the
+// middle of a message (Config.FrameTimeout: a client that sent half a frame
+// and stopped was kept forever) or sent nothing for too long while the
+// server owed it nothing (Config.ClientIdleTimeout). One goroutine for all
+// sessions, whatever relays them: an event loop has no read deadlines.
+func (s *Server) watchdog() {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stopWatchdog:
+			return
+		case <-t.C:
+		}
+		now := time.Now().UnixNano()
+		s.mu.Lock()
+		for r := range s.sessions {
+			last := r.lastClientByte.Load()
+			if last == 0 {
+				continue
+			}
+			quiet := time.Duration(now - last)
+			switch {
+			case r.midFrame.Load() && s.cfg.FrameTimeout > 0 && quiet > s.cfg.FrameTimeout:
+				go r.end(endFrameStalled, newClientError(codeProtocolViolation, "frame_timeout", fmt.Sprintf(
+					"terminating connection: a message was started and nothing more of it arrived for %s", s.cfg.FrameTimeout)))
+			case !r.midFrame.Load() && s.cfg.ClientIdleTimeout > 0 && quiet > s.cfg.ClientIdleTimeout && r.ledger.quiet():
+				go r.end(endIdleTimeout, newClientError(codeIdleSessionTimeout, "idle_timeout", fmt.Sprintf(
+					"terminating connection due to idle-session timeout (%s, rlsproxy's --client-idle-timeout)", s.cfg.ClientIdleTimeout)))
+			}
+		}
+		s.mu.Unlock()
+	}
+}
