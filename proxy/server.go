@@ -110,7 +110,8 @@ type Server struct {
 	// peers receive the cancels this instance does not hold; nil: none.
 	peers *peerForwarder
 	// stopWatchdog ends the watchdog (timeouts.go) at Shutdown.
-	stopWatchdog chan struct{}
+	stopWatchdog     chan struct{}
+	stopWatchdogOnce sync.Once
 	// buffers recycles the read buffers of client connections, so that a
 	// storm of short connections does not churn the heap.
 	buffers sync.Pool
@@ -266,7 +267,7 @@ func (s *Server) Shutdown(ctx context.Context) {
 
 	done := make(chan struct{})
 	go func() { s.wg.Wait(); close(done) }()
-	defer close(s.stopWatchdog)
+	defer s.stopWatchdogOnce.Do(func() { close(s.stopWatchdog) })
 	defer s.cfg.Pool.Close()
 	defer s.loops.close()
 	select {
