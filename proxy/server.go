@@ -111,6 +111,8 @@ type Server struct {
 	peers *peerForwarder
 	// stopWatchdog ends the watchdog (timeouts.go) at Shutdown.
 	stopWatchdog     chan struct{}
+	// frameTimeout and idleTimeout are Config's, changed by a reload.
+	frameTimeout, idleTimeout atomic.Int64
 	stopWatchdogOnce sync.Once
 	// buffers recycles the read buffers of client connections, so that a
 	// storm of short connections does not churn the heap.
@@ -173,6 +175,7 @@ func New(cfg Config) (*Server, error) {
 		authFailures: newAuthLimiter(cfg.AuthFailureInterval, cfg.AuthFailureBurst),
 		peers:        newPeerForwarder(cfg.Peers)}
 	s.buffers.New = func() any { b := make([]byte, cfg.BufferSize); return &b }
+	s.SetClientTimeouts(cfg.FrameTimeout, cfg.ClientIdleTimeout)
 	s.stopWatchdog = make(chan struct{})
 	go s.watchdog()
 	if cfg.RelayLoops >= 0 {
@@ -253,6 +256,13 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 			s.serveConn(ctx, conn)
 		}()
 	}
+}
+
+// SetClientTimeouts changes Config.FrameTimeout and ClientIdleTimeout (a
+// reload of the configuration); they apply to every session at once.
+func (s *Server) SetClientTimeouts(frame, idle time.Duration) {
+	s.frameTimeout.Store(int64(frame))
+	s.idleTimeout.Store(int64(idle))
 }
 
 // Shutdown stops accepting, lets sessions finish until ctx is done, then ends

@@ -20,6 +20,7 @@ func (s *Server) watchdog() {
 		case <-t.C:
 		}
 		now := time.Now().UnixNano()
+		frameTimeout, idleTimeout := time.Duration(s.frameTimeout.Load()), time.Duration(s.idleTimeout.Load())
 		s.mu.Lock()
 		for r := range s.sessions {
 			last := r.lastClientByte.Load()
@@ -28,12 +29,12 @@ func (s *Server) watchdog() {
 			}
 			quiet := time.Duration(now - last)
 			switch {
-			case r.midFrame.Load() && s.cfg.FrameTimeout > 0 && quiet > s.cfg.FrameTimeout:
+			case r.midFrame.Load() && frameTimeout > 0 && quiet > frameTimeout:
 				go r.end(endFrameStalled, newClientError(codeProtocolViolation, "frame_timeout", fmt.Sprintf(
-					"terminating connection: a message was started and nothing more of it arrived for %s", s.cfg.FrameTimeout)))
-			case !r.midFrame.Load() && s.cfg.ClientIdleTimeout > 0 && quiet > s.cfg.ClientIdleTimeout && r.ledger.quiet():
+					"terminating connection: a message was started and nothing more of it arrived for %s", frameTimeout)))
+			case !r.midFrame.Load() && idleTimeout > 0 && quiet > idleTimeout && r.ledger.quiet():
 				go r.end(endIdleTimeout, newClientError(codeIdleSessionTimeout, "idle_timeout", fmt.Sprintf(
-					"terminating connection due to idle-session timeout (%s, rlsproxy's --client-idle-timeout)", s.cfg.ClientIdleTimeout)))
+					"terminating connection due to idle-session timeout (%s, rlsproxy's --client-idle-timeout)", idleTimeout)))
 			}
 		}
 		s.mu.Unlock()

@@ -105,6 +105,19 @@ func NewPool(d *Dialer, policy Policy, cfg PoolConfig) *Pool {
 	return p
 }
 
+// SetLimits changes, for the connections handed out from now on, how many
+// stay idle, how many may be open and how long a client waits (a reload of
+// the configuration). Connections beyond a lowered bound close as they come
+// back.
+func (p *Pool) SetLimits(size, maxConns int, wait time.Duration) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.cfg.Size, p.cfg.MaxConns = size, maxConns
+	if wait > 0 {
+		p.cfg.WaitTimeout = wait
+	}
+}
+
 // Policy is how the pool's sessions are set up.
 func (p *Pool) Policy() Policy { return p.policy }
 
@@ -198,10 +211,11 @@ func (p *Pool) Acquire(ctx context.Context, database string, params map[string]s
 	w := &waiter{key: key, got: make(chan handoff, 1)}
 	p.waiters = append(p.waiters, w)
 	p.stats.waits++
+	cfg := p.cfg
 	p.mu.Unlock()
 
 	began := time.Now()
-	t := time.NewTimer(p.cfg.WaitTimeout)
+	t := time.NewTimer(cfg.WaitTimeout)
 	defer t.Stop()
 	var h handoff
 	select {
@@ -222,7 +236,7 @@ func (p *Pool) Acquire(ctx context.Context, database string, params map[string]s
 		p.mu.Lock()
 		p.stats.timeouts++
 		p.mu.Unlock()
-		return nil, false, fmt.Errorf("%w (--max-upstream-conns %d) after waiting %s", ErrPoolExhausted, p.cfg.MaxConns, p.cfg.WaitTimeout)
+		return nil, false, fmt.Errorf("%w (--max-upstream-conns %d) after waiting %s", ErrPoolExhausted, cfg.MaxConns, cfg.WaitTimeout)
 	}
 	p.mu.Unlock()
 	if h.up == nil && !h.slot {
@@ -283,7 +297,10 @@ func (p *Pool) Return(up *Upstream) {
 // statements, temporary objects, ...): the connection is then reset first.
 // txStatus is the transaction status the server last reported.
 func (p *Pool) Release(ctx context.Context, up *Upstream, clean, stateful bool, txStatus byte) {
-	if !clean || p.cfg.Size <= 0 || (p.cfg.MaxLifetime > 0 && time.Since(up.born) > p.cfg.MaxLifetime) {
+	p.mu.Lock()
+	cfg := p.cfg
+	p.mu.Unlock()
+	if !clean || cfg.Size <= 0 || (cfg.MaxLifetime > 0 && time.Since(up.born) > cfg.MaxLifetime) {
 		p.discard(up)
 		return
 	}

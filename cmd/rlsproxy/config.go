@@ -48,6 +48,12 @@ type serveConfig struct {
 	dev *devOptions // nil for serve
 	// certs is the TLS certificate, read again on SIGHUP; nil without TLS.
 	certs *certReloader
+	// reread builds the configuration again from the command line, the
+	// environment and --config, for SIGHUP (nil for `rlsproxy dev`);
+	// flags are the flag values this one was built from.
+	reread func() (*serveConfig, error)
+	flags  map[string]string
+	level  *slog.LevelVar
 }
 
 type guardConfig struct {
@@ -327,9 +333,12 @@ func (o *leewayOptions) validLeeway() (time.Duration, error) {
 }
 
 // logger needs no check: both flags are enums.
+var logLevels = map[string]slog.Level{"debug": slog.LevelDebug, "info": slog.LevelInfo, "warn": slog.LevelWarn, "error": slog.LevelError}
+
 func (o *logOptions) logger(w io.Writer) *slog.Logger {
-	levels := map[string]slog.Level{"debug": slog.LevelDebug, "info": slog.LevelInfo, "warn": slog.LevelWarn, "error": slog.LevelError}
-	opts := &slog.HandlerOptions{Level: levels[o.logLevel]}
+	o.level = new(slog.LevelVar)
+	o.level.Set(logLevels[o.logLevel])
+	opts := &slog.HandlerOptions{Level: o.level}
 	if o.logFormat == "json" {
 		return slog.New(slog.NewJSONHandler(w, opts))
 	}

@@ -3,6 +3,7 @@ package main
 import (
 	"flag"
 	"fmt"
+	"log/slog"
 	"os"
 	"slices"
 	"strings"
@@ -26,11 +27,13 @@ type serveOptions struct {
 	guardOptions
 	adminOptions
 	logOptions
+	configFile string
 }
 
 func (o *serveOptions) register(fs *flag.FlagSet) {
 	o.registerProxy(fs)
 	o.registerIssuer(fs)
+	fs.StringVar(&o.configFile, "config", "", "YAML `file` of settings, keyed by flag name; flags and RLSPROXY_* variables win; SIGHUP reads it again")
 }
 
 // registerProxy registers serve's flags but the issuer's: `rlsproxy dev`
@@ -240,6 +243,8 @@ func (o *adminOptions) registerAdmin(fs *flag.FlagSet) {
 
 type logOptions struct {
 	logFormat, logLevel string
+	// level is the logger's, which a reload changes; set by logger.
+	level *slog.LevelVar
 }
 
 func (o *logOptions) registerLog(fs *flag.FlagSet) {
@@ -304,6 +309,7 @@ func parseFlags(fs *flag.FlagSet, args []string) error {
 		}
 		env := envName(f.Name)
 		if v, ok := os.LookupEnv(env); ok {
+			given[f.Name] = true
 			if e := fs.Set(f.Name, v); e != nil {
 				// The same shape as the flag package's own message, so a
 				// value is reported alike wherever it came from.
@@ -311,7 +317,10 @@ func parseFlags(fs *flag.FlagSet, args []string) error {
 			}
 		}
 	})
-	return err
+	if err != nil {
+		return err
+	}
+	return applyConfigFile(fs, given)
 }
 
 // envName is the environment variable of a flag.

@@ -133,7 +133,7 @@ func TestSubcommandFlags(t *testing.T) {
 	}
 	var dev devOptions
 	got := names(newFlagSet(serve.registerProxy, dev.registerDev))
-	want := slices.DeleteFunc(slices.Clone(all), func(f string) bool { return slices.Contains(issuer, f) })
+	want := slices.DeleteFunc(slices.Clone(all), func(f string) bool { return slices.Contains(issuer, f) || f == "config" })
 	same(t, "dev", got, append(want, "dev-dir", "issuer-listen", "ttl"))
 }
 

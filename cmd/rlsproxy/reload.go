@@ -6,8 +6,13 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"sort"
+	"sync"
 	"sync/atomic"
 	"syscall"
+
+	"github.com/rlsproxy/rlsproxy/proxy"
+	"github.com/rlsproxy/rlsproxy/session"
 )
 
 // certReloader serves the TLS certificate of --tls-cert/--tls-key and reads
@@ -40,11 +45,100 @@ func (c *certReloader) getCertificate(*tls.ClientHelloInfo) (*tls.Certificate, e
 	return c.cert.Load(), nil
 }
 
+// liveConfig is the configuration a running proxy was built from, and the
+// parts of it a reload can change without dropping a session.
+type liveConfig struct {
+	mu   sync.Mutex
+	cfg  *serveConfig
+	log  *slog.Logger
+	srv  *proxy.Server
+	pool *session.Pool
+}
+
+func (l *liveConfig) set(srv *proxy.Server, pool *session.Pool) {
+	l.mu.Lock()
+	l.srv, l.pool = srv, pool
+	l.mu.Unlock()
+}
+
+// reloadable are the flags a reload applies to the running proxy; a change
+// of any other needs a restart, which the reload says.
+var reloadable = map[string]bool{
+	"tls-cert": true, "tls-key": true, "log-level": true,
+	"frame-timeout": true, "client-idle-timeout": true,
+	"pool-size": true, "max-upstream-conns": true, "pool-wait": true,
+}
+
+// reload reads the configuration again (the command line, the environment
+// and --config) and applies what changed that can change live. A
+// configuration that does not validate is refused whole: nothing of it is
+// applied.
+func (l *liveConfig) reload() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	old := l.cfg
+	if old.reread == nil {
+		// rlsproxy dev: the certificate only.
+		l.reloadCerts(old.certs)
+		return
+	}
+	next, err := old.reread()
+	if err != nil {
+		l.log.Error("SIGHUP: the configuration does not validate and is refused whole; the running one stays", "error", err)
+		return
+	}
+	var applied, restart []string
+	for name, v := range next.flags {
+		if old.flags[name] == v {
+			continue
+		}
+		if reloadable[name] {
+			applied = append(applied, name)
+		} else {
+			restart = append(restart, name)
+		}
+	}
+	sort.Strings(applied)
+	sort.Strings(restart)
+	if l.srv != nil {
+		l.srv.SetClientTimeouts(next.proxy.FrameTimeout, next.proxy.ClientIdleTimeout)
+	}
+	if l.pool != nil {
+		l.pool.SetLimits(next.pool.Size, next.pool.MaxConns, next.pool.WaitTimeout)
+	}
+	if old.level != nil && next.level != nil {
+		old.level.Set(next.level.Level())
+	}
+	switch {
+	case old.certs != nil && next.certs != nil:
+		old.certs.certFile, old.certs.keyFile = next.certs.certFile, next.certs.keyFile
+		l.reloadCerts(old.certs)
+	case (old.certs == nil) != (next.certs == nil):
+		restart = append(restart, "tls-cert (turning TLS on or off)")
+	}
+	// What was applied is the running configuration now; what needs a
+	// restart stays as it was started.
+	for _, name := range applied {
+		old.flags[name] = next.flags[name]
+	}
+	l.log.Info("SIGHUP: configuration reloaded; sessions carry on", "applied", applied, "needs_restart", restart)
+}
+
+func (l *liveConfig) reloadCerts(certs *certReloader) {
+	if certs == nil {
+		return
+	}
+	if err := certs.reload(); err != nil {
+		l.log.Error("SIGHUP: the TLS certificate did not load; the previous one stays in use", "error", err)
+		return
+	}
+	l.log.Info("SIGHUP: reloaded the TLS certificate and key", "cert", certs.certFile)
+}
+
 // onHangup handles SIGHUP, which systemctl reload, log rotation and a closed
 // terminal send, until stop is called: it must not end the proxy (Go's
-// default). It reloads the TLS certificate, if any, and says what else
-// needs a restart.
-func onHangup(log *slog.Logger, certs *certReloader) (stop func()) {
+// default); it reloads the configuration.
+func onHangup(l *liveConfig) (stop func()) {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	done := make(chan struct{})
@@ -54,15 +148,8 @@ func onHangup(log *slog.Logger, certs *certReloader) (stop func()) {
 			case <-done:
 				return
 			case <-hup:
+				l.reload()
 			}
-			if certs != nil {
-				if err := certs.reload(); err != nil {
-					log.Error("SIGHUP: the TLS certificate did not load; the previous one stays in use", "error", err)
-				} else {
-					log.Info("SIGHUP: reloaded the TLS certificate and key", "cert", certs.certFile)
-				}
-			}
-			log.Info("SIGHUP: sessions carry on; other settings take effect on restart")
 		}
 	}()
 	return func() {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -23,20 +24,51 @@ import (
 )
 
 func cmdServe(args []string) error {
-	fs := flag.NewFlagSet("rlsproxy serve", flag.ContinueOnError)
-	var o serveOptions
-	o.register(fs)
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	log := o.logger(os.Stderr)
-	cfg, err := o.config(log, nil)
+	build := serveBuilder(args)
+	cfg, log, err := build(false)
 	if err != nil {
 		return err
+	}
+	cfg.reread = func() (*serveConfig, error) {
+		next, _, err := build(true)
+		return next, err
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	return runProxy(ctx, cfg, log, nil)
+}
+
+// serveBuilder returns what builds serve's configuration from args, the
+// environment and --config: at start, and again on SIGHUP (quiet: flag
+// errors are not printed). The logger is made by the first build.
+func serveBuilder(args []string) func(quiet bool) (*serveConfig, *slog.Logger, error) {
+	var log *slog.Logger
+	return func(quiet bool) (*serveConfig, *slog.Logger, error) {
+		fs := flag.NewFlagSet("rlsproxy serve", flag.ContinueOnError)
+		if quiet {
+			fs.SetOutput(io.Discard)
+		}
+		var o serveOptions
+		o.register(fs)
+		if err := parseFlags(fs, args); err != nil {
+			return nil, log, err
+		}
+		if log == nil {
+			log = o.logger(os.Stderr)
+		} else {
+			// A reload: the level the file or environment give now.
+			o.level = new(slog.LevelVar)
+			o.level.Set(logLevels[o.logLevel])
+		}
+		cfg, err := o.config(log, nil)
+		if err != nil {
+			return nil, log, err
+		}
+		cfg.flags = map[string]string{}
+		fs.VisitAll(func(f *flag.Flag) { cfg.flags[f.Name] = f.Value.String() })
+		cfg.level = o.level
+		return cfg, log, nil
+	}
 }
 
 // runProxy builds the proxy cfg describes and serves until ctx is done, then
@@ -44,7 +76,10 @@ func cmdServe(args []string) error {
 // here comes from the world (a port taken, a helper that cannot start), not
 // from a flag: config has judged those.
 func runProxy(ctx context.Context, cfg *serveConfig, log *slog.Logger, ready func(addrs []net.Addr)) error {
-	defer onHangup(log, cfg.certs)()
+	// SIGHUP must not end the proxy from here on; what it reloads needs the
+	// server and the pool (set once they exist).
+	live := &liveConfig{cfg: cfg, log: log}
+	defer onHangup(live)()
 	var sqlGuard *guard.Guard
 	if cfg.guard != nil {
 		// What statements leave in the session: transaction pooling pins on
@@ -90,6 +125,7 @@ func runProxy(ctx context.Context, cfg *serveConfig, log *slog.Logger, ready fun
 	if err != nil {
 		return err
 	}
+	live.set(srv, pc.Pool)
 
 	var listeners []net.Listener
 	defer func() {
