@@ -110,10 +110,10 @@ type Server struct {
 	// peers receive the cancels this instance does not hold; nil: none.
 	peers *peerForwarder
 	// stopWatchdog ends the watchdog (timeouts.go) at Shutdown.
-	stopWatchdog     chan struct{}
+	stopWatchdog chan struct{}
 	// frameTimeout and idleTimeout are Config's, changed by a reload.
 	frameTimeout, idleTimeout atomic.Int64
-	stopWatchdogOnce sync.Once
+	stopWatchdogOnce          sync.Once
 	// buffers recycles the read buffers of client connections, so that a
 	// storm of short connections does not churn the heap.
 	buffers sync.Pool
