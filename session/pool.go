@@ -119,7 +119,21 @@ func (p *Pool) SetLimits(size, maxConns int, wait time.Duration) {
 }
 
 // Policy is how the pool's sessions are set up.
-func (p *Pool) Policy() Policy { return p.policy }
+func (p *Pool) Policy() Policy {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.policy
+}
+
+// SetPolicy changes how sessions from now on get their role (a reload of
+// the configuration: --role, --role-map, --role-claim, --anonymous-role).
+// Sessions running keep theirs; the claim settings must not change (the
+// guard protects them by name), which the caller checks.
+func (p *Pool) SetPolicy(policy Policy) {
+	p.mu.Lock()
+	p.policy = policy
+	p.mu.Unlock()
+}
 
 // Database is the database of the upstream DSN, a client's default.
 func (p *Pool) Database() string { return p.dialer.Database() }
@@ -306,7 +320,7 @@ func (p *Pool) Release(ctx context.Context, up *Upstream, clean, stateful bool, 
 	}
 	up.txStatus = txStatus
 	if stateful || txStatus != 'I' {
-		if err := up.reset(ctx, p.policy.ClaimsSetting); err != nil {
+		if err := up.reset(ctx, p.Policy().ClaimsSetting); err != nil {
 			p.discard(up)
 			return
 		}

@@ -55,6 +55,10 @@ type liveConfig struct {
 	pool *session.Pool
 }
 
+// roleFlags are the policy's roles, which a reload applies to sessions
+// that start after it.
+var roleFlags = map[string]bool{"role": true, "role-map": true, "role-claim": true, "anonymous-role": true}
+
 func (l *liveConfig) set(srv *proxy.Server, pool *session.Pool) {
 	l.mu.Lock()
 	l.srv, l.pool = srv, pool
@@ -88,15 +92,27 @@ func (l *liveConfig) reload() {
 		return
 	}
 	var applied, restart []string
+	roles := false
 	for name, v := range next.flags {
 		if old.flags[name] == v {
 			continue
 		}
-		if reloadable[name] {
+		switch {
+		case reloadable[name]:
 			applied = append(applied, name)
-		} else {
+		case roleFlags[name] && l.pool != nil:
+			roles = true
+			applied = append(applied, name)
+		default:
 			restart = append(restart, name)
 		}
+	}
+	if roles {
+		// The roles only: the claim settings need a restart (the guard
+		// protects them by name).
+		p := l.pool.Policy()
+		p.DefaultRole, p.RoleMap, p.RoleClaim, p.AnonymousRole = next.policy.DefaultRole, next.policy.RoleMap, next.policy.RoleClaim, next.policy.AnonymousRole
+		l.pool.SetPolicy(p)
 	}
 	sort.Strings(applied)
 	sort.Strings(restart)

@@ -72,13 +72,17 @@ func TestReload(t *testing.T) {
 	live := &liveConfig{cfg: cfg, log: slog.New(slog.NewTextHandler(&logs, nil))}
 	live.set(nil, session.NewPool(cfg.dialer, cfg.policy, cfg.pool))
 
-	write("log-level: debug\npool-size: 8\nframe-timeout: 10s\nrole: someone_else\n")
+	pool := live.pool
+	write("log-level: debug\npool-size: 8\nframe-timeout: 10s\nrole-map: [admins=app_admin]\nclaim-prefix: other.\n")
 	live.reload()
 	if got := cfg.level.Level(); got != slog.LevelDebug {
 		t.Errorf("log level %v after the reload, want debug", got)
 	}
-	if !strings.Contains(logs.String(), "applied=\"[frame-timeout log-level pool-size]\"") || !strings.Contains(logs.String(), "needs_restart=[role]") {
+	if !strings.Contains(logs.String(), "applied=\"[frame-timeout log-level pool-size role-map]\"") || !strings.Contains(logs.String(), "needs_restart=[claim-prefix]") {
 		t.Errorf("the reload's line:\n%s", logs.String())
+	}
+	if p := pool.Policy(); len(p.RoleMap) != 1 || p.RoleMap[0].Role != "app_admin" || p.ClaimPrefix != "jwt.claims." {
+		t.Errorf("the pool's policy after the reload: %+v", p)
 	}
 
 	write("log-level: warn\nleeway: 1h\n") // --leeway is at most 5 minutes
