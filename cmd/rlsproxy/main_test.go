@@ -138,11 +138,23 @@ func TestDevQuickstart(t *testing.T) {
 		t.Fatalf("the dev dir's signing key: %v %q", err, key)
 	}
 
-	// SIGHUP (systemctl reload, a closed terminal) does not end it.
+	// SIGHUP (systemctl reload, a closed terminal) does not end it, nor a
+	// transaction running meanwhile.
+	inTx := exec.Command("psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", conninfo,
+		"-c", "BEGIN", "-c", "SELECT pg_sleep(1)", "-c", "SELECT auth.user_id()", "-c", "COMMIT")
+	inTx.Env = append(os.Environ(), "PGPASSWORD="+strings.TrimSpace(string(tok)))
+	var txOut strings.Builder
+	inTx.Stdout, inTx.Stderr = &txOut, &txOut
+	if err := inTx.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(400 * time.Millisecond)
 	if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(200 * time.Millisecond)
+	if err := inTx.Wait(); err != nil || !strings.Contains(txOut.String(), "user2") {
+		t.Fatalf("a transaction running during SIGHUP: %v\n%s\n%s", err, txOut.String(), stderr.String())
+	}
 	c = exec.Command("psql", "-X", "-A", "-t", conninfo, "-c", "SELECT auth.user_id()")
 	c.Env = append(os.Environ(), "PGPASSWORD="+strings.TrimSpace(string(tok)))
 	if out, err := c.CombinedOutput(); err != nil || strings.TrimSpace(string(out)) != "user2" {
