@@ -313,10 +313,11 @@ func (u *Upstream) reset(ctx context.Context, claimsSetting string) error {
 // u.Params; notices are dropped. Nothing may follow the last answer: any
 // byte left unread means the answers were not all the batch's.
 func (u *Upstream) roundTrip(ctx context.Context, b *Batch) error {
-	// The caller's deadline (a client's startup timeout, a release's)
-	// bounds the round trip; without one, 10 s.
+	// At most 10 s, and within the caller's deadline: a pooled connection
+	// that does not answer is dropped (Pool.Get tries the next one) before
+	// the client's startup timeout runs out.
 	deadline := time.Now().Add(10 * time.Second)
-	if d, ok := ctx.Deadline(); ok {
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
 		deadline = d
 	}
 	_ = u.conn.SetDeadline(deadline)
