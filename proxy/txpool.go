@@ -87,9 +87,6 @@ type txState struct {
 	// cancels counts CancelRequests under way to the attached connection:
 	// it is not handed to another client before they are delivered.
 	cancels sync.WaitGroup
-	// acquired counts the connections the session was handed, installs
-	// those that needed the client's identity installed first.
-	acquired, installs int
 }
 
 // pin keeps the client on its connection for the rest of its session.
@@ -407,7 +404,6 @@ func (r *relay) acquire(ctx context.Context) (*session.Upstream, []byte, error) 
 	if err != nil {
 		return nil, nil, err
 	}
-	t.acquired++
 	// The ledger is idle, as it was when the last connection was let go:
 	// it carries over.
 	pre := r.sweep(up)
@@ -415,7 +411,6 @@ func (r *relay) acquire(ctx context.Context) (*session.Upstream, []byte, error) 
 		b := up.Switch(t.grant, extra)
 		r.ledger.sentOwn(b)
 		pre = append(pre, b.Frames...)
-		t.installs++
 	}
 	return up, pre, nil
 }
