@@ -180,6 +180,22 @@ func (v *Verifier) Ready(ctx context.Context) bool {
 	return v.keys.loaded(ctx)
 }
 
+// Load waits until the issuer's keys are loaded, fetching them if no fetch
+// is running, and says why they could not be: a reload checks a new
+// issuer's keys this way before sessions depend on them.
+func (v *Verifier) Load(ctx context.Context) error {
+	if v.keys.loaded(ctx) {
+		return nil
+	}
+	if err := v.keys.refresh(ctx); err != nil {
+		return fmt.Errorf("keys of issuer %s: %w", v.cfg.Issuer, err)
+	}
+	if !v.keys.loaded(ctx) {
+		return fmt.Errorf("keys of issuer %s: none loaded", v.cfg.Issuer)
+	}
+	return nil
+}
+
 // Verify checks token and returns the identity it carries, or an *Error.
 // A token verified before is answered from the cache until it expires.
 func (v *Verifier) Verify(ctx context.Context, token string) (*Identity, error) {

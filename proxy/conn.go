@@ -232,7 +232,7 @@ func (s *Server) serveSession(c *clientConn, req *startupRequest, up *session.Up
 	if s.cfg.TerminateOnExpiry && !info.expires.IsZero() {
 		exp := newClientError(codeInvalidPassword, "token_expired",
 			"terminating connection: the token expired at "+info.expires.UTC().Format(time.RFC3339)+"; reconnect with a fresh token")
-		t := time.AfterFunc(info.expires.Add(s.cfg.ExpiryLeeway).Sub(s.cfg.Now()), func() { r.expire(exp) })
+		t := time.AfterFunc(info.expires.Add(time.Duration(s.expiryLeeway.Load())).Sub(s.cfg.Now()), func() { r.expire(exp) })
 		defer t.Stop()
 	}
 

@@ -111,9 +111,10 @@ type Server struct {
 	peers *peerForwarder
 	// stopWatchdog ends the watchdog (timeouts.go) at Shutdown.
 	stopWatchdog chan struct{}
-	// frameTimeout and idleTimeout are Config's, changed by a reload.
-	frameTimeout, idleTimeout atomic.Int64
-	stopWatchdogOnce          sync.Once
+	// frameTimeout, idleTimeout and expiryLeeway are Config's, changed by
+	// a reload.
+	frameTimeout, idleTimeout, expiryLeeway atomic.Int64
+	stopWatchdogOnce                        sync.Once
 	// buffers recycles the read buffers of client connections, so that a
 	// storm of short connections does not churn the heap.
 	buffers sync.Pool
@@ -176,6 +177,7 @@ func New(cfg Config) (*Server, error) {
 		peers:        newPeerForwarder(cfg.Peers)}
 	s.buffers.New = func() any { b := make([]byte, cfg.BufferSize); return &b }
 	s.SetClientTimeouts(cfg.FrameTimeout, cfg.ClientIdleTimeout)
+	s.SetExpiryLeeway(cfg.ExpiryLeeway)
 	s.stopWatchdog = make(chan struct{})
 	go s.watchdog()
 	if cfg.RelayLoops >= 0 {
@@ -263,6 +265,12 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 func (s *Server) SetClientTimeouts(frame, idle time.Duration) {
 	s.frameTimeout.Store(int64(frame))
 	s.idleTimeout.Store(int64(idle))
+}
+
+// SetExpiryLeeway changes Config.ExpiryLeeway (a reload of the
+// configuration) for sessions that start after it.
+func (s *Server) SetExpiryLeeway(d time.Duration) {
+	s.expiryLeeway.Store(int64(d))
 }
 
 // Shutdown stops accepting, lets sessions finish until ctx is done, then ends

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"crypto/tls"
 	"fmt"
 	"log/slog"
@@ -10,7 +11,9 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
+	"github.com/rlsproxy/rlsproxy/auth"
 	"github.com/rlsproxy/rlsproxy/proxy"
 	"github.com/rlsproxy/rlsproxy/session"
 )
@@ -45,6 +48,21 @@ func (c *certReloader) getCertificate(*tls.ClientHelloInfo) (*tls.Certificate, e
 	return c.cert.Load(), nil
 }
 
+// liveVerifier is the verifier sessions check tokens with; a reload that
+// changes the issuer or the token rules replaces it whole, so a login is
+// judged entirely by the old rules or entirely by the new ones, and the new
+// rules start with an empty token cache (a token the old rules accepted is
+// judged again).
+type liveVerifier struct {
+	v atomic.Pointer[auth.Verifier]
+}
+
+func (l *liveVerifier) Verify(ctx context.Context, token string) (*auth.Identity, error) {
+	return l.v.Load().Verify(ctx, token)
+}
+
+func (l *liveVerifier) Ready(ctx context.Context) bool { return l.v.Load().Ready(ctx) }
+
 // liveConfig is the configuration a running proxy was built from, and the
 // parts of it a reload can change without dropping a session.
 type liveConfig struct {
@@ -53,15 +71,34 @@ type liveConfig struct {
 	log  *slog.Logger
 	srv  *proxy.Server
 	pool *session.Pool
+	// verifier and newVerifier are set with srv and pool: a reload builds the
+	// new issuer's verifier with newVerifier (the proxy's metrics and
+	// logger attached) and swaps it into verifier once its keys load.
+	verifier    *liveVerifier
+	newVerifier func(auth.Config) (*auth.Verifier, error)
+	// keyWait bounds how long a reload waits for a new issuer's keys.
+	keyWait time.Duration
 }
+
+// tokenFlags are the issuer and the token rules: a change of any builds a
+// new verifier, which must load the issuer's keys before it replaces the
+// running one, or the reload is refused whole.
+var tokenFlags = map[string]bool{
+	"cognito-region": true, "cognito-user-pool-id": true, "issuer": true, "jwks-url": true, "jwks-refresh": true,
+	"client-id": true, "audience": true, "token-use": true, "leeway": true, "token-cache-size": true,
+}
+
+// defaultKeyWait is how long a reload waits for a new issuer's keys: a key
+// fetch's own timeout, and a little more.
+const defaultKeyWait = 15 * time.Second
 
 // roleFlags are the policy's roles, which a reload applies to sessions
 // that start after it.
 var roleFlags = map[string]bool{"role": true, "role-map": true, "role-claim": true, "anonymous-role": true}
 
-func (l *liveConfig) set(srv *proxy.Server, pool *session.Pool) {
+func (l *liveConfig) set(srv *proxy.Server, pool *session.Pool, v *liveVerifier, newVerifier func(auth.Config) (*auth.Verifier, error)) {
 	l.mu.Lock()
-	l.srv, l.pool = srv, pool
+	l.srv, l.pool, l.verifier, l.newVerifier = srv, pool, v, newVerifier
 	l.mu.Unlock()
 }
 
@@ -92,7 +129,7 @@ func (l *liveConfig) reload() {
 		return
 	}
 	var applied, restart []string
-	roles := false
+	roles, tokens := false, false
 	for name, v := range next.flags {
 		if old.flags[name] == v {
 			continue
@@ -103,8 +140,24 @@ func (l *liveConfig) reload() {
 		case roleFlags[name] && l.pool != nil:
 			roles = true
 			applied = append(applied, name)
+		case tokenFlags[name] && l.verifier != nil:
+			tokens = true
+			applied = append(applied, name)
 		default:
 			restart = append(restart, name)
+		}
+	}
+	if tokens {
+		// First, before anything of the reload applies: a new issuer whose
+		// keys cannot be loaded would refuse every login.
+		v, err := l.loadVerifier(next.auth)
+		if err != nil {
+			l.log.Error("SIGHUP: the new issuer or token rules are refused, and the configuration with them, whole; the running one stays", "error", err)
+			return
+		}
+		l.verifier.v.Swap(v).Close()
+		if l.srv != nil {
+			l.srv.SetExpiryLeeway(next.auth.Leeway)
 		}
 	}
 	if roles {
@@ -138,6 +191,29 @@ func (l *liveConfig) reload() {
 		old.flags[name] = next.flags[name]
 	}
 	l.log.Info("SIGHUP: configuration reloaded; sessions carry on", "applied", applied, "needs_restart", restart)
+}
+
+// loadVerifier builds the verifier of c and waits for its keys.
+func (l *liveConfig) loadVerifier(c auth.Config) (*auth.Verifier, error) {
+	return l.loadVerifierWith(l.newVerifier, c)
+}
+
+func (l *liveConfig) loadVerifierWith(newVerifier func(auth.Config) (*auth.Verifier, error), c auth.Config) (*auth.Verifier, error) {
+	v, err := newVerifier(c)
+	if err != nil {
+		return nil, err
+	}
+	wait := l.keyWait
+	if wait <= 0 {
+		wait = defaultKeyWait
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	if err := v.Load(ctx); err != nil {
+		v.Close()
+		return nil, err
+	}
+	return v, nil
 }
 
 func (l *liveConfig) reloadCerts(certs *certReloader) {

@@ -109,13 +109,17 @@ func runProxy(ctx context.Context, cfg *serveConfig, log *slog.Logger, ready fun
 	// sessions in startup whose tokens need the keys.
 	vctx, cancelVerifier := context.WithCancel(context.Background())
 	defer cancelVerifier()
-	authConfig := cfg.auth
-	authConfig.OnFetch, authConfig.OnCacheLookup = metrics.JWKSFetched, metrics.TokenCacheLookup
-	authConfig.Logger = log
-	verifier, err := auth.New(vctx, authConfig)
+	newVerifier := func(c auth.Config) (*auth.Verifier, error) {
+		c.OnFetch, c.OnCacheLookup = metrics.JWKSFetched, metrics.TokenCacheLookup
+		c.Logger = log
+		return auth.New(vctx, c)
+	}
+	first, err := newVerifier(cfg.auth)
 	if err != nil {
 		return err
 	}
+	verifier := &liveVerifier{}
+	verifier.v.Store(first)
 
 	pc := cfg.proxy
 	pc.Verifier, pc.Guard, pc.Logger, pc.Metrics = verifier, sqlGuard, log, metrics
@@ -125,7 +129,7 @@ func runProxy(ctx context.Context, cfg *serveConfig, log *slog.Logger, ready fun
 	if err != nil {
 		return err
 	}
-	live.set(srv, pc.Pool)
+	live.set(srv, pc.Pool, verifier, newVerifier)
 
 	var listeners []net.Listener
 	defer func() {
