@@ -117,6 +117,14 @@ func (d *Dialer) Open(ctx context.Context, database string, params map[string]st
 		}
 		return nil, &OpenError{Stage: StageConnect, Err: err}
 	}
+	// pgconn may still have a read of its own under way on the socket (it
+	// reads in the background while a write of its is slow, as under load):
+	// that read would take the answer to the install below. SyncConn stops
+	// it, as pgconn asks before Hijack.
+	if err := conn.SyncConn(ctx); err != nil {
+		conn.Close(context.Background())
+		return nil, &OpenError{Stage: StageConnect, Err: err}
+	}
 	hc, err := conn.Hijack()
 	if err != nil {
 		conn.Close(context.Background())

@@ -4,8 +4,11 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"net"
 	"os"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
 
@@ -109,4 +112,52 @@ func TestOpenAndCancel(t *testing.T) {
 	if _, err := session.NewDialer("postgres://%zz", nil); err == nil {
 		t.Fatal("a bad DSN parsed")
 	}
+}
+
+// A login whose writes are slow (a loaded machine) makes pgconn read the
+// socket in the background, and a read of its can still be under way when
+// the login is done: the connection's first answer, to the proxy's install,
+// must not go to it.
+func TestOpenSlowWrites(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	d, err := session.NewDialer(upstream, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dialer net.Dialer
+	session.SetDialFunc(d, func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := dialer.DialContext(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		s := &slowWrites{Conn: c}
+		s.slow.Store(3)
+		return s, nil
+	})
+	began := time.Now()
+	up, err := d.Open(ctx, d.Database(), nil, &session.Grant{Role: "authenticated"})
+	if err != nil {
+		t.Fatalf("after %s: %v", time.Since(began).Round(time.Millisecond), err)
+	}
+	defer up.Close()
+	if took := time.Since(began); took > 5*time.Second {
+		t.Errorf("the login took %s", took)
+	}
+}
+
+// slowWrites returns from each of its first slow writes (the login's:
+// startup message, SCRAM's two) 40 ms after it is done: longer than pgconn
+// waits (15 ms) before it starts reading in the background.
+type slowWrites struct {
+	net.Conn
+	slow atomic.Int32
+}
+
+func (c *slowWrites) Write(b []byte) (int, error) {
+	n, err := c.Conn.Write(b)
+	if c.slow.Add(-1) >= 0 {
+		time.Sleep(40 * time.Millisecond)
+	}
+	return n, err
 }

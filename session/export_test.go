@@ -1,0 +1,6 @@
+package session
+
+import "github.com/jackc/pgx/v5/pgconn"
+
+// SetDialFunc makes d dial with f, for tests that slow the socket down.
+func SetDialFunc(d *Dialer, f pgconn.DialFunc) { d.config.DialFunc = f }
