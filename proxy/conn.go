@@ -192,6 +192,7 @@ func (s *Server) serveSession(c *clientConn, req *startupRequest, up *session.Up
 			// Empty values too: another client's must not stay.
 			r.tx.carried[name] = up.Parameter(name)
 		}
+		r.tx.carriedSig = session.CarriedSignature(r.tx.carried)
 		target = r // the connection serving the client at the time
 	}
 	key := s.cancels.register(target)

@@ -81,8 +81,9 @@ type txState struct {
 	// rest of its session.
 	pinned string
 	// carried are the client's values of session.CarriedSettings, as the servers
-	// reported them to it.
-	carried map[string]string
+	// reported them to it; carriedSig is their session.CarriedSignature.
+	carried    map[string]string
+	carriedSig string
 
 	// cancels counts CancelRequests under way to the attached connection:
 	// it is not handed to another client before they are delivered.
@@ -150,13 +151,17 @@ func (t *txState) reported(up *session.Upstream, body []byte) {
 	if up != nil {
 		up.SetParameter(ps.Name, ps.Value)
 	}
-	if slices.Contains(session.CarriedSettings, ps.Name) {
+	if slices.Contains(session.CarriedSettings, ps.Name) && t.carried[ps.Name] != ps.Value {
 		t.carried[ps.Name] = ps.Value
+		t.carriedSig = session.CarriedSignature(t.carried)
 	}
 }
 
 // extra returns the carried settings up must be given for the client.
 func (t *txState) extra(up *session.Upstream) []session.Setting {
+	if t.carriedSig == up.CarriedSignature() {
+		return nil // the same values: the common case, one comparison
+	}
 	var out []session.Setting
 	for _, name := range session.CarriedSettings {
 		if v, ok := t.carried[name]; ok && up.Parameter(name) != v {
@@ -404,6 +409,15 @@ func (r *relay) acquire(ctx context.Context) (*session.Upstream, []byte, error) 
 	if err != nil {
 		return nil, nil, err
 	}
+	return up, r.prepare(up, installed), nil
+}
+
+// prepare returns the frames to send on up, just acquired, ahead of the
+// client's: the closing of ended sessions' statements, and the client's
+// identity and carried settings where up holds others (installed: up holds
+// the client's identity).
+func (r *relay) prepare(up *session.Upstream, installed bool) []byte {
+	t := r.tx
 	// The ledger is idle, as it was when the last connection was let go:
 	// it carries over.
 	pre := r.sweep(up)
@@ -412,7 +426,7 @@ func (r *relay) acquire(ctx context.Context) (*session.Upstream, []byte, error) 
 		r.ledger.sentOwn(b)
 		pre = append(pre, b.Frames...)
 	}
-	return up, pre, nil
+	return pre
 }
 
 // attach makes up the session's connection and starts reading it; sending

@@ -162,7 +162,7 @@ func (p *Pool) Ping(ctx context.Context) error {
 		if err := pc.up.roundTrip(ctx, b); err != nil {
 			p.discard(pc.up)
 		} else {
-			p.putBack(pc.up)
+			p.putBack(pc.up, false)
 			return nil
 		}
 	}
@@ -207,8 +207,9 @@ func (p *Pool) Acquire(ctx context.Context, database string, params map[string]s
 		return nil, false, errors.New("the upstream pool is closed")
 	}
 	if pc := p.takeIdleLocked(key, g); pc != nil {
+		same := p.countInstallLocked(pc.up, g)
 		p.mu.Unlock()
-		return pc.up, p.installed(pc.up, g), nil
+		return pc.up, same, nil
 	}
 	if p.cfg.MaxConns <= 0 || p.open < p.cfg.MaxConns {
 		p.open++
@@ -268,14 +269,19 @@ func (p *Pool) Acquire(ctx context.Context, database string, params map[string]s
 // installed reports whether up's installed grant is g's identity, and
 // counts identity hits and installs.
 func (p *Pool) installed(up *Upstream, g *Grant) bool {
-	same := up.grant.SameIdentity(g)
 	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.countInstallLocked(up, g)
+}
+
+// countInstallLocked is installed with p.mu held.
+func (p *Pool) countInstallLocked(up *Upstream, g *Grant) bool {
+	same := up.grant.SameIdentity(g)
 	if same {
 		p.stats.identityHits++
 	} else {
 		p.stats.installs++
 	}
-	p.mu.Unlock()
 	return same
 }
 
@@ -298,10 +304,7 @@ func (p *Pool) openNew(ctx context.Context, key, database string, params map[str
 // left nothing behind: idle, nothing owed, no session state. It keeps its
 // grant, so that the next transaction of the same identity needs no install.
 func (p *Pool) Return(up *Upstream) {
-	p.mu.Lock()
-	p.stats.reusedWithout++
-	p.mu.Unlock()
-	p.putBack(up)
+	p.putBack(up, true)
 }
 
 // Release hands a connection back after its session. clean tells that the
@@ -327,20 +330,20 @@ func (p *Pool) Release(ctx context.Context, up *Upstream, clean, stateful bool, 
 		p.mu.Lock()
 		p.stats.resets++
 		p.mu.Unlock()
-	} else {
-		p.mu.Lock()
-		p.stats.reusedWithout++
-		p.mu.Unlock()
 	}
-	p.putBack(up)
+	p.putBack(up, !stateful && txStatus == 'I')
 }
 
 // putBack hands up to the first client waiting for its key, or keeps it
-// idle; a client waiting for another key gets its slot instead.
-func (p *Pool) putBack(up *Upstream) {
+// idle; a client waiting for another key gets its slot instead. reused
+// counts it as reused without a reset.
+func (p *Pool) putBack(up *Upstream, reused bool) {
 	// A session that ended may have set deadlines to stop its reader.
 	_ = up.conn.SetDeadline(time.Time{})
 	p.mu.Lock()
+	if reused {
+		p.stats.reusedWithout++
+	}
 	if p.closed || (p.cfg.MaxLifetime > 0 && time.Since(up.born) > p.cfg.MaxLifetime) {
 		p.mu.Unlock()
 		p.discard(up)

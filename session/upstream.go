@@ -2,6 +2,7 @@ package session
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"maps"
@@ -42,6 +43,9 @@ type Upstream struct {
 	// initial are the values of CarriedSettings the server reported at
 	// login, which its startup parameters (the pool key) gave it.
 	initial map[string]string
+	// carried is CarriedSignature(params) when carriedOK.
+	carried   string
+	carriedOK bool
 
 	key  string    // the pool key: database and startup parameters
 	born time.Time // when the connection was opened
@@ -57,6 +61,29 @@ type Upstream struct {
 // connection to connection, so that they never pin (guard/state.go).
 var CarriedSettings = []string{"application_name", "client_encoding", "DateStyle", "IntervalStyle",
 	"TimeZone", "standard_conforming_strings", "default_transaction_read_only"}
+
+// CarriedSignature encodes the values of CarriedSettings in values (a
+// missing one as empty): two connections, or a client and a connection,
+// with the same signature hold the same values, so that the relay compares
+// one string per transaction instead of every setting.
+func CarriedSignature(values map[string]string) string {
+	var b []byte
+	for _, name := range CarriedSettings {
+		v := values[name]
+		b = binary.AppendUvarint(b, uint64(len(v)))
+		b = append(b, v...)
+	}
+	return string(b)
+}
+
+// CarriedSignature is the signature of the connection's values of
+// CarriedSettings.
+func (u *Upstream) CarriedSignature() string {
+	if !u.carriedOK {
+		u.carried, u.carriedOK = CarriedSignature(u.params), true
+	}
+	return u.carried
+}
 
 // Drift returns the carried settings whose values differ from those the
 // connection had at login: what a session that was not reset left, which
@@ -90,7 +117,10 @@ func (u *Upstream) Parameter(name string) string { return u.params[name] }
 
 // SetParameter records a setting the server reported while the relay read
 // the connection.
-func (u *Upstream) SetParameter(name, value string) { u.params[name] = value }
+func (u *Upstream) SetParameter(name, value string) {
+	u.params[name] = value
+	u.carriedOK = false
+}
 
 // Parameters returns a copy of the settings the server reported.
 func (u *Upstream) Parameters() map[string]string { return maps.Clone(u.params) }
@@ -333,7 +363,7 @@ func (u *Upstream) roundTrip(ctx context.Context, b *Batch) error {
 		if typ == 'S' {
 			var ps pgproto3.ParameterStatus
 			if ps.Decode(body) == nil {
-				u.params[ps.Name] = ps.Value
+				u.SetParameter(ps.Name, ps.Value)
 			}
 		}
 		if Async(typ) {

@@ -161,3 +161,26 @@ func (c *slowWrites) Write(b []byte) (int, error) {
 	}
 	return n, err
 }
+
+// The signature of the carried settings is equal only for equal values (a
+// missing one counts as empty), so that comparing it decides that a client's
+// settings need not be given to a connection.
+func TestCarriedSignature(t *testing.T) {
+	base := map[string]string{"application_name": "app", "TimeZone": "UTC", "DateStyle": "ISO, MDY"}
+	for _, c := range []struct {
+		name  string
+		other map[string]string
+		same  bool
+	}{
+		{"equal", map[string]string{"application_name": "app", "TimeZone": "UTC", "DateStyle": "ISO, MDY"}, true},
+		{"missing is empty", map[string]string{"application_name": "app", "TimeZone": "UTC", "DateStyle": "ISO, MDY", "IntervalStyle": ""}, true},
+		{"not carried", map[string]string{"application_name": "app", "TimeZone": "UTC", "DateStyle": "ISO, MDY", "search_path": "x"}, true},
+		{"one differs", map[string]string{"application_name": "app", "TimeZone": "Europe/Paris", "DateStyle": "ISO, MDY"}, false},
+		{"bytes moved between settings", map[string]string{"application_name": "ap", "client_encoding": "p", "TimeZone": "UTC", "DateStyle": "ISO, MDY"}, false},
+		{"one missing", map[string]string{"application_name": "app", "TimeZone": "UTC"}, false},
+	} {
+		if got := session.CarriedSignature(base) == session.CarriedSignature(c.other); got != c.same {
+			t.Errorf("%s: same signature %v, want %v", c.name, got, c.same)
+		}
+	}
+}
