@@ -32,12 +32,13 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn) {
 		m.clientsCurrent.Dec()
 	}()
 	defer raw.Close()
-	if n > int64(2*s.cfg.MaxClientConns) {
+	maxConns, startupTimeout := s.maxClientConns.Load(), time.Duration(s.startupTimeout.Load())
+	if n > 2*maxConns {
 		return // far over the limit: do not even spend a startup on it
 	}
 
 	start := s.cfg.Now()
-	_ = raw.SetDeadline(start.Add(s.cfg.StartupTimeout))
+	_ = raw.SetDeadline(start.Add(startupTimeout))
 	buf := s.buffers.Get().(*[]byte)
 	c := &clientConn{Conn: raw, r: wire.NewReaderBuffer(raw, *buf, s.cfg.BufferSize+s.cfg.MaxTokenBytes), local: loopback.Addr(raw.RemoteAddr())}
 	defer func() {
@@ -70,7 +71,7 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn) {
 			return
 		}
 	}
-	if n > int64(s.cfg.MaxClientConns) {
+	if n > maxConns {
 		s.reject(c, newClientError(codeTooManyConnections, "too_many_clients", "sorry, too many clients already"), "startup")
 		return
 	}
@@ -83,7 +84,7 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn) {
 		}
 	}
 
-	sctx, cancelStartup := context.WithDeadline(ctx, start.Add(s.cfg.StartupTimeout))
+	sctx, cancelStartup := context.WithDeadline(ctx, start.Add(startupTimeout))
 	up, info, err := s.authenticate(sctx, c, req)
 	cancelStartup()
 	if err != nil {

@@ -109,3 +109,24 @@ func TestClientTimeouts(t *testing.T) {
 		})
 	}
 }
+
+// A reload's client limits apply to connections accepted after it: the
+// sessions open stay, a client past the new bound gets 53300.
+func TestSetClientLimits(t *testing.T) {
+	p := proxytest.Start(t, pg)
+	ctx := context.Background()
+	first := connect(t, p, "user1", p.Token(t, "user1"))
+	defer first.Close(ctx)
+	p.Server.SetClientLimits(1, 5*time.Second)
+	_, err := pgx.Connect(ctx, p.DSN("user2", p.Token(t, "user2")))
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) || pgErr.Code != "53300" {
+		t.Fatalf("a second client past --max-client-conns 1: %v, want 53300", err)
+	}
+	if _, err := first.Exec(ctx, "SELECT 1"); err != nil {
+		t.Fatalf("the open session after the new limit: %v", err)
+	}
+	p.Server.SetClientLimits(10, 5*time.Second)
+	second := connect(t, p, "user2", p.Token(t, "user2"))
+	second.Close(ctx)
+}

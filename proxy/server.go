@@ -114,7 +114,9 @@ type Server struct {
 	// frameTimeout, idleTimeout and expiryLeeway are Config's, changed by
 	// a reload.
 	frameTimeout, idleTimeout, expiryLeeway atomic.Int64
-	stopWatchdogOnce                        sync.Once
+	// maxClientConns and startupTimeout are Config's, changed by a reload.
+	maxClientConns, startupTimeout atomic.Int64
+	stopWatchdogOnce               sync.Once
 	// buffers recycles the read buffers of client connections, so that a
 	// storm of short connections does not churn the heap.
 	buffers sync.Pool
@@ -178,6 +180,7 @@ func New(cfg Config) (*Server, error) {
 	s.buffers.New = func() any { b := make([]byte, cfg.BufferSize); return &b }
 	s.SetClientTimeouts(cfg.FrameTimeout, cfg.ClientIdleTimeout)
 	s.SetExpiryLeeway(cfg.ExpiryLeeway)
+	s.SetClientLimits(cfg.MaxClientConns, cfg.StartupTimeout)
 	s.stopWatchdog = make(chan struct{})
 	go s.watchdog()
 	if cfg.RelayLoops >= 0 {
@@ -265,6 +268,13 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 func (s *Server) SetClientTimeouts(frame, idle time.Duration) {
 	s.frameTimeout.Store(int64(frame))
 	s.idleTimeout.Store(int64(idle))
+}
+
+// SetClientLimits changes Config.MaxClientConns and StartupTimeout (a
+// reload of the configuration) for connections accepted after it.
+func (s *Server) SetClientLimits(maxConns int, startup time.Duration) {
+	s.maxClientConns.Store(int64(maxConns))
+	s.startupTimeout.Store(int64(startup))
 }
 
 // SetExpiryLeeway changes Config.ExpiryLeeway (a reload of the

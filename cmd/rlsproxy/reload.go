@@ -108,6 +108,7 @@ var reloadable = map[string]bool{
 	"tls-cert": true, "tls-key": true, "log-level": true,
 	"frame-timeout": true, "client-idle-timeout": true,
 	"pool-size": true, "max-upstream-conns": true, "pool-wait": true,
+	"max-client-conns": true, "startup-timeout": true, "shutdown-timeout": true,
 }
 
 // reload reads the configuration again (the command line, the environment
@@ -171,7 +172,9 @@ func (l *liveConfig) reload() {
 	sort.Strings(restart)
 	if l.srv != nil {
 		l.srv.SetClientTimeouts(next.proxy.FrameTimeout, next.proxy.ClientIdleTimeout)
+		l.srv.SetClientLimits(next.proxy.MaxClientConns, next.proxy.StartupTimeout)
 	}
+	old.shutdownTimeout = next.shutdownTimeout
 	if l.pool != nil {
 		l.pool.SetLimits(next.pool.Size, next.pool.MaxConns, next.pool.WaitTimeout)
 	}
@@ -214,6 +217,13 @@ func (l *liveConfig) loadVerifierWith(newVerifier func(auth.Config) (*auth.Verif
 		return nil, err
 	}
 	return v, nil
+}
+
+// shutdownTimeout is --shutdown-timeout as last reloaded.
+func (l *liveConfig) shutdownTimeout() time.Duration {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.cfg.shutdownTimeout
 }
 
 func (l *liveConfig) reloadCerts(certs *certReloader) {

@@ -86,12 +86,15 @@ func TestReload(t *testing.T) {
 	live.set(nil, session.NewPool(cfg.dialer, cfg.policy, cfg.pool), nil, nil)
 
 	pool := live.pool
-	write("log-level: debug\npool-size: 8\nframe-timeout: 10s\nrole-map: [admins=app_admin]\nclaim-prefix: other.\n")
+	write("log-level: debug\npool-size: 8\nframe-timeout: 10s\nrole-map: [admins=app_admin]\nclaim-prefix: other.\nmax-client-conns: 5\nshutdown-timeout: 7s\n")
 	live.reload()
+	if got := live.shutdownTimeout(); got != 7*time.Second {
+		t.Errorf("--shutdown-timeout %s after the reload, want 7s", got)
+	}
 	if got := cfg.level.Level(); got != slog.LevelDebug {
 		t.Errorf("log level %v after the reload, want debug", got)
 	}
-	if !strings.Contains(logs.String(), "applied=\"[frame-timeout log-level pool-size role-map]\"") || !strings.Contains(logs.String(), "needs_restart=[claim-prefix]") {
+	if !strings.Contains(logs.String(), "applied=\"[frame-timeout log-level max-client-conns pool-size role-map shutdown-timeout]\"") || !strings.Contains(logs.String(), "needs_restart=[claim-prefix]") {
 		t.Errorf("the reload's line:\n%s", logs.String())
 	}
 	if p := pool.Policy(); len(p.RoleMap) != 1 || p.RoleMap[0].Role != "app_admin" || p.ClaimPrefix != "jwt.claims." {

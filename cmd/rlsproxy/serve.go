@@ -177,8 +177,9 @@ func runProxy(ctx context.Context, cfg *serveConfig, log *slog.Logger, ready fun
 			log.Error("listener failed", "error", err)
 		}
 	}
-	log.Info("shutting down: no new connections; draining sessions", "deadline", cfg.shutdownTimeout)
-	sctx, cancel := context.WithTimeout(context.Background(), cfg.shutdownTimeout)
+	deadline := live.shutdownTimeout()
+	log.Info("shutting down: no new connections; draining sessions", "deadline", deadline)
+	sctx, cancel := context.WithTimeout(context.Background(), deadline)
 	defer cancel()
 	srv.Shutdown(sctx)
 	if admin != nil {
