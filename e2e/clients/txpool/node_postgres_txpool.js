@@ -12,6 +12,7 @@
 'use strict';
 
 const { Client } = require('pg');
+const { config, tx, runClients } = require('./txpool_common');
 
 const WHO = "SELECT current_user::text AS u, current_setting('jwt.claims.sub') AS s, $1::int * 2 AS d, pg_backend_pid() AS pid";
 const NOTES = 'SELECT user_id, content FROM notes WHERE id >= $1 ORDER BY id';
@@ -25,12 +26,7 @@ function kind(i) {
 
 async function client(c, txs) {
   const client = new Client({
-    host: process.env.PGHOST,
-    port: Number(process.env.PGPORT),
-    database: process.env.PGDATABASE,
-    user: process.env.PGUSER,
-    password: process.env.PGPASSWORD,
-    ssl: false,
+    ...config,
     application_name: 'rlsproxy-e2e-txpool-node-postgres',
     connectionTimeoutMillis: 10000,
   });
@@ -68,28 +64,11 @@ async function client(c, txs) {
         rows = await notes();
         pids.push(pid1);
       }
-      process.stdout.write(`tx\t${c}\t${i}\t${k}\t${w}\t${rows}\t${pids.join(',')}\n`);
+      tx(c, i, k, w, rows, pids);
     }
   } finally {
     await client.end();
   }
 }
 
-async function main() {
-  const conns = Number(process.env.TXPOOL_CONNS);
-  const txs = Number(process.env.TXPOOL_TXS);
-  const results = await Promise.allSettled(Array.from({ length: conns }, (_, c) => client(c, txs)));
-  let failed = false;
-  results.forEach((r, c) => {
-    if (r.status === 'rejected') {
-      console.error(`conn ${c}:`, r.reason);
-      failed = true;
-    }
-  });
-  process.exit(failed ? 1 : 0);
-}
-
-main().catch((e) => {
-  console.error(e);
-  process.exit(1);
-});
+runClients(client);

@@ -14,15 +14,12 @@
 'use strict';
 
 const postgres = require('postgres');
+const { config, tx, runClients } = require('./txpool_common');
 
 async function client(c, txs) {
   const sql = postgres({
-    host: process.env.PGHOST,
-    port: Number(process.env.PGPORT),
-    database: process.env.PGDATABASE,
-    username: process.env.PGUSER,
-    password: process.env.PGPASSWORD,
-    ssl: false,
+    ...config,
+    username: config.user,
     max: 1,
     prepare: true,
     connect_timeout: 10,
@@ -63,28 +60,11 @@ async function client(c, txs) {
         rows = await notes(sql);
         pids.push(pid1);
       }
-      process.stdout.write(`tx\t${c}\t${i}\t${k}\t${w}\t${rows}\t${pids.join(',')}\n`);
+      tx(c, i, k, w, rows, pids);
     }
   } finally {
     await sql.end({ timeout: 5 });
   }
 }
 
-async function main() {
-  const conns = Number(process.env.TXPOOL_CONNS);
-  const txs = Number(process.env.TXPOOL_TXS);
-  const results = await Promise.allSettled(Array.from({ length: conns }, (_, c) => client(c, txs)));
-  let failed = false;
-  results.forEach((r, c) => {
-    if (r.status === 'rejected') {
-      console.error(`conn ${c}:`, r.reason);
-      failed = true;
-    }
-  });
-  process.exit(failed ? 1 : 0);
-}
-
-main().catch((e) => {
-  console.error(e);
-  process.exit(1);
-});
+runClients(client);
