@@ -1091,6 +1091,30 @@ type keysServer struct {
 	fetches   atomic.Int64
 }
 
+// newIssuerServer returns a dev issuer with a key of its own, published by
+// a keysServer that is the issuer's URL, and the key set it publishes.
+func newIssuerServer(t *testing.T) (*devissuer.Issuer, *keysServer, []byte) {
+	t.Helper()
+	d, err := devissuer.New("", newECKey(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := publishedKeys(t, d)
+	ks := newKeysServer(t, good)
+	d.URL = ks.URL
+	return d, ks, good
+}
+
+// publishedKeys is the JWKS document d publishes.
+func publishedKeys(t *testing.T, d *devissuer.Issuer) []byte {
+	t.Helper()
+	b, err := d.JWKS(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
 func newKeysServer(t *testing.T, body []byte) *keysServer {
 	ks := &keysServer{}
 	ks.body.Store(&body)
@@ -1116,26 +1140,14 @@ func newKeysServer(t *testing.T, body []byte) *keysServer {
 // verifying, the proxy stays ready, and the failures are logged, at most a
 // line a minute with their count, then the recovery once.
 func TestJWKSNeverWorseThanLastGood(t *testing.T) {
-	d, err := devissuer.New("", newECKey(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	good, err := d.JWKS(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ks := newKeysServer(t, good)
-	d.URL = ks.URL
+	d, ks, good := newIssuerServer(t)
 	var logs syncBuffer
 	var fetched atomic.Int64
 	v := startVerifier(t, Config{Rules: Rules{Issuer: ks.URL}, RefreshInterval: time.Hour,
 		Logger:  slog.New(slog.NewTextHandler(&logs, nil)),
 		OnFetch: func(bool) { fetched.Add(1) }})
 	waitFor(t, "the keys", func() bool { return v.Ready(context.Background()) })
-	tok, err := d.Mint(devissuer.TokenRequest{Subject: "u"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	tok := mint(t, d, devissuer.TokenRequest{Subject: "u"})
 	for _, bad := range []string{`{"message": "Internal server error"}`, `{"keys": []}`, `{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}`, `[]`, `<html>busy</html>`} {
 		b := []byte(bad)
 		ks.body.Store(&b)
@@ -1166,22 +1178,10 @@ func TestJWKSNeverWorseThanLastGood(t *testing.T) {
 // A token answered from the cache still needs its key published: once the
 // issuer withdraws the key, its tokens are refused at the next refresh.
 func TestCachedTokenNeedsPublishedKey(t *testing.T) {
-	d, err := devissuer.New("", newECKey(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	good, err := d.JWKS(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ks := newKeysServer(t, good)
-	d.URL = ks.URL
+	d, ks, _ := newIssuerServer(t)
 	v := startVerifier(t, Config{Rules: Rules{Issuer: ks.URL}, RefreshInterval: time.Hour, UnknownKeyInterval: time.Hour})
 	waitFor(t, "the keys", func() bool { return v.Ready(context.Background()) })
-	tok, err := d.Mint(devissuer.TokenRequest{Subject: "u"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	tok := mint(t, d, devissuer.TokenRequest{Subject: "u"})
 	for range 2 { // the second from the cache
 		if _, err := v.Verify(context.Background(), tok); err != nil {
 			t.Fatal(err)
@@ -1191,10 +1191,7 @@ func TestCachedTokenNeedsPublishedKey(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rotated, err := other.JWKS(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
+	rotated := publishedKeys(t, other)
 	ks.body.Store(&rotated)
 	if err := v.keys.refresh(context.Background()); err != nil {
 		t.Fatal(err)
@@ -1206,26 +1203,14 @@ func TestCachedTokenNeedsPublishedKey(t *testing.T) {
 // For an issuer other than Cognito, the keys are where its OIDC discovery
 // document says (jwks_uri); the discovery and key documents are bounded.
 func TestJWKSDiscoveryAndBounds(t *testing.T) {
-	d, err := devissuer.New("", newECKey(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	good, err := d.JWKS(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ks := newKeysServer(t, good)
+	d, ks, _ := newIssuerServer(t)
 	ks.discovery.Store(true)
-	d.URL = ks.URL
 	v := startVerifier(t, Config{Rules: Rules{Issuer: ks.URL}, RefreshInterval: time.Hour})
 	waitFor(t, "the keys", func() bool { return v.Ready(context.Background()) })
 	if v.keys.url != ks.URL+"/oauth2/v3/certs" {
 		t.Errorf("keys fetched from %s", v.keys.url)
 	}
-	tok, err := d.Mint(devissuer.TokenRequest{Subject: "u"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	tok := mint(t, d, devissuer.TokenRequest{Subject: "u"})
 	if _, err := v.Verify(context.Background(), tok); err != nil {
 		t.Fatal(err)
 	}
