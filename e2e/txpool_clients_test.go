@@ -218,8 +218,8 @@ func TestTxPoolClients(t *testing.T) {
 				argv, extraEnv = c.setup(t, shared)
 			}
 			p := proxytest.Start(t, pg, recommended, txpoolPool)
-			pinnedBefore := txpoolCounter(t, p, "rlsproxy_pinned_sessions_total")
-			repreparedBefore := txpoolCounter(t, p, "rlsproxy_statements_reprepared_total")
+			pinnedBefore := p.Counter(t, "rlsproxy_pinned_sessions_total")
+			repreparedBefore := p.Counter(t, "rlsproxy_statements_reprepared_total")
 			start := time.Now()
 			results := make([]result, len(txpoolUsers))
 			var wg sync.WaitGroup
@@ -261,10 +261,10 @@ func TestTxPoolClients(t *testing.T) {
 				})
 			}
 			st := p.Config.Pool.Snapshot()
-			reprepared := txpoolCounter(t, p, "rlsproxy_statements_reprepared_total") - repreparedBefore
+			reprepared := p.Counter(t, "rlsproxy_statements_reprepared_total") - repreparedBefore
 			t.Logf("%s: %d clients, %d transactions each, in %v: backends %v, %d moves from backend to backend, %.0f statements prepared again, %d upstream connections opened",
 				c.name, len(txpoolUsers)*txpoolPerUser, txpoolTxs, time.Since(start).Round(time.Millisecond), pids, moved, reprepared, st.Opened)
-			if pinned := txpoolCounter(t, p, "rlsproxy_pinned_sessions_total") - pinnedBefore; pinned != 0 {
+			if pinned := p.Counter(t, "rlsproxy_pinned_sessions_total") - pinnedBefore; pinned != 0 {
 				t.Errorf("%v sessions pinned: a pinned client keeps its backend, and its statements never move", pinned)
 			}
 			if st.Opened > txpoolConns {
@@ -493,24 +493,6 @@ func txpoolCheckLines(t *testing.T, res result, user string, redo bool) (pids []
 		t.Logf("kinds %v\n%s", kinds, res)
 	}
 	return pids, moved
-}
-
-// txpoolCounter is the proxy's counter name, summed over its labels.
-func txpoolCounter(t *testing.T, p *proxytest.Proxy, name string) float64 {
-	t.Helper()
-	mfs, err := p.Registry.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	sum := 0.0
-	for _, mf := range mfs {
-		if mf.GetName() == name {
-			for _, m := range mf.GetMetric() {
-				sum += m.GetCounter().GetValue()
-			}
-		}
-	}
-	return sum
 }
 
 // The table TestTxPoolPreparedAfterFailedParse's statements read: it does

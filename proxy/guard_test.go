@@ -103,7 +103,7 @@ func TestGuardStopsAttacks(t *testing.T) {
 			})
 		}
 	}
-	if got := counterValue(t, p, "rlsproxy_guard_rejections_total"); got == 0 {
+	if got := p.Counter(t, "rlsproxy_guard_rejections_total"); got == 0 {
 		t.Fatal("guard rejections are not counted")
 	}
 }

@@ -130,24 +130,6 @@ func psql(t *testing.T, conninfo, token string, env []string, args ...string) (s
 // quoteLiteral quotes s as an SQL string literal (standard_conforming_strings on).
 func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
 
-// counterValue sums a counter family of the proxy's registry.
-func counterValue(t *testing.T, p *proxytest.Proxy, name string) float64 {
-	t.Helper()
-	mfs, err := p.Registry.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	sum := 0.0
-	for _, mf := range mfs {
-		if mf.GetName() == name {
-			for _, m := range mf.GetMetric() {
-				sum += m.GetCounter().GetValue()
-			}
-		}
-	}
-	return sum
-}
-
 // scrapeMetrics renders the proxy's metrics as /metrics serves them.
 func scrapeMetrics(p *proxytest.Proxy) (string, error) {
 	rec := httptest.NewRecorder()

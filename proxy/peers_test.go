@@ -130,7 +130,7 @@ func TestCancelThroughPeers(t *testing.T) {
 	}
 	var toPeers float64
 	for _, inst := range instances {
-		toPeers += counterValue(t, inst, "rlsproxy_cancel_requests_to_peers_total")
+		toPeers += inst.Counter(t, "rlsproxy_cancel_requests_to_peers_total")
 	}
 	if toPeers < 2*n {
 		t.Errorf("%v cancels forwarded to peers, want at least %d", toPeers, 2*n)

@@ -300,7 +300,7 @@ func TestSlowClientDoesNotStallLoop(t *testing.T) {
 				}
 			}
 			time.Sleep(time.Second) // time enough to read the whole result from the server
-			if relayed := counterValue(t, p, "rlsproxy_relayed_bytes_total"); relayed > 40<<20 {
+			if relayed := p.Counter(t, "rlsproxy_relayed_bytes_total"); relayed > 40<<20 {
 				t.Fatalf("%.0f bytes relayed to a client that reads nothing", relayed)
 			}
 			if grown := heapInUse() - heapBefore; grown > 32<<20 {

@@ -319,7 +319,7 @@ func TestTokenCacheMetrics(t *testing.T) {
 		c := connect(t, p, "user1", tok)
 		c.Close(context.Background())
 	}
-	if hits := counterValue(t, p, "rlsproxy_token_cache_lookups_total"); hits != 3 {
+	if hits := p.Counter(t, "rlsproxy_token_cache_lookups_total"); hits != 3 {
 		t.Fatalf("cache lookups counted: %v, want 3", hits)
 	}
 	out, err := scrapeMetrics(p)

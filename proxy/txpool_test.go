@@ -217,7 +217,7 @@ func TestTxPoolingPins(t *testing.T) {
 			ctx := context.Background()
 			a := rawSession(t, p, "user1")
 			b := connect(t, p, "user2", p.Token(t, "user2"))
-			before := counterValue(t, p, "rlsproxy_pinned_sessions_total")
+			before := p.Counter(t, "rlsproxy_pinned_sessions_total")
 			r10Must(t, a, tc.sql)
 			var one int
 			err := b.QueryRow(ctx, "SELECT 1").Scan(&one)
@@ -228,7 +228,7 @@ func TestTxPoolingPins(t *testing.T) {
 			if tc.pin == "" && err != nil {
 				t.Errorf("pinned (or failed): another client's transaction: %v", err)
 			}
-			if got := counterValue(t, p, "rlsproxy_pinned_sessions_total") - before; got != map[bool]float64{true: 1, false: 0}[tc.pin != ""] {
+			if got := p.Counter(t, "rlsproxy_pinned_sessions_total") - before; got != map[bool]float64{true: 1, false: 0}[tc.pin != ""] {
 				t.Errorf("pinned sessions counted %v", got)
 			}
 			if tc.pin != "" && !strings.Contains(p.Logs(), "reason="+tc.pin) {
@@ -274,7 +274,7 @@ func TestTxPoolingRefuseSessionState(t *testing.T) {
 			t.Fatalf("after %s, another client's transaction: %v", tc.sql, err)
 		}
 	}
-	if got := counterValue(t, p, "rlsproxy_pinned_sessions_total"); got != 0 {
+	if got := p.Counter(t, "rlsproxy_pinned_sessions_total"); got != 0 {
 		t.Errorf("%v sessions pinned", got)
 	}
 }
