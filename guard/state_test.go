@@ -1,7 +1,6 @@
 package guard
 
 import (
-	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -1049,49 +1048,18 @@ func BenchmarkTrackState(b *testing.B) {
 		opts []Option
 	}{{"off", nil}, {"TrackState", []Option{TrackState}}, {"NoRules", []Option{NoRules}}}
 	for _, tc := range []struct {
-		name string
-		sql  string
+		name  string
+		texts [][]byte
 	}{
-		{"hot path", "SELECT abalance FROM pgbench_accounts WHERE aid = $1"},
-		{"cached pin", "SELECT pg_advisory_lock($1)"},
+		{"hot path", [][]byte{[]byte("SELECT abalance FROM pgbench_accounts WHERE aid = $1")}},
+		{"cached pin", [][]byte{[]byte("SELECT pg_advisory_lock($1)")}},
+		// Every call parses.
+		{"uncached UPDATE", distinctTexts("UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = %d")},
+		{"uncached pin", distinctTexts("SELECT id FROM jobs WHERE pg_try_advisory_lock(id) AND id > %d LIMIT 1")},
 	} {
 		for _, gc := range guards {
 			b.Run(tc.name+"/"+gc.name, func(b *testing.B) {
-				g := New(guardPolicy, 1000, gc.opts...)
-				sql := []byte(tc.sql)
-				g.Query(sql, Lexing{})
-				b.ReportAllocs()
-				for b.Loop() {
-					if v := g.Query(sql, Lexing{}); v.Reject != nil {
-						b.Fatal(v.Reject)
-					}
-				}
-			})
-		}
-	}
-	// Every call parses: 4096 distinct texts through a cache of 1000.
-	for _, tc := range []struct {
-		name string
-		sql  string
-	}{
-		{"uncached UPDATE", "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = %d"},
-		{"uncached pin", "SELECT id FROM jobs WHERE pg_try_advisory_lock(id) AND id > %d LIMIT 1"},
-	} {
-		for _, gc := range guards {
-			b.Run(tc.name+"/"+gc.name, func(b *testing.B) {
-				g := New(guardPolicy, 1000, gc.opts...)
-				var texts [][]byte
-				for i := 0; i < 4096; i++ {
-					texts = append(texts, []byte(fmt.Sprintf(tc.sql, i)))
-				}
-				b.ReportAllocs()
-				i := 0
-				for b.Loop() {
-					if v := g.Query(texts[i%len(texts)], Lexing{}); v.Reject != nil {
-						b.Fatal(v.Reject)
-					}
-					i++
-				}
+				benchQueries(b, New(guardPolicy, 1000, gc.opts...), tc.texts...)
 			})
 		}
 	}
