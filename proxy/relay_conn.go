@@ -57,25 +57,7 @@ func (r *relay) pump(src *wire.Reader, dst net.Conn, fromClient bool, first []by
 	if fromClient {
 		feed = r.fromClient
 	}
-	write := func(out [][]byte) {
-		total := 0
-		for _, b := range out {
-			total += len(b)
-		}
-		if total == 0 {
-			return
-		}
-		bufs := net.Buffers(out)
-		w, err := bufs.WriteTo(dst)
-		r.count(fromClient, int(w))
-		if err == nil && int(w) == total {
-			return
-		}
-		if fromClient {
-			r.upstreamDirty = true
-		}
-		r.lost(!fromClient, err)
-	}
+	write := func(out [][]byte) { r.write(dst, out, fromClient) }
 	write([][]byte{first})
 	var out [][]byte
 	for !r.ended.Load() {
@@ -121,4 +103,28 @@ func (r *relay) pump(src *wire.Reader, dst net.Conn, fromClient bool, first []by
 func isStop(err error) bool {
 	var ne net.Error
 	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// write writes out to dst, the server when toServer, in one system call
+// where it can; a failure ends the session, and a failed write upstream
+// leaves the connection unusable (it may hold part of a frame).
+func (r *relay) write(dst net.Conn, out [][]byte, toServer bool) bool {
+	total := 0
+	for _, b := range out {
+		total += len(b)
+	}
+	if total == 0 {
+		return true
+	}
+	bufs := net.Buffers(out)
+	w, err := bufs.WriteTo(dst)
+	r.count(toServer, int(w))
+	if err == nil && int(w) == total {
+		return true
+	}
+	if toServer {
+		r.upstreamDirty = true
+	}
+	r.lost(!toServer, err)
+	return false
 }

@@ -339,7 +339,7 @@ func (r *relay) runTx(client net.Conn, clientR *wire.Reader, first *session.Upst
 				out = append([][]byte{pre}, out...)
 				pre = nil
 			}
-			wrote := r.writeUpstream(up, out)
+			wrote := r.write(up.Conn(), out, true)
 			clientR.Discard(n)
 
 			t.mu.Lock()
@@ -446,26 +446,6 @@ func (r *relay) attach(up *session.Upstream, client net.Conn, resume chan struct
 	return served
 }
 
-// writeUpstream writes out to up; a failure ends the session.
-func (r *relay) writeUpstream(up *session.Upstream, out [][]byte) bool {
-	total := 0
-	for _, b := range out {
-		total += len(b)
-	}
-	if total == 0 {
-		return true
-	}
-	bufs := net.Buffers(out)
-	w, err := bufs.WriteTo(up.Conn())
-	r.count(true, int(w))
-	if err == nil && int(w) == total {
-		return true
-	}
-	r.upstreamDirty = true
-	r.lost(false, err)
-	return false
-}
-
 // serveUpstream relays the attached connection's answers to the client until
 // the transaction is over (the connection then goes back to the pool) or the
 // session ends.
@@ -477,7 +457,7 @@ func (r *relay) serveUpstream(up *session.Upstream, client net.Conn, resume chan
 	for !r.ended.Load() {
 		var n int
 		n, out = r.fromServer(src.Buffered(), out[:0])
-		r.writeClient(client, out)
+		r.write(client, out, false)
 		src.Discard(n)
 		if own := r.takeInject(false); own != nil {
 			if _, err := up.Conn().Write(own); err != nil {
@@ -553,24 +533,6 @@ func (r *relay) mayDetach(up *session.Upstream, src *wire.Reader) bool {
 	}
 	r.up = nil
 	return true
-}
-
-// writeClient writes the server's answers to the client; a failure ends the
-// session.
-func (r *relay) writeClient(client net.Conn, out [][]byte) {
-	total := 0
-	for _, b := range out {
-		total += len(b)
-	}
-	if total == 0 {
-		return
-	}
-	bufs := net.Buffers(out)
-	w, err := bufs.WriteTo(client)
-	r.count(false, int(w))
-	if err != nil || int(w) != total {
-		r.lost(true, err)
-	}
 }
 
 // stateful reports whether a connection the session ends on may hold state
