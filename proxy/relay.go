@@ -332,6 +332,24 @@ func (r *relay) txRef(out [][]byte, prefix []byte, size int) [][]byte {
 	return append(out, renamed)
 }
 
+// deallocated applies a DEALLOCATE the guard found in a transaction-pooled
+// client's statement to the statements the proxy renamed for it: out gains
+// what the connection needs first, and query is the DEALLOCATE Query of the
+// statement's server name (nil: nothing to rename, the statement as sent
+// stands).
+func (r *relay) deallocated(v guard.Verdict, out [][]byte) ([][]byte, []byte) {
+	t := r.tx
+	switch {
+	case v.DeallocateAll:
+		t.stmts.closeAll(r.up)
+	case v.Deallocate != "":
+		if pre, query := t.stmts.deallocate(r.up, v.Deallocate); query != nil {
+			return r.sentSilently(out, pre), query
+		}
+	}
+	return out, nil
+}
+
 // sentSilently appends frames of the proxy's own that the client did not
 // send (a statement prepared again), recorded so that their completions are
 // not passed on; an error is.
@@ -475,17 +493,12 @@ func (r *relay) stateEffects(out [][]byte, frame []byte, v guard.Verdict) ([][]b
 			if t.stmts.full() {
 				t.pin("prepared_statements")
 			}
-			switch {
-			case v.DeallocateAll:
-				t.stmts.closeAll(r.up)
-			case v.Deallocate != "":
+			var query []byte
+			if out, query = r.deallocated(v, out); query != nil {
 				// psycopg 3 deallocates through the extended protocol:
 				// the statement's text is renamed as a Query's would be.
-				if pre, query := t.stmts.deallocate(r.up, v.Deallocate); query != nil {
-					out = r.sentSilently(out, pre)
-					name, _, _ := cut(frame[5:])
-					frame, _ = (&pgproto3.Parse{Name: string(name), Query: string(cstring(query[5:]))}).Encode(nil)
-				}
+				name, _, _ := cut(frame[5:])
+				frame, _ = (&pgproto3.Parse{Name: string(name), Query: string(cstring(query[5:]))}).Encode(nil)
 			}
 			frame = t.stmts.parse(r.up, frame)
 		}
@@ -497,15 +510,10 @@ func (r *relay) stateEffects(out [][]byte, frame []byte, v guard.Verdict) ([][]b
 			}
 			break
 		}
-		switch {
-		case v.DeallocateAll:
-			t.stmts.closeAll(r.up)
-		case v.Deallocate != "":
-			if pre, query := t.stmts.deallocate(r.up, v.Deallocate); query != nil {
-				out = r.sentSilently(out, pre)
-				r.ledger.sent('Q')
-				return append(out, query), nil
-			}
+		var query []byte
+		if out, query = r.deallocated(v, out); query != nil {
+			r.ledger.sent('Q')
+			return append(out, query), nil
 		}
 	}
 	return out, frame
