@@ -28,13 +28,7 @@ import (
 // --config: keys are flag names; the command line and RLSPROXY_* win; an
 // unknown key or a bad value refuses the file.
 func TestConfigFile(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "rlsproxy.yaml")
-	write := func(s string) {
-		t.Helper()
-		if err := os.WriteFile(path, []byte(s), 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
+	path, write := configFile(t)
 	write("pool-size: 7\nrole-map: [admins=app_admin, ops=app_ops]\nlog-level: debug\nguard-allow-code: false\nmax-client-conns: 50\n")
 	t.Setenv("RLSPROXY_MAX_CLIENT_CONNS", "60")
 	cfg, _, err := serveBuilder(serveArgs("--config", path, "--pool-size", "9"))(true)
@@ -67,13 +61,7 @@ func TestConfigFile(t *testing.T) {
 // SIGHUP's reload applies what can change live, says what needs a restart,
 // and refuses a configuration that does not validate, whole.
 func TestReload(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "rlsproxy.yaml")
-	write := func(s string) {
-		t.Helper()
-		if err := os.WriteFile(path, []byte(s), 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
+	path, write := configFile(t)
 	write("log-level: info\npool-size: 5\nframe-timeout: 30s\n")
 	build := serveBuilder(serveArgs("--config", path))
 	cfg, _, err := build(true)
@@ -111,6 +99,17 @@ func TestReload(t *testing.T) {
 	}
 }
 
+// configFile is a --config file for a test, and what writes it anew.
+func configFile(t *testing.T) (string, func(string)) {
+	path := filepath.Join(t.TempDir(), "rlsproxy.yaml")
+	return path, func(s string) {
+		t.Helper()
+		if err := os.WriteFile(path, []byte(s), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 type lockedBuffer struct {
 	mu sync.Mutex
 	b  bytes.Buffer
@@ -140,13 +139,7 @@ func TestReloadIssuer(t *testing.T) {
 	}))
 	t.Cleanup(broken.Close)
 
-	path := filepath.Join(t.TempDir(), "rlsproxy.yaml")
-	write := func(s string) {
-		t.Helper()
-		if err := os.WriteFile(path, []byte(s), 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
+	path, write := configFile(t)
 	write("issuer: " + a.URL + "\nclient-id: " + devissuer.ClientID + "\nlog-level: info\n")
 	build := serveBuilder([]string{"--upstream", testUpstream, "--config", path})
 	cfg, _, err := build(true)
