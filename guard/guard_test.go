@@ -96,6 +96,16 @@ var guardAttacks = []guardAttack{
 	{"SELECT set_config(new_value => 'u2', is_local => false, setting_name => 'jwt.claims.sub')", "set_config"},
 	{"SELECT set_config('ROLE', 'admin', false)", "set_config"},
 	{"SELECT set_config('role'::text, 'admin', false)", "set_config"},
+	// A cast that cuts or pads the name: the server reads another setting
+	// than the literal's.
+	{"SELECT set_config('rolex'::varchar(4), 'admin', false)", "set_config"},
+	{"SELECT set_config('role '::char(5), 'admin', false)", "set_config"},
+	{"SELECT set_config('role'::bpchar, 'admin', false)", "set_config"},
+	{"SELECT set_config('request.jwt.claimsX'::character varying(18), '{}', false)", "set_config"},
+	{"SELECT set_config('jwt.claims.subX'::pg_catalog.varchar(14), 'u2', false)", "set_config"},
+	{"SELECT set_config('rolex'::name::varchar(4), 'admin', false)", "set_config"},
+	{"SELECT set_config(CAST('rolex' AS varchar(4)), 'admin', false)", "set_config"},
+	{"SELECT set_config('search_path'::myschema.text, 'x', false)", "set_config"},
 	{"SELECT set_config(U&'\\0072ole', 'admin', false)", "set_config"},
 	{"SELECT set_config(E'rol\\x65', 'admin', false)", "set_config"},
 	{"SELECT set_config($$role$$, 'admin', false)", "set_config"},
@@ -512,6 +522,11 @@ var guardLookAlikes = []string{
 	// set_config of a setting that carries no identity, by a constant name,
 	// anywhere: what pg_dump, migration tools and drivers send.
 	"SELECT pg_catalog.set_config('search_path', '', false)",
+	// Casts that keep the name as written.
+	"SELECT set_config('search_path'::text, 'public', false)",
+	"SELECT set_config('lock_timeout'::varchar, '5s', true)",
+	"SELECT set_config(CAST('app.tenant' AS pg_catalog.text), '7', false)",
+	"SELECT set_config('statement_timeout'::character varying, '0', false)",
 	// What TypeORM sends at start: the server skips an installed extension.
 	`CREATE EXTENSION IF NOT EXISTS "uuid-ossp"`,
 	"select set_config('lock_timeout', '3600000', true)",

@@ -303,16 +303,37 @@ func isSetConfig(name []*pg_query.Node) bool {
 
 var setConfigRejection = rejection("set_config", "set_config is allowed through rlsproxy only with a constant setting name (it could otherwise change the role and the claim settings)")
 
-// constantString returns the value of a string constant, also one cast to a
-// type ('x'::text).
+// constantString returns the value of a string constant, also one cast to
+// text or an unbounded varchar ('x'::text). Any other cast may change the
+// value the server sees ('rolex'::varchar(4) is 'role', 'role '::char(5)
+// too): such a constant is not one the guard can read.
 func constantString(n *pg_query.Node) (string, bool) {
 	if tc := n.GetTypeCast(); tc != nil {
+		if !keepsText(tc.TypeName) {
+			return "", false
+		}
 		n = tc.Arg
 	}
 	if c := n.GetAConst(); c != nil && c.GetSval() != nil {
 		return c.GetSval().Sval, true
 	}
 	return "", false
+}
+
+// keepsText reports a cast that leaves a string as it is: to text or to
+// varchar without a length, by their own or pg_catalog's names.
+func keepsText(t *pg_query.TypeName) bool {
+	if t == nil || len(t.Typmods) > 0 || len(t.ArrayBounds) > 0 || t.Setof || t.PctType || len(t.Names) == 0 || len(t.Names) > 2 {
+		return false
+	}
+	if len(t.Names) == 2 && t.Names[0].GetString_().GetSval() != "pg_catalog" {
+		return false
+	}
+	switch t.Names[len(t.Names)-1].GetString_().GetSval() {
+	case "text", "varchar":
+		return true
+	}
+	return false
 }
 
 // isReset reports a SET that puts a setting back to its session default.

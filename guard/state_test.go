@@ -553,6 +553,9 @@ var lookAlikePins = map[string]string{
 	"LISTEN chan":                                                                                                                   PinListen,
 	"PREPARE p AS SELECT 1":                                                                                                         PinPrepare,
 	"PREPARE p(int) AS UPDATE t SET x = $1":                                                                                         PinPrepare,
+	"SELECT set_config('search_path'::text, 'public', false)":                                                                       PinSet,
+	"SELECT set_config(CAST('app.tenant' AS pg_catalog.text), '7', false)":                                                          PinSet,
+	"SELECT set_config('statement_timeout'::character varying, '0', false)":                                                         PinSet,
 }
 
 func TestStateRulesLookAlikes(t *testing.T) {
@@ -684,6 +687,15 @@ var attackPins = map[string]string{
 	"DO $$ BEGIN END":                                   PinUnparsed,
 	`SET U&"\XYZ" TO admin`:                             PinUnparsed,
 	"SELECT set_config(name, 'x', false) INTO t FROM pg_settings WHERE name = 'restrict_nonsystem_relation_kind'": PinSet,
+	// A name behind a cast that may cut or pad it is not read: it pins.
+	"SELECT set_config('rolex'::varchar(4), 'admin', false)":                       PinSet,
+	"SELECT set_config('role '::char(5), 'admin', false)":                          PinSet,
+	"SELECT set_config('role'::bpchar, 'admin', false)":                            PinSet,
+	"SELECT set_config('request.jwt.claimsX'::character varying(18), '{}', false)": PinSet,
+	"SELECT set_config('jwt.claims.subX'::pg_catalog.varchar(14), 'u2', false)":    PinSet,
+	"SELECT set_config('rolex'::name::varchar(4), 'admin', false)":                 PinSet,
+	"SELECT set_config(CAST('rolex' AS varchar(4)), 'admin', false)":               PinSet,
+	"SELECT set_config('search_path'::myschema.text, 'x', false)":                  PinSet,
 }
 
 func TestNoRulesPassesAttacks(t *testing.T) {
