@@ -505,9 +505,9 @@ func (r *relay) stateEffects(out [][]byte, frame []byte, v guard.Verdict) ([][]b
 	case 'Q':
 		t := r.tx
 		if t == nil {
-			if v.DeallocateAll && r.sessionState == "prepared_statement" {
-				r.sessionState = "" // every statement it prepared is gone
-			}
+			// A DEALLOCATE ALL leaves the reason as it was: it is the
+			// first one only (a later, other one was not kept), and the
+			// server may not run it (a failed transaction block).
 			break
 		}
 		var query []byte

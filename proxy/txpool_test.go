@@ -385,23 +385,42 @@ func TestSessionReleaseWithoutReset(t *testing.T) {
 	for _, tc := range []struct {
 		sql   string
 		reset bool
+		// parsed: a named statement is prepared (Parse) first.
+		parsed bool
 	}{
-		{"SELECT count(*) FROM notes", false},
-		{"BEGIN; SELECT 1; COMMIT", false},
-		{"SET LOCAL statement_timeout = 5", false},
-		{"SET search_path = pg_catalog", true},
-		{"SET application_name = 'left-behind'", true},
-		{"CREATE TEMP TABLE t (x int)", true},
-		{"LISTEN c", true},
+		{"SELECT count(*) FROM notes", false, false},
+		{"BEGIN; SELECT 1; COMMIT", false, false},
+		{"SET LOCAL statement_timeout = 5", false, false},
+		{"SET search_path = pg_catalog", true, false},
+		{"SET application_name = 'left-behind'", true, false},
+		{"CREATE TEMP TABLE t (x int)", true, false},
+		{"LISTEN c", true, false},
+		{"DEALLOCATE ALL", true, true},
+		// The statement's DEALLOCATE ALL leaves the other state it kept
+		// (it once cleared the one reason kept, the statement's).
+		{"CREATE TEMP TABLE notes (content text); LISTEN c; SET search_path = pg_catalog; DEALLOCATE ALL", true, true},
+		// And one the server refuses, in a failed block, deallocates
+		// nothing: s1 is still there after the ROLLBACK.
+		{"BEGIN; SELECT 1/0", true, true},
 	} {
 		before := map[bool]float64{true: releases("reset"), false: releases("without_reset")}
 		a := rawSession(t, p, "user1")
-		r10Must(t, a, tc.sql)
+		if tc.parsed {
+			a.send(t, &pgproto3.Parse{Name: "s1", Query: "SELECT 1"}, &pgproto3.Sync{})
+			untilReady(t, a, 1)
+		}
+		if strings.Contains(tc.sql, "1/0") {
+			r10Query(t, a, tc.sql)
+			r10Query(t, a, "DEALLOCATE ALL")
+			r10Must(t, a, "ROLLBACK")
+		} else {
+			r10Must(t, a, tc.sql)
+		}
 		a.Close()
 		// The next client on the same backend finds nothing of A's.
 		b := rawSession(t, p, "user2")
-		got := r10Must(t, b, "SELECT current_setting('search_path') || '|' || current_setting('application_name') || '|' || current_setting('jwt.claims.sub') || '|' || (SELECT count(*) FROM pg_listening_channels()) || '|' || (SELECT count(*) FROM pg_class WHERE relpersistence = 't')")
-		if got[0] != `"$user", public||user2|0|0` {
+		got := r10Must(t, b, "SELECT current_setting('search_path') || '|' || current_setting('application_name') || '|' || current_setting('jwt.claims.sub') || '|' || (SELECT count(*) FROM pg_listening_channels()) || '|' || (SELECT count(*) FROM pg_class WHERE relpersistence = 't') || '|' || (SELECT count(*) FROM pg_prepared_statements)")
+		if got[0] != `"$user", public||user2|0|0|0` {
 			t.Errorf("after %q, the next client sees %s", tc.sql, got[0])
 		}
 		b.Close()
