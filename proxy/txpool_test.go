@@ -395,6 +395,9 @@ func TestSessionReleaseWithoutReset(t *testing.T) {
 		{"SET application_name = 'left-behind'", true, false},
 		{"CREATE TEMP TABLE t (x int)", true, false},
 		{"LISTEN c", true, false},
+		// A temporary table the statement does not call one: pg_temp
+		// leads the search_path. The next identity's install drops it.
+		{"BEGIN; SET LOCAL search_path = pg_temp; CREATE TABLE notes (content text); COMMIT", false, false},
 		{"DEALLOCATE ALL", true, true},
 		// The statement's DEALLOCATE ALL leaves the other state it kept
 		// (it once cleared the one reason kept, the statement's).
@@ -468,5 +471,23 @@ func TestVanishedClientStatementCancelled(t *testing.T) {
 				t.Fatalf("the statement still runs upstream 5 s after its client left")
 			}
 		})
+	}
+}
+
+// A temporary table made by an unqualified CREATE while pg_temp leads the
+// search_path does not pin (the statement names no temporary object), and
+// does not reach another identity either: installing it on the connection
+// drops the temporary objects.
+func TestTxPoolingTempBySearchPath(t *testing.T) {
+	p := proxytest.Start(t, pg, func(s *proxytest.Setup) {
+		proxytest.TransactionPooling(s)
+		s.PoolConfig = session.PoolConfig{Size: 1, MaxConns: 1, WaitTimeout: 5 * time.Second}
+	})
+	a := rawSession(t, p, "user1")
+	r10Must(t, a, "BEGIN; SET LOCAL search_path = pg_temp; CREATE TABLE notes (user_id text, content text); INSERT INTO notes VALUES ('user2', 'planted'); COMMIT")
+	b := rawSession(t, p, "user2")
+	got := r10Must(t, b, "SELECT (SELECT count(*) FROM pg_class WHERE relpersistence = 't') || '|' || (SELECT count(*) FROM notes WHERE content = 'planted')")
+	if got[0] != "0|0" {
+		t.Errorf("user2 on the connection user1 left: temporary relations|planted rows = %s, want 0|0", got[0])
 	}
 }

@@ -238,8 +238,12 @@ func installBatch(g, prev *Grant, extra []Setting, signer *Signer, pid uint32, s
 	if prev != nil && !prev.SameIdentity(g) {
 		// The connection served another identity without a reset between:
 		// what that session left that no statement shows (a sequence's
-		// currval, its unnamed statement and portal) goes.
+		// currval, its unnamed statement and portal) goes, and its
+		// temporary objects, whatever made them (an unqualified CREATE
+		// while pg_temp led the search_path is not a temporary object in
+		// the statement's words).
 		b.exec("DISCARD SEQUENCES", nil, nil, nil, nil)
+		b.exec("DISCARD TEMP", nil, nil, nil, nil)
 		b.closeUnnamed()
 	}
 	b.exec("RESET ROLE", nil, nil, nil, nil)
