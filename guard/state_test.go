@@ -613,6 +613,10 @@ func TestStateDeallocate(t *testing.T) {
 			t.Errorf("%q deallocates, but the pre-check finds no state word in it", c.sql)
 		}
 	}
+	// DISCARD ALL drops the statements too.
+	if v := guardQuery(trackingGuard(), "DISCARD ALL"); !v.DeallocateAll || !v.Resets {
+		t.Errorf("DISCARD ALL = %+v, want a reset that deallocates all", v)
+	}
 }
 
 // Resets are reported with TrackState as without it, and with NoRules

@@ -40,6 +40,9 @@ type statements struct {
 type statement struct {
 	server string // its name on the server
 	parse  []byte // the client's Parse, renamed
+	// dropsAll: the statement is a DEALLOCATE ALL, which drops every
+	// statement on the connection it is executed on.
+	dropsAll bool
 }
 
 // The most a client may keep prepared; past it the client is pinned to its
@@ -89,30 +92,33 @@ func (s *statements) serverName(name string) string {
 // PostgreSQL error for a name prepared twice (42P05) is lost: the second
 // text wins, and the first, should it exist, stays on its connection until
 // its session's statements are dropped.
-func (s *statements) parse(up *session.Upstream, frame []byte) []byte {
+//
+// dropsAll tells a DEALLOCATE ALL: it drops the connection's statements when
+// it runs, at an Execute after a Bind of it (bound).
+func (s *statements) parse(up *session.Upstream, frame []byte, dropsAll bool) []byte {
 	name, rest, ok := cut(frame[5:])
 	if !ok {
 		return frame // malformed: the server refuses it
 	}
 	if len(name) == 0 {
 		up.SetUnnamedOwner(s.owner)
-		s.keep("", "", frame)
+		s.keep("", "", frame, dropsAll)
 		return frame
 	}
 	s.seq++
 	server := s.prefix + strconv.Itoa(s.seq)
 	renamed := rebuild(frame[0], []byte(server), rest)
-	s.keep(string(name), server, renamed)
+	s.keep(string(name), server, renamed, dropsAll)
 	up.SetPrepared(server, true)
 	s.pending = append(s.pending, server)
 	return renamed
 }
 
-func (s *statements) keep(name, server string, frame []byte) {
+func (s *statements) keep(name, server string, frame []byte, dropsAll bool) {
 	if old := s.byName[name]; old != nil {
 		s.bytes -= len(old.parse)
 	}
-	s.byName[name] = &statement{server: server, parse: bytes.Clone(frame)}
+	s.byName[name] = &statement{server: server, parse: bytes.Clone(frame), dropsAll: dropsAll}
 	s.bytes += len(frame)
 }
 
@@ -197,6 +203,10 @@ func (s *statements) renameRef(up *session.Upstream, frame []byte) (pre, renamed
 			return nil, frame
 		}
 		pre, server := s.use(up, string(name))
+		if st := s.byName[string(name)]; st != nil && st.dropsAll {
+			// Executing it drops every statement of the connection.
+			s.closeAll(up)
+		}
 		b := make([]byte, 0, len(portal)+1+len(server)+1+len(rest))
 		b = append(append(b, portal...), 0)
 		b = append(append(b, server...), 0)

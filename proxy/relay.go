@@ -493,14 +493,18 @@ func (r *relay) stateEffects(out [][]byte, frame []byte, v guard.Verdict) ([][]b
 			if t.stmts.full() {
 				t.pin("prepared_statements")
 			}
+			// A DEALLOCATE prepared runs when it is executed: ALL then
+			// (statements.renameRef); a name is renamed now, as psycopg 3
+			// deallocates through the extended protocol.
 			var query []byte
-			if out, query = r.deallocated(v, out); query != nil {
-				// psycopg 3 deallocates through the extended protocol:
-				// the statement's text is renamed as a Query's would be.
+			if v.Deallocate != "" {
+				out, query = r.deallocated(v, out)
+			}
+			if query != nil {
 				name, _, _ := cut(frame[5:])
 				frame, _ = (&pgproto3.Parse{Name: string(name), Query: string(cstring(query[5:]))}).Encode(nil)
 			}
-			frame = t.stmts.parse(r.up, frame)
+			frame = t.stmts.parse(r.up, frame, v.DeallocateAll)
 		}
 	case 'Q':
 		t := r.tx

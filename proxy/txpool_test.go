@@ -491,3 +491,35 @@ func TestTxPoolingTempBySearchPath(t *testing.T) {
 		t.Errorf("user2 on the connection user1 left: temporary relations|planted rows = %s, want 0|0", got[0])
 	}
 }
+
+// A DEALLOCATE ALL prepared by one client drops every statement of the
+// connection it runs on, other clients' too, when it is executed, not when
+// it is prepared: the proxy forgets them then, so that the others' next
+// Bind prepares them again instead of failing.
+func TestTxPoolingPreparedDeallocateAll(t *testing.T) {
+	p := proxytest.Start(t, pg, func(s *proxytest.Setup) {
+		proxytest.TransactionPooling(s)
+		s.PoolConfig = session.PoolConfig{Size: 1, MaxConns: 1, WaitTimeout: 5 * time.Second}
+	})
+	a := rawSession(t, p, "user1")
+	b := rawSession(t, p, "user2")
+	a.send(t, &pgproto3.Parse{Name: "d", Query: "DEALLOCATE ALL"}, &pgproto3.Sync{})
+	untilReady(t, a, 1)
+	b.send(t, &pgproto3.Parse{Name: "s", Query: "SELECT current_setting('jwt.claims.sub')"}, &pgproto3.Sync{})
+	untilReady(t, b, 1)
+	a.send(t, &pgproto3.Bind{PreparedStatement: "d"}, &pgproto3.Execute{}, &pgproto3.Sync{})
+	if got := strings.Join(untilReady(t, a, 1), " "); got != "? C:DEALLOCATE ALL Z" {
+		t.Fatalf("a's DEALLOCATE ALL: %s", got)
+	}
+	for range 2 {
+		b.send(t, &pgproto3.Bind{PreparedStatement: "s"}, &pgproto3.Execute{}, &pgproto3.Sync{})
+		if got := strings.Join(untilReady(t, b, 1), " "); got != "? D:user2 C:SELECT 1 Z" {
+			t.Fatalf("b's statement after a's DEALLOCATE ALL: %s", got)
+		}
+	}
+	// a's own statements are gone, as they would be without the proxy.
+	a.send(t, &pgproto3.Bind{PreparedStatement: "d"}, &pgproto3.Execute{}, &pgproto3.Sync{})
+	if got := strings.Join(untilReady(t, a, 1), " "); got != "E:26000 Z" {
+		t.Fatalf("a's Bind of its deallocated statement: %s", got)
+	}
+}
