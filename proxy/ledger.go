@@ -50,6 +50,11 @@ type ledger struct {
 	status  byte  // of the last ReadyForQuery
 	err     error // the answers stopped fitting: the connection is not reusable
 	maxSize int
+	// unprepared are the statements (transaction pooling's server names;
+	// "" the unnamed one) whose Parse the server failed or discarded
+	// unread, to be taken by the relay (takeUnprepared), which had
+	// recorded the connection as holding them.
+	unprepared []string
 }
 
 // entry is a run of messages of one type sent upstream, or one batch of the
@@ -74,6 +79,11 @@ type entry struct {
 	// prepared again on another connection): its completion is not passed
 	// on, an error is (n is 1).
 	silent bool
+	// prepares: a Parse of statement stmt that the connection is recorded
+	// as holding (n is 1); if the server fails or skips it, stmt goes to
+	// unprepared.
+	prepares bool
+	stmt     string
 }
 
 const ownEntry = '*'
@@ -197,6 +207,28 @@ func (l *ledger) sentSilent(typ byte) {
 	l.add(entry{typ: typ, n: 1, silent: true})
 }
 
+// sentParse records a Parse of statement stmt that the connection is
+// recorded as holding: silent for one the proxy sent on the client's
+// behalf. Should the server fail or discard it, stmt is reported by
+// takeUnprepared.
+func (l *ledger) sentParse(stmt string, silent bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.add(entry{typ: 'P', n: 1, silent: silent, prepares: true, stmt: stmt}) {
+		l.unprepared = append(l.unprepared, stmt)
+	}
+}
+
+// takeUnprepared returns the statements whose Parse the server failed or
+// discarded since the last call.
+func (l *ledger) takeUnprepared() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	u := l.unprepared
+	l.unprepared = nil
+	return u
+}
+
 // sentReset records a client's Query that resets role or settings. It
 // reports false when the server will discard it unread (it skips to Sync).
 func (l *ledger) sentReset() bool {
@@ -239,7 +271,7 @@ func (l *ledger) add(e entry) bool {
 }
 
 func mergeable(last, e *entry) bool {
-	plain := func(x *entry) bool { return x.refused == nil && !x.reset && !x.trigger && !x.silent }
+	plain := func(x *entry) bool { return x.refused == nil && !x.reset && !x.trigger && !x.silent && !x.prepares }
 	return last.typ == e.typ && e.typ != ownEntry && plain(last) && plain(e) && !last.described
 }
 
@@ -534,6 +566,9 @@ func (l *ledger) failed(e *entry, body []byte, whole bool) (route, *clientError,
 		return r, refusal, ev, nil
 	}
 	// Extended protocol: the server discards everything up to the next Sync.
+	if e.prepares {
+		l.unprepared = append(l.unprepared, e.stmt)
+	}
 	l.pop()
 	for l.head < len(l.q) {
 		t := &l.q[l.head]
@@ -545,6 +580,9 @@ func (l *ledger) failed(e *entry, body []byte, whole bool) (route, *clientError,
 		}
 		if t.reset {
 			ev = resetSkipped
+		}
+		if t.prepares {
+			l.unprepared = append(l.unprepared, t.stmt)
 		}
 		l.head++
 	}

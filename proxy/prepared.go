@@ -31,10 +31,6 @@ type statements struct {
 	byName map[string]*statement
 	seq    int
 	bytes  int // of the Parse frames kept
-	// pending are the statements marked held on the connection since the
-	// server last reported ready: an error before the next Sync makes the
-	// server skip what follows it, Parse frames included (failed).
-	pending []string
 }
 
 type statement struct {
@@ -110,7 +106,6 @@ func (s *statements) parse(up *session.Upstream, frame []byte, dropsAll bool) []
 	renamed := rebuild(frame[0], []byte(server), rest)
 	s.keep(string(name), server, renamed, dropsAll)
 	up.SetPrepared(server, true)
-	s.pending = append(s.pending, server)
 	return renamed
 }
 
@@ -144,7 +139,6 @@ func (s *statements) use(up *session.Upstream, name string) (pre []byte, server 
 		return nil, st.server
 	}
 	up.SetPrepared(st.server, true)
-	s.pending = append(s.pending, st.server)
 	pre = rebuild('C', append([]byte{'S'}, st.server...), nil)
 	return append(pre, st.parse...), st.server
 }
@@ -163,22 +157,18 @@ func (s *statements) close(up *session.Upstream, name string) string {
 	return server
 }
 
-// failed is told of an ErrorResponse on up: the server may have skipped
-// the Parse frames sent since it was last ready, so up is not trusted to
-// hold them (a later use closes and prepares them again), nor the unnamed
-// statement.
-func (s *statements) failed(up *session.Upstream) {
-	for _, name := range s.pending {
-		up.SetPrepared(name, false)
-	}
-	s.pending = s.pending[:0]
-	if up.UnnamedOwner() == s.owner {
-		up.SetUnnamedOwner(0)
+// unprepared is told of statements whose Parse the server failed or
+// discarded (the ledger's takeUnprepared): up does not hold them, and a
+// later use prepares them again.
+func (s *statements) unprepared(up *session.Upstream, names []string) {
+	for _, name := range names {
+		if name != "" {
+			up.SetPrepared(name, false)
+		} else if up.UnnamedOwner() == s.owner {
+			up.SetUnnamedOwner(0)
+		}
 	}
 }
-
-// settled is told that the server is ready: what was prepared stands.
-func (s *statements) settled() { s.pending = s.pending[:0] }
 
 // closeAll forgets every statement of the client (DEALLOCATE ALL, DISCARD
 // ALL): on up they are gone, with every other client's.

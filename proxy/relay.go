@@ -286,6 +286,10 @@ func (r *relay) fromClient(in []byte, out [][]byte) (int, [][]byte) {
 		r.sent(typ)
 		n += size
 	}
+	if r.tx != nil {
+		// Parse frames sent while the server skips to Sync: discarded.
+		r.tx.stmts.unprepared(r.up, r.ledger.takeUnprepared())
+	}
 	r.noteClientBytes(in[n:])
 	return n, appendSegment(out, in[start:n])
 }
@@ -359,7 +363,11 @@ func (r *relay) sentSilently(out [][]byte, pre []byte) [][]byte {
 	}
 	for b := pre; len(b) >= 5; {
 		_, size, _, _ := wire.Header(b)
-		r.ledger.sentSilent(b[0])
+		if b[0] == 'P' {
+			r.ledger.sentParse(string(cstring(b[5:size])), true)
+		} else {
+			r.ledger.sentSilent(b[0])
+		}
 		b = b[size:]
 	}
 	r.tx.metrics.reprepared.Inc()
@@ -459,8 +467,14 @@ func (r *relay) inspected(out [][]byte, frame []byte) [][]byte {
 		if r.ledger.sentReset() {
 			r.holding.Store(true)
 		}
+	case r.tx != nil && frame[0] == 'P':
+		r.ledger.sentParse(string(cstring(frame[5:])), false)
 	default:
 		r.ledger.sent(frame[0])
+	}
+	if r.tx != nil && frame != nil && frame[0] == 'Q' {
+		// A simple Query destroys the unnamed statement, whoever's it was.
+		r.up.SetUnnamedOwner(0)
 	}
 	if r.ledger.full() {
 		r.full.Store(true)
@@ -571,18 +585,6 @@ func (r *relay) fromServer(in []byte, out [][]byte) (int, [][]byte) {
 				r.settingReported = true
 			}
 		}
-		if t := r.tx; t != nil && whole {
-			switch typ {
-			case 'E':
-				t.stmtsMu.Lock()
-				t.stmts.failed(r.up)
-				t.stmtsMu.Unlock()
-			case 'Z':
-				t.stmtsMu.Lock()
-				t.stmts.settled()
-				t.stmtsMu.Unlock()
-			}
-		}
 		if typ == 'S' && whole && r.guard != nil {
 			if ce := r.guard.parameterStatus(body); ce != nil {
 				// What the server reports is what it lexes the next
@@ -592,6 +594,13 @@ func (r *relay) fromServer(in []byte, out [][]byte) (int, [][]byte) {
 			}
 		}
 		route, refusal, ev, err := r.ledger.received(typ, body, whole)
+		if t := r.tx; t != nil && typ == 'E' {
+			if names := r.ledger.takeUnprepared(); names != nil {
+				t.stmtsMu.Lock()
+				t.stmts.unprepared(r.up, names)
+				t.stmtsMu.Unlock()
+			}
+		}
 		if err != nil {
 			r.end(endServerConfused, newClientError(codeConnectionFailure, "upstream_protocol",
 				"rlsproxy: the upstream's answers no longer follow the protocol ("+err.Error()+"); reconnect"))

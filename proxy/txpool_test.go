@@ -523,3 +523,33 @@ func TestTxPoolingPreparedDeallocateAll(t *testing.T) {
 		t.Fatalf("a's Bind of its deallocated statement: %s", got)
 	}
 }
+
+// A statement the proxy prepares again on another connection is held there
+// only if the server ran that Parse: in a pipeline, an error skips it up to
+// the next Sync, also after a Sync the server has answered.
+func TestTxPoolingRepreparedSkipped(t *testing.T) {
+	p := proxytest.Start(t, pg, func(s *proxytest.Setup) {
+		proxytest.TransactionPooling(s)
+		s.PoolConfig = session.PoolConfig{Size: 2, MaxConns: 2, WaitTimeout: 5 * time.Second}
+	})
+	a := rawSession(t, p, "user1") // its startup opens X
+	b := rawSession(t, p, "user2") // Y
+	defer b.Close()
+	a.send(t, &pgproto3.Parse{Name: "s", Query: "SELECT current_setting('jwt.claims.sub')"}, &pgproto3.Sync{})
+	untilReady(t, a, 1)            // s on X, the connection released last
+	c := rawSession(t, p, "user3") // its startup takes X
+	r10Must(t, c, "BEGIN")         // and holds it
+	// On Y, where s is prepared again ahead of its Bind, after an error
+	// that skips that Parse, and after a Sync answered before the error.
+	a.send(t, &pgproto3.Parse{Name: "q", Query: "SELECT 1"}, &pgproto3.Sync{},
+		&pgproto3.Parse{Name: "t", Query: "SELECT * FROM no_such_table"},
+		&pgproto3.Bind{PreparedStatement: "s"}, &pgproto3.Execute{}, &pgproto3.Sync{})
+	if got := strings.Join(untilReady(t, a, 2), " "); got != "? Z E:42P01 Z" {
+		t.Fatalf("the pipeline: %s", got)
+	}
+	r10Must(t, c, "COMMIT")
+	a.send(t, &pgproto3.Bind{PreparedStatement: "s"}, &pgproto3.Execute{}, &pgproto3.Sync{})
+	if got := strings.Join(untilReady(t, a, 1), " "); got != "? D:user1 C:SELECT 1 Z" {
+		t.Fatalf("s after the pipeline: %s", got)
+	}
+}
