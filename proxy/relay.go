@@ -60,6 +60,9 @@ type relay struct {
 	// ends sessions stalled mid-message or idle too long (timeouts.go).
 	lastClientByte atomic.Int64
 	midFrame       atomic.Bool
+	// acquiring: a transaction-pooled client has sent and waits for an
+	// upstream connection; it is neither idle nor stalled.
+	acquiring atomic.Bool
 
 	// up is the upstream connection. In transaction mode (tx set) it
 	// changes between transactions and is nil while the client holds none

@@ -24,7 +24,7 @@ func (s *Server) watchdog() {
 		s.mu.Lock()
 		for r := range s.sessions {
 			last := r.lastClientByte.Load()
-			if last == 0 {
+			if last == 0 || r.acquiring.Load() {
 				continue
 			}
 			quiet := time.Duration(now - last)

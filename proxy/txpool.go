@@ -317,7 +317,10 @@ func (r *relay) runTx(client net.Conn, clientR *wire.Reader, first *session.Upst
 					<-served // the last connection's reader has handed it back
 				}
 				var err error
-				if up, pre, err = r.acquire(ctx); err != nil {
+				r.acquiring.Store(true)
+				up, pre, err = r.acquire(ctx)
+				r.acquiring.Store(false)
+				if err != nil {
 					if !r.ended.Load() {
 						r.end(endPoolExhausted, toClientError(err))
 					}

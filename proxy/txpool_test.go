@@ -553,3 +553,21 @@ func TestTxPoolingRepreparedSkipped(t *testing.T) {
 		t.Fatalf("s after the pipeline: %s", got)
 	}
 }
+
+// A client waiting for an upstream connection has sent its statement: it
+// is not idle, whatever --client-idle-timeout says.
+func TestTxPoolingWaitIsNotIdle(t *testing.T) {
+	p := proxytest.Start(t, pg, func(s *proxytest.Setup) {
+		proxytest.TransactionPooling(s)
+		s.PoolConfig = session.PoolConfig{Size: 1, MaxConns: 1, WaitTimeout: 10 * time.Second}
+		s.ClientIdleTimeout = time.Second
+	})
+	b := rawSession(t, p, "user2")
+	a := rawSession(t, p, "user1")
+	b.send(t, &pgproto3.Query{String: "SELECT pg_sleep(3)"})
+	time.Sleep(200 * time.Millisecond) // b holds the one connection
+	if got := r10Must(t, a, "SELECT current_setting('jwt.claims.sub')"); got[0] != "user1" {
+		t.Fatalf("a after waiting for the connection: %v", got)
+	}
+	untilReady(t, b, 1)
+}
