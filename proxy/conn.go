@@ -193,7 +193,7 @@ func (s *Server) serveSession(c *clientConn, req *startupRequest, up *session.Up
 			// Empty values too: another client's must not stay.
 			r.tx.carried[name] = up.Parameter(name)
 		}
-		r.tx.carriedSig = session.CarriedSignature(r.tx.carried)
+		r.tx.carriedSig = up.CarriedSignature()
 		target = r // the connection serving the client at the time
 	}
 	key := s.cancels.register(target)

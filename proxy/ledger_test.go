@@ -196,7 +196,7 @@ func TestLedgerOwnBatch(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			l := newLedger()
-			b := session.NewUpstream(nil, 1, g).Reinstall('I', nil)
+			b := session.NewUpstream(nil, 1, g).Reinstall('I')
 			l.sentOwn(b)
 			var routes, events string
 			var err error

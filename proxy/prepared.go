@@ -8,6 +8,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgproto3"
 
+	"github.com/rlsproxy/rlsproxy/internal/sqlquote"
 	"github.com/rlsproxy/rlsproxy/session"
 )
 
@@ -224,17 +225,16 @@ func (s *statements) renameRef(up *session.Upstream, frame []byte) (pre, renamed
 // names on the server, and the frames the connection needs first (so that
 // the server's answer is the one the client expects), or a nil query when
 // the names are to be sent as the client wrote them. names are a verdict's
-// Deallocate: one name, or several separated by NUL bytes (a Query of
-// several DEALLOCATE statements), each deallocated in turn. A name the
-// client never prepared goes under its own name (a statement of SQL
-// PREPARE, on a connection the client is pinned to), unless it is in the
-// proxy's namespace: another client's statement on the same connection,
-// which it must not reach, so it is renamed into the client's own, where no
-// statement has it.
-func (s *statements) deallocate(up *session.Upstream, names string) (pre, query []byte) {
+// (several for a Query of several DEALLOCATE statements), each deallocated
+// in turn. A name the client never prepared goes under its own name (a
+// statement of SQL PREPARE, on a connection the client is pinned to),
+// unless it is in the proxy's namespace: another client's statement on the
+// same connection, which it must not reach, so it is renamed into the
+// client's own, where no statement has it.
+func (s *statements) deallocate(up *session.Upstream, names []string) (pre, query []byte) {
 	var sql strings.Builder
 	rewrite := false
-	for _, name := range strings.Split(names, "\x00") {
+	for _, name := range names {
 		server := name
 		switch {
 		case name != "" && s.byName[name] != nil:
@@ -249,7 +249,7 @@ func (s *statements) deallocate(up *session.Upstream, names string) (pre, query 
 		if sql.Len() > 0 {
 			sql.WriteString("; ")
 		}
-		sql.WriteString("DEALLOCATE " + quoteIdent(server))
+		sql.WriteString("DEALLOCATE " + sqlquote.Ident(server))
 	}
 	if !rewrite {
 		return nil, nil
@@ -281,18 +281,4 @@ func cut(b []byte) (before, after []byte, ok bool) {
 		return nil, nil, false
 	}
 	return b[:i], b[i+1:], true
-}
-
-// quoteIdent quotes an identifier for SQL.
-func quoteIdent(s string) string {
-	var b bytes.Buffer
-	b.WriteByte('"')
-	for _, c := range []byte(s) {
-		if c == '"' {
-			b.WriteByte('"')
-		}
-		b.WriteByte(c)
-	}
-	b.WriteByte('"')
-	return b.String()
 }

@@ -350,7 +350,7 @@ func (r *relay) deallocated(v guard.Verdict, out [][]byte) ([][]byte, []byte) {
 	case v.DeallocateAll:
 		t.stmts.closeAll(r.up)
 	case v.Deallocate != "":
-		if pre, query := t.stmts.deallocate(r.up, v.Deallocate); query != nil {
+		if pre, query := t.stmts.deallocate(r.up, v.DeallocatedNames()); query != nil {
 			return r.sentSilently(out, pre), query
 		}
 	}
@@ -636,7 +636,7 @@ func (r *relay) fromServer(in []byte, out [][]byte) (int, [][]byte) {
 		switch ev {
 		case resetDone:
 			if status := r.ledger.txStatus(); status != 'E' {
-				b := r.up.Reinstall(status, nil)
+				b := r.up.Reinstall(status)
 				r.ledger.sentOwn(b)
 				r.inject = append(r.inject, b.Frames...)
 				break

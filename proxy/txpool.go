@@ -230,7 +230,7 @@ func (r *relay) sweep(up *session.Upstream) []byte {
 // statementOwner is the session number in a statement's server name
 // ("rlsproxy_<owner>_...", newStatements).
 func statementOwner(name string) (uint64, bool) {
-	rest, ok := strings.CutPrefix(name, "rlsproxy_")
+	rest, ok := strings.CutPrefix(name, statementPrefix)
 	if !ok {
 		return 0, false
 	}
@@ -267,7 +267,7 @@ func (r *relay) Cancel(ctx context.Context) error {
 // connection it held, if any, released.
 func (r *relay) runTx(client net.Conn, clientR *wire.Reader, first *session.Upstream) {
 	t := r.tx
-	r.clientBuf, r.serverBuf = clientR.Size(), 32<<10
+	r.clientBuf, r.serverBuf = clientR.Size(), first.Reader().Size()
 	resume := make(chan struct{}, 1)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -326,9 +326,7 @@ func (r *relay) runTx(client net.Conn, clientR *wire.Reader, first *session.Upst
 					}
 					break
 				}
-				// Attached already sending: the new reader must not let go
-				// of the connection before the client's message is on it.
-				served = r.attach(up, client, resume, true)
+				served = r.attach(up, client, resume)
 			} else {
 				t.sending = true
 				t.mu.Unlock()
@@ -432,14 +430,15 @@ func (r *relay) prepare(up *session.Upstream, installed bool) []byte {
 	return pre
 }
 
-// attach makes up the session's connection and starts reading it; sending
-// marks a client write under way, which the client side clears.
-func (r *relay) attach(up *session.Upstream, client net.Conn, resume chan struct{}, sending bool) chan struct{} {
+// attach makes up the session's connection and starts reading it, with a
+// client write under way (sending), which the client side clears: the
+// reader must not let go of the connection before it is done.
+func (r *relay) attach(up *session.Upstream, client net.Conn, resume chan struct{}) chan struct{} {
 	t := r.tx
 	t.nudged.Store(false)
 	t.mu.Lock()
 	r.up = up
-	t.sending = sending
+	t.sending = true
 	t.mu.Unlock()
 	served := make(chan struct{})
 	go func() {

@@ -5,7 +5,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"maps"
 	"net"
 	"time"
 
@@ -122,9 +121,6 @@ func (u *Upstream) SetParameter(name, value string) {
 	u.carriedOK = false
 }
 
-// Parameters returns a copy of the settings the server reported.
-func (u *Upstream) Parameters() map[string]string { return maps.Clone(u.params) }
-
 // Greeting returns what a client reads once its session is ready:
 // AuthenticationOk, the server's ParameterStatus messages, the proxy's own
 // BackendKeyData (the server's never leaves the proxy) and ReadyForQuery.
@@ -140,10 +136,10 @@ func (u *Upstream) Greeting(pid uint32, secret []byte) []byte {
 
 // Reinstall returns the batch that installs the connection's grant again,
 // with a fresh nonce, on the connection now in transaction status status:
-// the relay sends it to re-establish the session after a client's reset.
-// extra are the client's own carried settings (see Switch).
-func (u *Upstream) Reinstall(status byte, extra []Setting) *Batch {
-	return installBatch(u.grant, nil, extra, u.signer, u.pid, status)
+// the relay sends it to re-establish the session after a client's reset,
+// which reset the client's carried settings too (the server reports them).
+func (u *Upstream) Reinstall(status byte) *Batch {
+	return installBatch(u.grant, nil, nil, u.signer, u.pid, status)
 }
 
 // Switch returns the batch that installs g, an identity other than the
@@ -209,9 +205,6 @@ func (u *Upstream) UnnamedOwner() uint64 { return u.unnamedOwner }
 
 // SetUnnamedOwner records whose unnamed statement the connection holds.
 func (u *Upstream) SetUnnamedOwner(owner uint64) { u.unnamedOwner = owner }
-
-// Grant is the identity installed on the connection.
-func (u *Upstream) Grant() *Grant { return u.grant }
 
 // install sets the grant on the connection, idle, in one round trip and one
 // transaction (it is also the health check of a connection taken from the
