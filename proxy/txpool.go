@@ -299,7 +299,14 @@ func (r *relay) runTx(client net.Conn, clientR *wire.Reader, first *session.Upst
 		t.pool.Return(first)
 	}
 	for !r.ended.Load() {
-		if len(clientR.Buffered()) > 0 && !r.paused() {
+		ready := len(clientR.Buffered()) > 0 && !r.paused()
+		if ready && !r.sendable(clientR) {
+			// Part of a message, held until it is whole: the stall and
+			// idle clocks (timeouts.go) see it as fromClient would.
+			r.noteClientBytes(clientR.Buffered())
+			ready = false
+		}
+		if ready {
 			t.mu.Lock()
 			up := r.up
 			if up == nil {
@@ -362,7 +369,7 @@ func (r *relay) runTx(client net.Conn, clientR *wire.Reader, first *session.Upst
 			<-resume
 			continue
 		}
-		if n := len(clientR.Buffered()); n > 0 && n < clientR.Size() && r.frameWhole(clientR.Buffered()) {
+		if n := len(clientR.Buffered()); n > 0 && n < clientR.Size() && wholeFrame(clientR) {
 			continue // a whole frame is waiting: relay it first
 		}
 		if err := clientR.Fill(); err != nil {
@@ -393,10 +400,27 @@ func (r *relay) runTx(client net.Conn, clientR *wire.Reader, first *session.Upst
 	_ = client.Close()
 }
 
-// frameWhole reports whether b starts with a whole frame.
-func (r *relay) frameWhole(b []byte) bool {
-	_, size, ok, err := wire.Header(b)
-	return err == nil && ok && size <= len(b)
+// wholeFrame reports whether the client's bytes begin with a whole frame.
+func wholeFrame(b *wire.Reader) bool {
+	_, _, complete, _, err := b.Peek()
+	return err == nil && complete
+}
+
+// sendable reports whether the client's bytes may go upstream now. Holding
+// a connection, any may (a frame larger than the buffer is streamed); else
+// a connection is taken only for a whole frame, one larger than the buffer,
+// or bytes that are no frame (fromClient refuses them): a message arriving
+// in pieces takes one connection, once.
+func (r *relay) sendable(b *wire.Reader) bool {
+	t := r.tx
+	t.mu.Lock()
+	attached := r.up != nil
+	t.mu.Unlock()
+	if attached {
+		return true
+	}
+	_, size, complete, ok, err := b.Peek()
+	return err != nil || complete || (ok && size > b.Size())
 }
 
 // acquire waits for a connection for the client's next transaction, and

@@ -571,3 +571,24 @@ func TestTxPoolingWaitIsNotIdle(t *testing.T) {
 	}
 	untilReady(t, b, 1)
 }
+
+// A message that arrives in pieces takes an upstream connection once, when
+// it is whole, not once per piece.
+func TestTxPoolingPartialMessageOneCheckout(t *testing.T) {
+	p := proxytest.Start(t, pg, proxytest.TransactionPooling)
+	a := rawSession(t, p, "user1")
+	frame, _ := (&pgproto3.Query{String: "SELECT current_setting('jwt.claims.sub')"}).Encode(nil)
+	before := p.Counter(t, "rlsproxy_pool_checkouts_total")
+	for _, piece := range [][]byte{frame[:3], frame[3:9], frame[9:]} {
+		if _, err := a.Write(piece); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if got := strings.Join(untilReady(t, a, 1), " "); got != "T D:user1 C:SELECT 1 Z" {
+		t.Fatalf("the query: %s", got)
+	}
+	if n := p.Counter(t, "rlsproxy_pool_checkouts_total") - before; n != 1 {
+		t.Errorf("%v checkouts for one message in three pieces, want 1", n)
+	}
+}
