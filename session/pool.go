@@ -233,8 +233,10 @@ func (p *Pool) Acquire(ctx context.Context, database string, params map[string]s
 	t := time.NewTimer(cfg.WaitTimeout)
 	defer t.Stop()
 	var h handoff
+	received := false
 	select {
 	case h = <-w.got:
+		received = true
 	case <-t.C:
 	case <-ctx.Done():
 	}
@@ -244,17 +246,17 @@ func (p *Pool) Acquire(ctx context.Context, database string, params map[string]s
 		// Gave up: out of the queue.
 		w.done = true
 		p.waiters = slices.DeleteFunc(p.waiters, func(x *waiter) bool { return x == w })
+		if ctx.Err() == nil {
+			p.stats.timeouts++
+		}
 		p.mu.Unlock()
 		if ctx.Err() != nil {
 			return nil, false, ctx.Err()
 		}
-		p.mu.Lock()
-		p.stats.timeouts++
-		p.mu.Unlock()
 		return nil, false, fmt.Errorf("%w (--max-upstream-conns %d) after waiting %s", ErrPoolExhausted, cfg.MaxConns, cfg.WaitTimeout)
 	}
 	p.mu.Unlock()
-	if h.up == nil && !h.slot {
+	if !received {
 		h = <-w.got // handed over just as the wait ended
 	}
 	switch {

@@ -184,3 +184,40 @@ func TestCarriedSignature(t *testing.T) {
 		}
 	}
 }
+
+// Closing the pool ends the waits for a connection at once.
+func TestPoolCloseEndsWaits(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	d, err := session.NewDialer(upstream, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := session.NewPool(d, session.Policy{DefaultRole: "authenticated"}, session.PoolConfig{Size: 1, MaxConns: 1, WaitTimeout: 20 * time.Second})
+	g := &session.Grant{Role: "authenticated"}
+	held, _, err := pool.Acquire(ctx, d.Database(), nil, g)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	waited := make(chan error, 1)
+	go func() {
+		_, _, err := pool.Acquire(ctx, d.Database(), nil, g)
+		waited <- err
+	}()
+	for pool.Snapshot().Waiting == 0 {
+		if ctx.Err() != nil {
+			t.Fatal("the second Acquire never waited")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	pool.Close()
+	select {
+	case err := <-waited:
+		if err == nil {
+			t.Fatal("a wait ended by Close got a connection")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a wait for a connection outlived the pool's Close")
+	}
+}
