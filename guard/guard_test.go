@@ -24,6 +24,10 @@ func guardQuery(g *Guard, sql string) Verdict { return g.Query([]byte(sql), Lexi
 func guardParse(g *Guard, sql string) Verdict { return g.Parse([]byte(sql), Lexing{}) }
 func isSuspicious(sql string) bool            { return suspicious([]byte(sql)) }
 
+// suspicious is the rules' pre-check: whether sql holds a word any rule
+// needs, or a U& escape that could spell one.
+func suspicious(sql []byte) bool { return holdsWord(sql, forRules) }
+
 type guardAttack struct{ sql, rule string }
 
 // setConfigCall is a set_config call that would change the subject.

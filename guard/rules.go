@@ -435,10 +435,6 @@ var scanWords = func() map[string]wordSet {
 	return m
 }()
 
-// suspicious reports whether sql holds a word any rule needs, or a U&
-// escape that could spell one.
-func suspicious(sql []byte) bool { return holdsWord(sql, forRules) }
-
 // holdsWord reports whether sql holds a word of the lists in which, or a U&
 // escape that could spell one.
 func holdsWord(sql []byte, which wordSet) bool {
