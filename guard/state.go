@@ -1,9 +1,11 @@
 package guard
 
 import (
+	"slices"
 	"strings"
 
 	pg_query "github.com/pganalyze/pg_query_go/v6"
+	"github.com/rlsproxy/rlsproxy/session"
 	"google.golang.org/protobuf/reflect/protoreflect"
 )
 
@@ -27,7 +29,7 @@ const (
 	// PinSet: a setting changed for the session and not carried by the
 	// proxy: SET or SET SESSION, set_config(name, value, false), UPDATE
 	// pg_settings. The proxy carries the settings the server reports
-	// (reportedSettings), and installs role and claims on every backend it
+	// (session.CarriedSettings), and installs role and claims on every backend it
 	// hands out (settingPins); SET LOCAL, RESET and SET ... TO DEFAULT
 	// change nothing a later transaction sees, as the pooled backends
 	// share their defaults.
@@ -93,18 +95,6 @@ var sessionFunctions = map[string]string{
 	"pg_advisory_lock": PinAdvisoryLock, "pg_advisory_lock_shared": PinAdvisoryLock,
 	"pg_try_advisory_lock": PinAdvisoryLock, "pg_try_advisory_lock_shared": PinAdvisoryLock,
 	"dblink_connect": PinDblink, "dblink_connect_u": PinDblink,
-}
-
-// reportedSettings are the settings PostgreSQL 15 reports in ParameterStatus,
-// by lowercase name: the proxy carries their values from backend to backend,
-// so setting them pins nothing. (Some cannot be set at all.) Later servers
-// report more (scram_iterations, search_path in 18); those pin until the
-// proxy carries them too.
-var reportedSettings = map[string]bool{
-	"application_name": true, "client_encoding": true, "datestyle": true, "intervalstyle": true,
-	"timezone": true, "standard_conforming_strings": true, "default_transaction_read_only": true,
-	"integer_datetimes": true, "is_superuser": true, "server_encoding": true, "server_version": true,
-	"session_authorization": true, "in_hot_standby": true,
 }
 
 // functionCallPin is the state rule for the FunctionCall message, which
@@ -312,14 +302,14 @@ func (g *Guard) setConfigPin(call *pg_query.FuncCall) string {
 }
 
 // settingPins reports whether setting a setting for the session pins: not
-// the settings the proxy carries (reportedSettings), nor the role and the
+// the settings the proxy carries (session.CarriedSettings), nor the role and the
 // claims, which it installs on every backend it hands out (the rules refuse
 // to change them anyway; with NoRules a change is lost at the client's next
 // transaction, never carried to another client), nor the settings of the
 // current transaction alone, whatever SET says.
 func (g *Guard) settingPins(setting string) bool {
-	s := strings.ToLower(setting)
-	return !reportedSettings[s] && !transactionSettings[s] && !g.policy.Protected(setting)
+	carried := slices.ContainsFunc(session.CarriedSettings, func(name string) bool { return strings.EqualFold(name, setting) })
+	return !carried && !transactionSettings[strings.ToLower(setting)] && !g.policy.Protected(setting)
 }
 
 // transactionSettings are the settings of one transaction: set for the
