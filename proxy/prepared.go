@@ -198,11 +198,16 @@ func (s *statements) renameRef(up *session.Upstream, frame []byte) (pre, renamed
 			// Executing it drops every statement of the connection.
 			s.closeAll(up)
 		}
-		b := make([]byte, 0, len(portal)+1+len(server)+1+len(rest))
+		if server == string(name) {
+			return pre, frame // the unnamed statement keeps its name
+		}
+		n := len(portal) + 1 + len(server) + 1 + len(rest)
+		b := make([]byte, 5, 5+n)
+		b[0] = 'B'
+		binary.BigEndian.PutUint32(b[1:], uint32(4+n))
 		b = append(append(b, portal...), 0)
 		b = append(append(b, server...), 0)
-		b = append(b, rest...)
-		return pre, rebuild('B', nil, b)
+		return pre, append(b, rest...)
 	case 'D', 'C':
 		if len(body) < 2 || body[0] != 'S' {
 			return nil, frame // a portal: portals end with their transaction
