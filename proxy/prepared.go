@@ -99,7 +99,7 @@ func (s *statements) parse(up *session.Upstream, frame []byte, dropsAll bool) []
 	}
 	if len(name) == 0 {
 		up.SetUnnamedOwner(s.owner)
-		s.keep("", "", frame, dropsAll)
+		s.keep("", "", bytes.Clone(frame), dropsAll) // frame is the client's buffer
 		return frame
 	}
 	s.seq++
@@ -110,11 +110,12 @@ func (s *statements) parse(up *session.Upstream, frame []byte, dropsAll bool) []
 	return renamed
 }
 
+// keep records the statement name, whose Parse frame it takes.
 func (s *statements) keep(name, server string, frame []byte, dropsAll bool) {
 	if old := s.byName[name]; old != nil {
 		s.bytes -= len(old.parse)
 	}
-	s.byName[name] = &statement{server: server, parse: bytes.Clone(frame), dropsAll: dropsAll}
+	s.byName[name] = &statement{server: server, parse: frame, dropsAll: dropsAll}
 	s.bytes += len(frame)
 }
 
