@@ -522,7 +522,7 @@ func TestConcurrency(t *testing.T) {
 func TestQueueOrder(t *testing.T) {
 	p := newPool(t, sandbox.Config{Workers: 1})
 	pidOf(t, p)
-	go p.Do(context.Background(), []byte("sleep:300ms"))
+	go p.Do(context.Background(), []byte("sleep:1s"))
 	time.Sleep(50 * time.Millisecond)
 	order := make(chan int, 3)
 	for i := range 3 {
@@ -530,7 +530,13 @@ func TestQueueOrder(t *testing.T) {
 			goDo(t, p, "pid")
 			order <- i
 		}()
-		time.Sleep(30 * time.Millisecond) // so they queue in this order
+		// So that they queue in this order.
+		for deadline := time.Now().Add(5 * time.Second); sandbox.Waiting(p) < i+1; {
+			if time.Now().After(deadline) {
+				t.Fatalf("request %d never queued", i)
+			}
+			time.Sleep(time.Millisecond)
+		}
 	}
 	for want := range 3 {
 		if got := <-order; got != want {
