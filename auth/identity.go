@@ -12,8 +12,10 @@ type Identity struct {
 	// Claims are the token's claims; numbers are json.Number so that they keep
 	// their exact text.
 	Claims map[string]any
-	// ClaimsJSON is Claims as compact JSON with sorted keys.
-	ClaimsJSON []byte
+	// ClaimsJSON is Claims as compact JSON with sorted keys. A string, made
+	// once per token: the sessions of a cached token share it, and
+	// comparing theirs is comparing one pointer.
+	ClaimsJSON string
 	// keyID is the kid of the key that verified the token.
 	keyID string
 }
@@ -23,5 +25,5 @@ func newIdentity(claims map[string]any, sub string, exp time.Time) (*Identity, e
 	if err != nil {
 		return nil, err
 	}
-	return &Identity{Subject: sub, ExpiresAt: exp, Claims: claims, ClaimsJSON: js}, nil
+	return &Identity{Subject: sub, ExpiresAt: exp, Claims: claims, ClaimsJSON: string(js)}, nil
 }

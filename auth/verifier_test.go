@@ -587,7 +587,7 @@ func TestIdentityClaimsJSON(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	js := string(id.ClaimsJSON)
+	js := id.ClaimsJSON
 	for _, want := range []string{
 		`"email_verified":true`,
 		`"big":12345678901234567891`,
@@ -603,11 +603,11 @@ func TestIdentityClaimsJSON(t *testing.T) {
 		}
 	}
 	var compact bytes.Buffer
-	if err := json.Compact(&compact, id.ClaimsJSON); err != nil || compact.String() != js {
+	if err := json.Compact(&compact, []byte(js)); err != nil || compact.String() != js {
 		t.Errorf("ClaimsJSON is not compact JSON (%v): %s", err, js)
 	}
 	var decoded map[string]any
-	if err := json.Unmarshal(id.ClaimsJSON, &decoded); err != nil {
+	if err := json.Unmarshal([]byte(js), &decoded); err != nil {
 		t.Fatalf("ClaimsJSON is not JSON: %v", err)
 	}
 	if decoded["tenant"].(map[string]any)["name"] != "a<b>&c" {

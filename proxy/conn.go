@@ -98,7 +98,8 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn) {
 type sessionInfo struct {
 	subject, role string
 	expires       time.Time
-	grant         *session.Grant
+	// target is what the session asks the pool for.
+	target *session.Target
 }
 
 // authenticate asks for the token, verifies it, and opens the upstream session.
@@ -135,14 +136,14 @@ func (s *Server) authenticate(ctx context.Context, c *clientConn, req *startupRe
 		}
 		info.subject, info.expires = id.Subject, id.ExpiresAt
 	}
-	info.role, info.grant = grant.Role, grant
+	info.role, info.target = grant.Role, session.NewTarget(req.database, req.params, grant)
 	if !s.databaseAllowed(req.database) {
 		return nil, info, newClientError(codeInvalidDatabase, "database",
 			fmt.Sprintf("database %q is not served by this rlsproxy (see --databases)", req.database))
 	}
 
 	t0 := time.Now()
-	up, err := s.cfg.Pool.Get(ctx, req.database, req.params, grant)
+	up, err := s.cfg.Pool.Get(ctx, info.target)
 	s.cfg.Metrics.upstreamConnect.Observe(time.Since(t0).Seconds())
 	if err != nil {
 		return nil, info, err
@@ -186,7 +187,7 @@ func (s *Server) serveSession(c *clientConn, req *startupRequest, up *session.Up
 		id := s.sessionSeq.Add(1)
 		s.live.add(id)
 		defer s.live.remove(id)
-		r.tx = &txState{pool: s.cfg.Pool, database: req.database, params: req.params, grant: info.grant,
+		r.tx = &txState{pool: s.cfg.Pool, target: info.target,
 			stmts: newStatements(id), live: &s.live, metrics: s.cfg.Metrics, carried: map[string]string{},
 			log: log, refuse: s.cfg.RefuseSessionState}
 		for _, name := range session.CarriedSettings {

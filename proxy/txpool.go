@@ -52,14 +52,12 @@ const (
 
 // txState is what a transaction-pooled session keeps between transactions.
 type txState struct {
-	pool     *session.Pool
-	database string
-	params   map[string]string
-	grant    *session.Grant
-	stmts    *statements
-	live     *liveSessions
-	metrics  *Metrics
-	log      *slog.Logger
+	pool    *session.Pool
+	target  *session.Target
+	stmts   *statements
+	live    *liveSessions
+	metrics *Metrics
+	log     *slog.Logger
 	// refuse refuses what would pin (Config.RefuseSessionState).
 	refuse bool
 
@@ -429,7 +427,7 @@ func (r *relay) sendable(b *wire.Reader) bool {
 func (r *relay) acquire(ctx context.Context) (*session.Upstream, []byte, error) {
 	t := r.tx
 	began := time.Now()
-	up, installed, err := t.pool.Acquire(ctx, t.database, t.params, t.grant)
+	up, installed, err := t.pool.Acquire(ctx, t.target)
 	t.metrics.poolWait.Observe(time.Since(began).Seconds())
 	if err != nil {
 		return nil, nil, err
@@ -447,7 +445,7 @@ func (r *relay) prepare(up *session.Upstream, installed bool) []byte {
 	// it carries over.
 	pre := r.sweep(up)
 	if extra := t.extra(up); !installed || len(extra) > 0 {
-		b := up.Switch(t.grant, extra)
+		b := up.Switch(t.target.Grant, extra)
 		r.ledger.sentOwn(b)
 		pre = append(pre, b.Frames...)
 	}

@@ -90,9 +90,9 @@ func (p Policy) Grant(id *auth.Identity, log *slog.Logger) (*Grant, error) {
 	if role == "" {
 		return nil, ErrNoRole
 	}
-	g := &Grant{Role: role, Claims: string(id.ClaimsJSON)}
+	g := &Grant{Role: role, Claims: id.ClaimsJSON}
 	if p.ClaimsSetting != "" {
-		g.Settings = append(g.Settings, Setting{p.ClaimsSetting, string(id.ClaimsJSON)})
+		g.Settings = append(g.Settings, Setting{p.ClaimsSetting, id.ClaimsJSON})
 	}
 	if p.ClaimPrefix == "" {
 		return g, nil

@@ -19,7 +19,7 @@ func identity(t *testing.T, claimsJSON string) *auth.Identity {
 	}
 	js, _ := json.Marshal(claims)
 	sub, _ := claims["sub"].(string)
-	return &auth.Identity{Subject: sub, Claims: claims, ClaimsJSON: js}
+	return &auth.Identity{Subject: sub, Claims: claims, ClaimsJSON: string(js)}
 }
 
 func TestRoleFor(t *testing.T) {
@@ -66,7 +66,7 @@ func TestGrantSettings(t *testing.T) {
 		got[s.Name] = s.Value
 	}
 	want := map[string]string{
-		"request.jwt.claims":        string(id.ClaimsJSON),
+		"request.jwt.claims":        id.ClaimsJSON,
 		"jwt.claims.sub":            "u1",
 		"jwt.claims.email_verified": "true",
 		"jwt.claims.n":              "1.50",

@@ -61,6 +61,22 @@ type PoolConfig struct {
 	MaxLifetime time.Duration
 }
 
+// Target is what a session asks the pool for: a connection to Database,
+// logged in with the client's startup Params, for Grant's identity. A
+// session makes one at login and asks with it for every connection it
+// holds, so that its pool key is built once.
+type Target struct {
+	Database string
+	Params   map[string]string
+	Grant    *Grant
+	key      string
+}
+
+// NewTarget returns the Target of a session.
+func NewTarget(database string, params map[string]string, g *Grant) *Target {
+	return &Target{Database: database, Params: params, Grant: g, key: poolKey(g.Role, database, params)}
+}
+
 type pooled struct {
 	up       *Upstream
 	released time.Time
@@ -177,16 +193,15 @@ func (p *Pool) Ping(ctx context.Context) error {
 	return conn.Close(ctx)
 }
 
-// Get returns a connection to database with the grant installed, for a
-// session: an idle one that passes the install (its health check), or a new
+// Get returns a connection for t with its grant installed, for a session: an idle one that passes the install (its health check), or a new
 // one.
-func (p *Pool) Get(ctx context.Context, database string, params map[string]string, g *Grant) (*Upstream, error) {
+func (p *Pool) Get(ctx context.Context, t *Target) (*Upstream, error) {
 	for {
-		up, installed, err := p.Acquire(ctx, database, params, g)
+		up, installed, err := p.Acquire(ctx, t)
 		if err != nil || (installed && len(up.Drift()) == 0) {
 			return up, err
 		}
-		if err := up.install(ctx, g); err != nil {
+		if err := up.install(ctx, t.Grant); err != nil {
 			p.discard(up) // broken, or closed by the server: try the next
 			continue
 		}
@@ -194,13 +209,13 @@ func (p *Pool) Get(ctx context.Context, database string, params map[string]strin
 	}
 }
 
-// Acquire returns a connection of g's role to database: preferably an idle
-// one whose installed grant is g's already (installed reports it), else
-// another idle one, whose grant the caller must install (Upstream.Reinstall,
-// sent ahead of the client's first message), else a new one, opened with g
-// installed. At MaxConns the caller waits its turn, up to WaitTimeout.
-func (p *Pool) Acquire(ctx context.Context, database string, params map[string]string, g *Grant) (up *Upstream, installed bool, err error) {
-	key := poolKey(g.Role, database, params)
+// Acquire returns a connection for t: preferably an idle one whose
+// installed grant is t's identity already (installed reports it), else
+// another idle one of its key, whose grant the caller must install
+// (Upstream.Switch, sent ahead of the client's first message), else a new
+// one, opened with t's grant installed. At MaxConns the caller waits its turn, up to WaitTimeout.
+func (p *Pool) Acquire(ctx context.Context, t *Target) (up *Upstream, installed bool, err error) {
+	key, g := t.key, t.Grant
 	p.mu.Lock()
 	if p.closed {
 		p.mu.Unlock()
@@ -214,14 +229,14 @@ func (p *Pool) Acquire(ctx context.Context, database string, params map[string]s
 	if p.cfg.MaxConns <= 0 || p.open < p.cfg.MaxConns {
 		p.open++
 		p.mu.Unlock()
-		return p.openNew(ctx, key, database, params, g)
+		return p.openNew(ctx, t)
 	}
 	if victim := p.oldestIdleLocked(); victim != nil {
 		// Every slot is taken, some by connections idle under another
 		// key: one of them makes room.
 		p.mu.Unlock()
 		p.closeUp(victim.up)
-		return p.openNew(ctx, key, database, params, g)
+		return p.openNew(ctx, t)
 	}
 	w := &waiter{key: key, got: make(chan handoff, 1)}
 	p.waiters = append(p.waiters, w)
@@ -230,14 +245,14 @@ func (p *Pool) Acquire(ctx context.Context, database string, params map[string]s
 	p.mu.Unlock()
 
 	began := time.Now()
-	t := time.NewTimer(cfg.WaitTimeout)
-	defer t.Stop()
+	timer := time.NewTimer(cfg.WaitTimeout)
+	defer timer.Stop()
 	var h handoff
 	received := false
 	select {
 	case h = <-w.got:
 		received = true
-	case <-t.C:
+	case <-timer.C:
 	case <-ctx.Done():
 	}
 	p.mu.Lock()
@@ -263,7 +278,7 @@ func (p *Pool) Acquire(ctx context.Context, database string, params map[string]s
 	case h.up != nil:
 		return h.up, p.installed(h.up, g), nil
 	case h.slot:
-		return p.openNew(ctx, key, database, params, g)
+		return p.openNew(ctx, t)
 	}
 	return nil, false, errors.New("the upstream pool is closed")
 }
@@ -288,16 +303,16 @@ func (p *Pool) countInstallLocked(up *Upstream, g *Grant) bool {
 }
 
 // openNew opens a new connection in a slot already counted in open.
-func (p *Pool) openNew(ctx context.Context, key, database string, params map[string]string, g *Grant) (*Upstream, bool, error) {
-	up, err := p.dialer.Open(ctx, database, params, g)
+func (p *Pool) openNew(ctx context.Context, t *Target) (*Upstream, bool, error) {
+	up, err := p.dialer.Open(ctx, t.Database, t.Params, t.Grant)
 	if err != nil {
 		p.freeSlot()
 		return nil, false, err
 	}
-	up.key, up.born = key, time.Now()
+	up.key, up.born = t.key, time.Now()
 	p.mu.Lock()
 	p.stats.opened++
-	p.openByRole[roleDatabase(key)]++
+	p.openByRole[roleDatabase(t.key)]++
 	p.mu.Unlock()
 	return up, true, nil
 }

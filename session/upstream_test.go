@@ -194,15 +194,15 @@ func TestPoolCloseEndsWaits(t *testing.T) {
 		t.Fatal(err)
 	}
 	pool := session.NewPool(d, session.Policy{DefaultRole: "authenticated"}, session.PoolConfig{Size: 1, MaxConns: 1, WaitTimeout: 20 * time.Second})
-	g := &session.Grant{Role: "authenticated"}
-	held, _, err := pool.Acquire(ctx, d.Database(), nil, g)
+	target := session.NewTarget(d.Database(), nil, &session.Grant{Role: "authenticated"})
+	held, _, err := pool.Acquire(ctx, target)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer held.Close()
 	waited := make(chan error, 1)
 	go func() {
-		_, _, err := pool.Acquire(ctx, d.Database(), nil, g)
+		_, _, err := pool.Acquire(ctx, target)
 		waited <- err
 	}()
 	for pool.Snapshot().Waiting == 0 {

@@ -1250,7 +1250,7 @@ func (c *checker) testGrant() (*session.Grant, error) {
 	if err != nil {
 		return nil, err
 	}
-	return p.Grant(&auth.Identity{Subject: CheckSubject, Claims: claims, ClaimsJSON: js}, slog.New(slog.DiscardHandler))
+	return p.Grant(&auth.Identity{Subject: CheckSubject, Claims: claims, ClaimsJSON: string(js)}, slog.New(slog.DiscardHandler))
 }
 
 func userID(ctx context.Context, conn *pgconn.PgConn) (string, error) {

@@ -370,5 +370,5 @@ func testIdentity(t *testing.T, sub string) *auth.Identity {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &auth.Identity{Subject: sub, Claims: claims, ClaimsJSON: js}
+	return &auth.Identity{Subject: sub, Claims: claims, ClaimsJSON: string(js)}
 }
