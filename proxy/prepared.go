@@ -106,7 +106,7 @@ func (s *statements) parse(up *session.Upstream, frame []byte, dropsAll bool) []
 	server := s.prefix + strconv.Itoa(s.seq)
 	renamed := rebuild(frame[0], []byte(server), rest)
 	s.keep(string(name), server, renamed, dropsAll)
-	up.SetPrepared(server, true)
+	up.SetPrepared(s.owner, server, true)
 	return renamed
 }
 
@@ -137,10 +137,10 @@ func (s *statements) use(up *session.Upstream, name string) (pre []byte, server 
 	if st == nil {
 		return nil, s.serverName(name)
 	}
-	if up.Prepared(st.server) {
+	if up.Prepared(s.owner, st.server) {
 		return nil, st.server
 	}
-	up.SetPrepared(st.server, true)
+	up.SetPrepared(s.owner, st.server, true)
 	pre = rebuild('C', append([]byte{'S'}, st.server...), nil)
 	return append(pre, st.parse...), st.server
 }
@@ -154,7 +154,7 @@ func (s *statements) close(up *session.Upstream, name string) string {
 		delete(s.byName, name)
 	}
 	if server != "" {
-		up.SetPrepared(server, false)
+		up.SetPrepared(s.owner, server, false)
 	}
 	return server
 }
@@ -165,7 +165,7 @@ func (s *statements) close(up *session.Upstream, name string) string {
 func (s *statements) unprepared(up *session.Upstream, names []string) {
 	for _, name := range names {
 		if name != "" {
-			up.SetPrepared(name, false)
+			up.SetPrepared(s.owner, name, false)
 		} else if up.UnnamedOwner() == s.owner {
 			up.SetUnnamedOwner(0)
 		}

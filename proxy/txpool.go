@@ -7,8 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"slices"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -205,39 +203,23 @@ func (r *relay) sweep(up *session.Upstream) []byte {
 	if up.Swept() == ended {
 		return nil
 	}
-	var dead []string
+	var dead []uint64
 	t.live.mu.Lock()
-	up.EachPrepared(func(name string) {
-		if owner, ok := statementOwner(name); ok {
-			if _, alive := t.live.ids[owner]; !alive {
-				dead = append(dead, name)
-			}
+	up.PreparedOwners(func(owner uint64) {
+		if _, alive := t.live.ids[owner]; !alive {
+			dead = append(dead, owner)
 		}
 	})
 	t.live.mu.Unlock()
 	up.SetSwept(ended)
 	var pre []byte
-	for _, name := range dead {
-		pre, _ = (&pgproto3.Close{ObjectType: 'S', Name: name}).Encode(pre)
-		up.SetPrepared(name, false)
-		r.ledger.sentSilent('C')
+	for _, owner := range dead {
+		for _, name := range up.DropPrepared(owner) {
+			pre, _ = (&pgproto3.Close{ObjectType: 'S', Name: name}).Encode(pre)
+			r.ledger.sentSilent('C')
+		}
 	}
 	return pre
-}
-
-// statementOwner is the session number in a statement's server name
-// ("rlsproxy_<owner>_...", newStatements).
-func statementOwner(name string) (uint64, bool) {
-	rest, ok := strings.CutPrefix(name, statementPrefix)
-	if !ok {
-		return 0, false
-	}
-	num, _, ok := strings.Cut(rest, "_")
-	if !ok {
-		return 0, false
-	}
-	n, err := strconv.ParseUint(num, 10, 64)
-	return n, err == nil
 }
 
 // Cancel cancels the statement of the connection the session holds now, if

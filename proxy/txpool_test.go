@@ -592,3 +592,41 @@ func TestTxPoolingPartialMessageOneCheckout(t *testing.T) {
 		t.Errorf("%v checkouts for one message in three pieces, want 1", n)
 	}
 }
+
+// The statements of a session that ended are closed on each connection
+// before its next client, and only those: another live client's stay.
+func TestTxPoolingEndedSessionsStatementsClosed(t *testing.T) {
+	p := proxytest.Start(t, pg, func(s *proxytest.Setup) {
+		proxytest.TransactionPooling(s)
+		s.PoolConfig = session.PoolConfig{Size: 1, MaxConns: 1, WaitTimeout: 5 * time.Second}
+	})
+	a := rawSession(t, p, "user1")
+	a.send(t, &pgproto3.Parse{Name: "a1", Query: "SELECT 'ended-a1'"},
+		&pgproto3.Parse{Name: "a2", Query: "SELECT 'ended-a2'"}, &pgproto3.Sync{})
+	untilReady(t, a, 1)
+	c := rawSession(t, p, "user3")
+	defer c.Close()
+	c.send(t, &pgproto3.Parse{Name: "c1", Query: "SELECT 'live-c1'"}, &pgproto3.Sync{})
+	untilReady(t, c, 1)
+	b := rawSession(t, p, "user2")
+	defer b.Close()
+	const count = `SELECT count(*) FILTER (WHERE statement LIKE 'SELECT ''ended-%') || ',' ||
+		count(*) FILTER (WHERE statement LIKE 'SELECT ''live-%') FROM pg_prepared_statements`
+	if got := r10Must(t, b, count)[0]; got != "2,1" {
+		t.Fatalf("statements on the connection before a ended (ended, live): %s", got)
+	}
+	a.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	got := ""
+	for got != "0,1" && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+		got = r10Must(t, b, count)[0]
+	}
+	if got != "0,1" {
+		t.Fatalf("statements on the connection after a ended (ended, live): %s, want 0,1", got)
+	}
+	c.send(t, &pgproto3.Bind{PreparedStatement: "c1"}, &pgproto3.Execute{}, &pgproto3.Sync{})
+	if got := strings.Join(untilReady(t, c, 1), " "); got != "? D:live-c1 C:SELECT 1 Z" {
+		t.Fatalf("c's statement after the sweep: %s", got)
+	}
+}

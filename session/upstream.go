@@ -32,10 +32,13 @@ type Upstream struct {
 	signer *Signer
 
 	// prepared are the statements transaction-pooled clients prepared on
-	// the connection, by their names on the server; unnamedOwner is the
+	// the connection, by client session (the owner) and name on the
+	// server, so that those of sessions that ended are found without
+	// looking at the others'; nPrepared counts them. unnamedOwner is the
 	// client session whose unnamed statement the connection holds (0: none
 	// known). Only the relay serving the connection touches them.
-	prepared     map[string]struct{}
+	prepared     map[uint64]map[string]struct{}
+	nPrepared    int
 	unnamedOwner uint64
 	swept        uint64
 
@@ -157,34 +160,60 @@ func (u *Upstream) Switch(g *Grant, extra []Setting) *Batch {
 	return b
 }
 
-// Prepared reports whether the connection holds the statement of that name
-// on the server (transaction pooling's renamed statements).
-func (u *Upstream) Prepared(name string) bool {
-	_, ok := u.prepared[name]
+// Prepared reports whether the connection holds owner's statement of that
+// name on the server (transaction pooling's renamed statements).
+func (u *Upstream) Prepared(owner uint64, name string) bool {
+	_, ok := u.prepared[owner][name]
 	return ok
 }
 
 // SetPrepared records that the connection holds, or no longer holds, a
-// statement.
-func (u *Upstream) SetPrepared(name string, held bool) {
+// statement of owner's.
+func (u *Upstream) SetPrepared(owner uint64, name string, held bool) {
+	names := u.prepared[owner]
+	_, had := names[name]
 	switch {
-	case held && u.prepared == nil:
-		u.prepared = map[string]struct{}{name: {}}
+	case held == had:
+		return
+	case held && names == nil:
+		if u.prepared == nil {
+			u.prepared = map[uint64]map[string]struct{}{}
+		}
+		u.prepared[owner] = map[string]struct{}{name: {}}
+		u.nPrepared++
 	case held:
-		u.prepared[name] = struct{}{}
+		names[name] = struct{}{}
+		u.nPrepared++
 	default:
-		delete(u.prepared, name)
+		delete(names, name)
+		if len(names) == 0 {
+			delete(u.prepared, owner)
+		}
+		u.nPrepared--
 	}
 }
 
 // PreparedCount is the number of statements the connection holds.
-func (u *Upstream) PreparedCount() int { return len(u.prepared) }
+func (u *Upstream) PreparedCount() int { return u.nPrepared }
 
-// EachPrepared calls f with the name of each statement the connection holds.
-func (u *Upstream) EachPrepared(f func(name string)) {
-	for name := range u.prepared {
-		f(name)
+// PreparedOwners calls f with each client session that has statements on
+// the connection.
+func (u *Upstream) PreparedOwners(f func(owner uint64)) {
+	for owner := range u.prepared {
+		f(owner)
 	}
+}
+
+// DropPrepared forgets owner's statements on the connection, and returns
+// their names, for the caller to close.
+func (u *Upstream) DropPrepared(owner uint64) []string {
+	names := make([]string, 0, len(u.prepared[owner]))
+	for name := range u.prepared[owner] {
+		names = append(names, name)
+	}
+	delete(u.prepared, owner)
+	u.nPrepared -= len(names)
+	return names
 }
 
 // Swept is the count of ended sessions whose statements were last closed on
@@ -197,7 +226,7 @@ func (u *Upstream) SetSwept(n uint64) { u.swept = n }
 
 // ForgetPrepared records that the connection holds no statement any more
 // (DEALLOCATE ALL, DISCARD ALL).
-func (u *Upstream) ForgetPrepared() { u.prepared, u.unnamedOwner = nil, 0 }
+func (u *Upstream) ForgetPrepared() { u.prepared, u.nPrepared, u.unnamedOwner = nil, 0, 0 }
 
 // UnnamedOwner is the client session whose unnamed statement the
 // connection holds.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"slices"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -219,5 +220,53 @@ func TestPoolCloseEndsWaits(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("a wait for a connection outlived the pool's Close")
+	}
+}
+
+// The statements a connection holds are kept by owner: those of one
+// session are dropped without touching the others', and the count follows.
+func TestPreparedByOwner(t *testing.T) {
+	up := session.NewIdleUpstream()
+	steps := []struct {
+		owner uint64
+		name  string
+		held  bool
+		count int
+	}{
+		{1, "rlsproxy_1_1", true, 1},
+		{1, "rlsproxy_1_1", true, 1}, // again: no second count
+		{1, "rlsproxy_1_2", true, 2},
+		{2, "rlsproxy_2_1", true, 3},
+		{2, "rlsproxy_2_9", false, 3}, // never held
+		{3, "rlsproxy_3_1", true, 4},
+		{3, "rlsproxy_3_1", false, 3},
+	}
+	for i, s := range steps {
+		up.SetPrepared(s.owner, s.name, s.held)
+		if got := up.PreparedCount(); got != s.count {
+			t.Fatalf("step %d: count %d, want %d", i, got, s.count)
+		}
+		if up.Prepared(s.owner, s.name) != s.held {
+			t.Fatalf("step %d: Prepared(%d, %s) = %v", i, s.owner, s.name, !s.held)
+		}
+	}
+	var owners []uint64
+	up.PreparedOwners(func(o uint64) { owners = append(owners, o) })
+	slices.Sort(owners)
+	if !slices.Equal(owners, []uint64{1, 2}) {
+		t.Fatalf("owners %v, want [1 2] (3's only statement was dropped)", owners)
+	}
+	dropped := up.DropPrepared(1)
+	slices.Sort(dropped)
+	if !slices.Equal(dropped, []string{"rlsproxy_1_1", "rlsproxy_1_2"}) || up.PreparedCount() != 1 ||
+		up.Prepared(1, "rlsproxy_1_1") || !up.Prepared(2, "rlsproxy_2_1") {
+		t.Fatalf("after dropping 1's: dropped %v, count %d", dropped, up.PreparedCount())
+	}
+	if up.Prepared(1, "rlsproxy_2_1") {
+		t.Fatal("a statement is found under another owner")
+	}
+	up.ForgetPrepared()
+	if up.PreparedCount() != 0 || up.Prepared(2, "rlsproxy_2_1") {
+		t.Fatal("ForgetPrepared left statements")
 	}
 }
