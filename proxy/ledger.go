@@ -50,11 +50,20 @@ type ledger struct {
 	status  byte  // of the last ReadyForQuery
 	err     error // the answers stopped fitting: the connection is not reusable
 	maxSize int
-	// unprepared are the statements (transaction pooling's server names;
-	// "" the unnamed one) whose Parse the server failed or discarded
-	// unread, to be taken by the relay (takeUnprepared), which had
-	// recorded the connection as holding them.
-	unprepared []string
+	// undone are the records of statements (transaction pooling's server
+	// names; "" the unnamed one) made as a Parse, Close or DEALLOCATE was
+	// sent, which the server failed or discarded unread: to be taken by
+	// the relay (takeUndone) and put back as they were.
+	undone []stmtRecord
+}
+
+// stmtRecord is whether the connection holds a statement, or, with all,
+// that it holds none (a DEALLOCATE ALL); undone, all says that what it
+// holds is no longer known.
+type stmtRecord struct {
+	name string
+	held bool
+	all  bool
 }
 
 // entry is a run of messages of one type sent upstream, or one batch of the
@@ -79,11 +88,11 @@ type entry struct {
 	// prepared again on another connection): its completion is not passed
 	// on, an error is (n is 1).
 	silent bool
-	// prepares: a Parse of statement stmt that the connection is recorded
-	// as holding (n is 1); if the server fails or skips it, stmt goes to
-	// unprepared.
-	prepares bool
-	stmt     string
+	// records: a Parse, Close or DEALLOCATE (a Query, or the Bind of a
+	// prepared DEALLOCATE ALL) as which the connection is recorded as
+	// holding statements or not (n is 1); if the server fails or skips it,
+	// the records are undone (ledger.undone).
+	records []stmtRecord
 }
 
 const ownEntry = '*'
@@ -209,32 +218,62 @@ func (l *ledger) sentSilent(typ byte) {
 
 // sentParse records a Parse of statement stmt that the connection is
 // recorded as holding: silent for one the proxy sent on the client's
-// behalf. Should the server fail or discard it, stmt is reported by
-// takeUnprepared.
+// behalf. Should the server fail or discard it, takeUndone reports it as
+// not held.
 func (l *ledger) sentParse(stmt string, silent bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if !l.add(entry{typ: 'P', n: 1, silent: silent, prepares: true, stmt: stmt}) {
-		l.unprepared = append(l.unprepared, stmt)
+	l.addRecorded(entry{typ: 'P', n: 1, silent: silent, records: []stmtRecord{{name: stmt, held: true}}})
+}
+
+// sentForgetting records a client's message of type typ after which the
+// connection is recorded as no longer holding some statements (recs): a
+// Close, a DEALLOCATE Query, the Bind of a prepared DEALLOCATE ALL. Should
+// the server fail or discard it, takeUndone reports them as held (the
+// statements stay there, counted, and are closed with their session's
+// other statements), or, for a DEALLOCATE ALL, the connection's statements
+// as unknown.
+func (l *ledger) sentForgetting(typ byte, recs []stmtRecord) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.addRecorded(entry{typ: typ, n: 1, records: recs})
+}
+
+func (l *ledger) addRecorded(e entry) {
+	if !l.add(e) {
+		l.undo(&e)
 	}
 }
 
-// takeUnprepared returns the statements whose Parse the server failed or
-// discarded since the last call.
-func (l *ledger) takeUnprepared() []string {
+// undo notes that the server failed or did not read e.
+func (l *ledger) undo(e *entry) {
+	for _, r := range e.records {
+		l.undone = append(l.undone, stmtRecord{name: r.name, held: !r.held, all: r.all})
+	}
+}
+
+// takeUndone returns the statement records to put back, the messages that
+// made them having been failed or discarded by the server, since the last
+// call.
+func (l *ledger) takeUndone() []stmtRecord {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	u := l.unprepared
-	l.unprepared = nil
+	u := l.undone
+	l.undone = nil
 	return u
 }
 
 // sentReset records a client's Query that resets role or settings. It
 // reports false when the server will discard it unread (it skips to Sync).
-func (l *ledger) sentReset() bool {
+func (l *ledger) sentReset(recs []stmtRecord) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.add(entry{typ: 'Q', n: 1, reset: true})
+	e := entry{typ: 'Q', n: 1, reset: true, records: recs}
+	if !l.add(e) {
+		l.undo(&e)
+		return false
+	}
+	return true
 }
 
 // sentOwn records one of the proxy's own batches sent upstream: its answers
@@ -271,7 +310,9 @@ func (l *ledger) add(e entry) bool {
 }
 
 func mergeable(last, e *entry) bool {
-	plain := func(x *entry) bool { return x.refused == nil && !x.reset && !x.trigger && !x.silent && !x.prepares }
+	plain := func(x *entry) bool {
+		return x.refused == nil && !x.reset && !x.trigger && !x.silent && x.records == nil
+	}
 	return last.typ == e.typ && e.typ != ownEntry && plain(last) && plain(e) && !last.described
 }
 
@@ -546,6 +587,7 @@ func (l *ledger) failed(e *entry, body []byte, whole bool) (route, *clientError,
 					if t.reset {
 						ev = resetSkipped
 					}
+					l.undo(t)
 					if t.n--; t.n == 0 {
 						l.q = append(l.q[:i], l.q[i+1:]...)
 					}
@@ -562,13 +604,14 @@ func (l *ledger) failed(e *entry, body []byte, whole bool) (route, *clientError,
 		r, refusal = replace, e.refused
 	}
 	if e.typ == 'Q' || e.typ == 'F' || e.typ == 'S' {
-		// Simple protocol (or a Sync whose commit failed): ReadyForQuery follows.
+		// Simple protocol (or a Sync whose commit failed): ReadyForQuery
+		// follows. A DEALLOCATE Query that failed may have run in part: its
+		// statements count as held (a Close of one gone is no error).
+		l.undo(e)
 		return r, refusal, ev, nil
 	}
 	// Extended protocol: the server discards everything up to the next Sync.
-	if e.prepares {
-		l.unprepared = append(l.unprepared, e.stmt)
-	}
+	l.undo(e)
 	l.pop()
 	for l.head < len(l.q) {
 		t := &l.q[l.head]
@@ -581,9 +624,7 @@ func (l *ledger) failed(e *entry, body []byte, whole bool) (route, *clientError,
 		if t.reset {
 			ev = resetSkipped
 		}
-		if t.prepares {
-			l.unprepared = append(l.unprepared, t.stmt)
-		}
+		l.undo(t)
 		l.head++
 	}
 	if l.head == len(l.q) {

@@ -12,7 +12,10 @@ import (
 
 // ledgerScript plays a conversation against a ledger. Words after ">" are
 // client messages sent upstream, words after "<" server messages; "Q!" and
-// "P!" are substitutes for refused messages, "Q^" a reset; "E:code" is an
+// "P!" are substitutes for refused messages, "Q^" a reset; "P~" is a Parse
+// of statement p the connection is recorded as holding, "C~" and "Q~" a
+// Close and a DEALLOCATE Query of statement c recorded as no longer held,
+// "QA" a DEALLOCATE ALL Query; "E:code" is an
 // ErrorResponse with that SQLSTATE ("Ef" a FATAL one), "Z:T" a ReadyForQuery
 // with that status. It returns the routes of the server messages (c to the
 // client, d dropped, r replaced), the events (R reset done, K reset
@@ -29,9 +32,15 @@ func ledgerScript(t *testing.T, l *ledger, script string) (routes, events string
 		case client && w == "Q!", client && w == "P!":
 			l.sentRefused(w[0], newClientError(codeInsufficientPrivilege, "test", "refused"))
 		case client && w == "Q^":
-			if !l.sentReset() {
+			if !l.sentReset(nil) {
 				events += "-"
 			}
+		case client && w == "P~":
+			l.sentParse("p", false)
+		case client && (w == "C~" || w == "Q~"):
+			l.sentForgetting(w[0], []stmtRecord{{name: "c"}})
+		case client && w == "QA":
+			l.sentForgetting('Q', forgetAll())
 		case client:
 			l.sent(w[0])
 		default:
@@ -293,4 +302,46 @@ func FuzzLedger(f *testing.F) {
 		}
 		_ = l.idle()
 	})
+}
+
+// A Parse, Close or DEALLOCATE the server fails or discards unread gives
+// back the record of statements it made as it was sent: "p-" not held,
+// "c+" held after all, "*" unknown (a DEALLOCATE ALL).
+func TestLedgerUndoesStatementRecords(t *testing.T) {
+	for _, tc := range []struct{ name, script, undone string }{
+		{"all run", "> P~ C~ S < 1 3 Z > Q~ < C Z > QA < C Z", ""},
+		{"parse fails", "> P~ S < E Z", "p-"},
+		{"close skipped after an error", "> P C~ S < E Z", "c+"},
+		{"close sent while the server skips", "> P < E > C~ S < Z", "c+"},
+		{"parse skipped by an earlier error", "> P P~ B S < E Z", "p-"},
+		{"close past the sync runs", "> P S C~ S < E Z 3 Z", ""},
+		{"deallocate query fails", "> Q~ < E Z", "c+"},
+		{"deallocate all fails", "> QA < E Z", "*"},
+		{"close read by a copy", "> Q < G > d C~ < E:08P01 Z", "c+"},
+		{"parse read by a copy", "> Q < G > d P~ < E:08P01 Z", "p-"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			l := newLedger()
+			if _, _, err := ledgerScript(t, l, tc.script); err != nil {
+				t.Fatal(err)
+			}
+			var got []string
+			for _, r := range l.takeUndone() {
+				switch {
+				case r.all:
+					got = append(got, "*")
+				case r.held:
+					got = append(got, r.name+"+")
+				default:
+					got = append(got, r.name+"-")
+				}
+			}
+			if s := strings.Join(got, " "); s != tc.undone {
+				t.Errorf("undone %q, want %q", s, tc.undone)
+			}
+			if !l.idle() {
+				t.Error("the ledger is not idle at the end")
+			}
+		})
+	}
 }

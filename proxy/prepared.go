@@ -145,28 +145,46 @@ func (s *statements) use(up *session.Upstream, name string) (pre []byte, server 
 	return append(pre, st.parse...), st.server
 }
 
-// close forgets the client's statement name (Close, DEALLOCATE) and returns
-// its name on the server.
-func (s *statements) close(up *session.Upstream, name string) string {
+// forget forgets the client's statement name and returns its name on the
+// server.
+func (s *statements) forget(name string) string {
 	server := s.serverName(name)
 	if st := s.byName[name]; st != nil {
 		s.bytes -= len(st.parse)
 		delete(s.byName, name)
 	}
-	if server != "" {
-		up.SetPrepared(s.owner, server, false)
-	}
 	return server
 }
 
-// unprepared is told of statements whose Parse the server failed or
-// discarded (the ledger's takeUnprepared): up does not hold them, and a
-// later use prepares them again.
-func (s *statements) unprepared(up *session.Upstream, names []string) {
-	for _, name := range names {
-		if name != "" {
-			up.SetPrepared(s.owner, name, false)
-		} else if up.UnnamedOwner() == s.owner {
+// close forgets the client's statement name (Close, DEALLOCATE) and up's
+// record of it, and returns its name on the server, with the record to
+// give the ledger, for it to be undone should the server not run the
+// message (nil when up was not recorded as holding it).
+func (s *statements) close(up *session.Upstream, name string) (server string, recs []stmtRecord) {
+	server = s.forget(name)
+	if server != "" && up.Prepared(s.owner, server) {
+		up.SetPrepared(s.owner, server, false)
+		recs = []stmtRecord{{name: server}}
+	}
+	return server, recs
+}
+
+// forgetAll is the record of a DEALLOCATE ALL for the ledger.
+func forgetAll() []stmtRecord { return []stmtRecord{{all: true}} }
+
+// undo puts back the records of statements whose Parse, Close or
+// DEALLOCATE the server failed or discarded (the ledger's takeUndone): a
+// statement whose Parse did not run is not held, and a later use prepares
+// it again; one whose Close did not run is still held, counted, and closed
+// once its session has ended (relay.sweep). After a DEALLOCATE ALL that did
+// not run, what up holds is unknown: it is reset before its next client.
+func (s *statements) undo(up *session.Upstream, recs []stmtRecord) {
+	for _, r := range recs {
+		if r.all {
+			up.MarkPreparedUnknown()
+		} else if r.name != "" {
+			up.SetPrepared(s.owner, r.name, r.held)
+		} else if !r.held && up.UnnamedOwner() == s.owner {
 			up.SetUnnamedOwner(0)
 		}
 	}
@@ -181,26 +199,29 @@ func (s *statements) closeAll(up *session.Upstream) {
 
 // renameRef rewrites a whole Bind, Describe or Close frame naming a
 // statement: it returns the renamed frame, and the frames the connection
-// needs first, if any (see use).
-func (s *statements) renameRef(up *session.Upstream, frame []byte) (pre, renamed []byte) {
+// needs first, if any (see use). recs are what the frame drops from up's
+// record of statements (a Close, the Bind of a DEALLOCATE ALL), for the
+// ledger.
+func (s *statements) renameRef(up *session.Upstream, frame []byte) (pre, renamed []byte, recs []stmtRecord) {
 	typ, body := frame[0], frame[5:]
 	switch typ {
 	case 'B':
 		portal, rest, ok := cut(body)
 		if !ok {
-			return nil, frame
+			return nil, frame, nil
 		}
 		name, rest, ok := cut(rest)
 		if !ok {
-			return nil, frame
+			return nil, frame, nil
 		}
 		pre, server := s.use(up, string(name))
 		if st := s.byName[string(name)]; st != nil && st.dropsAll {
 			// Executing it drops every statement of the connection.
 			s.closeAll(up)
+			recs = forgetAll()
 		}
 		if server == string(name) {
-			return pre, frame // the unnamed statement keeps its name
+			return pre, frame, recs // the unnamed statement keeps its name
 		}
 		n := len(portal) + 1 + len(server) + 1 + len(rest)
 		b := make([]byte, 5, 5+n)
@@ -208,36 +229,39 @@ func (s *statements) renameRef(up *session.Upstream, frame []byte) (pre, renamed
 		binary.BigEndian.PutUint32(b[1:], uint32(4+n))
 		b = append(append(b, portal...), 0)
 		b = append(append(b, server...), 0)
-		return pre, append(b, rest...)
+		return pre, append(b, rest...), recs
 	case 'D', 'C':
 		if len(body) < 2 || body[0] != 'S' {
-			return nil, frame // a portal: portals end with their transaction
+			return nil, frame, nil // a portal: portals end with their transaction
 		}
 		name, rest, ok := cut(body[1:])
 		if !ok {
-			return nil, frame
+			return nil, frame, nil
 		}
 		if typ == 'C' {
-			server := s.close(up, string(name))
-			return nil, rebuild('C', append([]byte{'S'}, server...), rest)
+			server, recs := s.close(up, string(name))
+			return nil, rebuild('C', append([]byte{'S'}, server...), rest), recs
 		}
 		pre, server := s.use(up, string(name))
-		return pre, rebuild('D', append([]byte{'S'}, server...), rest)
+		return pre, rebuild('D', append([]byte{'S'}, server...), rest), nil
 	}
-	return nil, frame
+	return nil, frame, nil
 }
 
 // deallocate returns the Query that deallocates the client's statement
 // names on the server, and the frames the connection needs first (so that
 // the server's answer is the one the client expects), or a nil query when
-// the names are to be sent as the client wrote them. names are a verdict's
+// the names are to be sent as the client wrote them; recs are what it drops
+// from up's record, for the ledger. later: the DEALLOCATE is being
+// prepared, to run when it is executed, if ever: up's record stays (a
+// record of a statement gone costs a Close of nothing, which is no error). names are a verdict's
 // (several for a Query of several DEALLOCATE statements), each deallocated
 // in turn. A name the client never prepared goes under its own name (a
 // statement of SQL PREPARE, on a connection the client is pinned to),
 // unless it is in the proxy's namespace: another client's statement on the
 // same connection, which it must not reach, so it is renamed into the
 // client's own, where no statement has it.
-func (s *statements) deallocate(up *session.Upstream, names []string) (pre, query []byte) {
+func (s *statements) deallocate(up *session.Upstream, names []string, later bool) (pre, query []byte, recs []stmtRecord) {
 	var sql strings.Builder
 	rewrite := false
 	for _, name := range names {
@@ -246,7 +270,13 @@ func (s *statements) deallocate(up *session.Upstream, names []string) (pre, quer
 		case name != "" && s.byName[name] != nil:
 			p, _ := s.use(up, name)
 			pre = append(pre, p...)
-			server = s.close(up, name)
+			if later {
+				server = s.forget(name)
+			} else {
+				var r []stmtRecord
+				server, r = s.close(up, name)
+				recs = append(recs, r...)
+			}
 			rewrite = true
 		case strings.HasPrefix(name, statementPrefix):
 			server = s.serverName(name)
@@ -258,10 +288,10 @@ func (s *statements) deallocate(up *session.Upstream, names []string) (pre, quer
 		sql.WriteString("DEALLOCATE " + sqlquote.Ident(server))
 	}
 	if !rewrite {
-		return nil, nil
+		return nil, nil, nil
 	}
 	query, _ = (&pgproto3.Query{String: sql.String()}).Encode(nil)
-	return pre, query
+	return pre, query, recs
 }
 
 // rebuild returns a frame of type typ whose body is name, a NUL, then rest

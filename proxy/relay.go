@@ -290,8 +290,9 @@ func (r *relay) fromClient(in []byte, out [][]byte) (int, [][]byte) {
 		n += size
 	}
 	if r.tx != nil {
-		// Parse frames sent while the server skips to Sync: discarded.
-		r.tx.stmts.unprepared(r.up, r.ledger.takeUnprepared())
+		// Parse and Close frames sent while the server skips to Sync:
+		// discarded.
+		r.tx.stmts.undo(r.up, r.ledger.takeUndone())
 	}
 	r.noteClientBytes(in[n:])
 	return n, appendSegment(out, in[start:n])
@@ -330,31 +331,41 @@ func (r *relay) txRef(out [][]byte, prefix []byte, size int) [][]byte {
 		// its length is then made the whole renamed frame's.
 		frame = rebuild('B', nil, prefix[5:])
 	}
-	pre, renamed := r.tx.stmts.renameRef(r.up, frame)
+	pre, renamed, recs := r.tx.stmts.renameRef(r.up, frame)
 	out = r.sentSilently(out, pre)
 	if !whole {
 		binary.BigEndian.PutUint32(renamed[1:], uint32(size-len(prefix)+len(renamed)-1))
 	}
-	r.sent(renamed[0])
+	if recs != nil {
+		r.ledger.sentForgetting(renamed[0], recs)
+		if r.ledger.full() {
+			r.full.Store(true)
+		}
+	} else {
+		r.sent(renamed[0])
+	}
 	return append(out, renamed)
 }
 
 // deallocated applies a DEALLOCATE the guard found in a transaction-pooled
-// client's statement to the statements the proxy renamed for it: out gains
+// client's Query to the statements the proxy renamed for it: out gains
 // what the connection needs first, and query is the DEALLOCATE Query of the
-// statement's server name (nil: nothing to rename, the statement as sent
-// stands).
-func (r *relay) deallocated(v guard.Verdict, out [][]byte) ([][]byte, []byte) {
+// statements' server names (nil: nothing to rename, the statement as sent
+// stands). recs are what it drops from the connection's record of
+// statements, for the ledger (statements.deallocate); later, for a Parse
+// of a DEALLOCATE, which runs when executed.
+func (r *relay) deallocated(v guard.Verdict, out [][]byte, later bool) ([][]byte, []byte, []stmtRecord) {
 	t := r.tx
 	switch {
-	case v.DeallocateAll:
+	case v.DeallocateAll && !later:
 		t.stmts.closeAll(r.up)
+		return out, nil, forgetAll()
 	case v.Deallocate != "":
-		if pre, query := t.stmts.deallocate(r.up, v.DeallocatedNames()); query != nil {
-			return r.sentSilently(out, pre), query
+		if pre, query, recs := t.stmts.deallocate(r.up, v.DeallocatedNames(), later); query != nil {
+			return r.sentSilently(out, pre), query, recs
 		}
 	}
-	return out, nil
+	return out, nil, nil
 }
 
 // sentSilently appends frames of the proxy's own that the client did not
@@ -457,8 +468,9 @@ func (r *relay) inspected(out [][]byte, frame []byte) [][]byte {
 			substitute, v = r.guard.substitute(frame[0], name, refusal), guard.Verdict{}
 		}
 	}
+	var recs []stmtRecord
 	if substitute == nil {
-		out, frame = r.stateEffects(out, frame, v)
+		out, frame, recs = r.stateEffects(out, frame, v)
 	}
 	switch {
 	case substitute != nil:
@@ -467,9 +479,11 @@ func (r *relay) inspected(out [][]byte, frame []byte) [][]byte {
 	case frame == nil:
 		// Replaced by the frames stateEffects sent.
 	case v.Resets:
-		if r.ledger.sentReset() {
+		if r.ledger.sentReset(recs) {
 			r.holding.Store(true)
 		}
+	case recs != nil:
+		r.ledger.sentForgetting(frame[0], recs)
 	case r.tx != nil && frame[0] == 'P':
 		r.ledger.sentParse(string(cstring(frame[5:])), false)
 	default:
@@ -492,8 +506,10 @@ func (r *relay) inspected(out [][]byte, frame []byte) [][]byte {
 // session beyond its transaction: it pins a transaction-pooled client, or
 // marks a session's connection for a reset; in transaction mode it renames
 // prepared statements. It returns the frame to send (nil when it has
-// appended to out what replaces it).
-func (r *relay) stateEffects(out [][]byte, frame []byte, v guard.Verdict) ([][]byte, []byte) {
+// appended to out what replaces it, and recorded it in the ledger), and
+// what the frame drops from the connection's record of statements, for the
+// ledger.
+func (r *relay) stateEffects(out [][]byte, frame []byte, v guard.Verdict) ([][]byte, []byte, []stmtRecord) {
 	if v.Pin != "" {
 		if r.tx == nil {
 			if r.sessionState == "" {
@@ -515,7 +531,7 @@ func (r *relay) stateEffects(out [][]byte, frame []byte, v guard.Verdict) ([][]b
 			// deallocates through the extended protocol.
 			var query []byte
 			if v.Deallocate != "" {
-				out, query = r.deallocated(v, out)
+				out, query, _ = r.deallocated(v, out, true)
 			}
 			if query != nil {
 				name, _, _ := cut(frame[5:])
@@ -532,12 +548,14 @@ func (r *relay) stateEffects(out [][]byte, frame []byte, v guard.Verdict) ([][]b
 			break
 		}
 		var query []byte
-		if out, query = r.deallocated(v, out); query != nil {
-			r.ledger.sent('Q')
-			return append(out, query), nil
+		var recs []stmtRecord
+		if out, query, recs = r.deallocated(v, out, false); query != nil {
+			r.ledger.sentForgetting('Q', recs)
+			return append(out, query), nil, nil
 		}
+		return out, frame, recs
 	}
-	return out, frame
+	return out, frame, nil
 }
 
 // frontendMessage reports the message types a client may send after
@@ -598,9 +616,9 @@ func (r *relay) fromServer(in []byte, out [][]byte) (int, [][]byte) {
 		}
 		route, refusal, ev, err := r.ledger.received(typ, body, whole)
 		if t := r.tx; t != nil && typ == 'E' {
-			if names := r.ledger.takeUnprepared(); names != nil {
+			if recs := r.ledger.takeUndone(); recs != nil {
 				t.stmtsMu.Lock()
-				t.stmts.unprepared(r.up, names)
+				t.stmts.undo(r.up, recs)
 				t.stmtsMu.Unlock()
 			}
 		}

@@ -507,8 +507,9 @@ func (r *relay) serveUpstream(up *session.Upstream, client net.Conn, resume chan
 	}
 	t.cancels.Wait()
 	_ = up.Conn().SetDeadline(time.Time{})
-	if up.PreparedCount() > maxStatementsPerConnection {
-		// Statements of clients long gone pile up: reset, which drops them.
+	if statementsOverflow(up) {
+		// Statements of clients long gone pile up, or some are not on
+		// record: reset, which drops them.
 		rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		t.pool.Release(rctx, up, true, true, 'I')
 		cancel()
@@ -521,6 +522,13 @@ func (r *relay) serveUpstream(up *session.Upstream, client net.Conn, resume chan
 // keeps for the clients it served; past it, it is reset before its next
 // client.
 const maxStatementsPerConnection = 5000
+
+// statementsOverflow reports whether up must be reset before its next
+// client for the statements it holds: more than it may keep, or some that
+// are not on record.
+func statementsOverflow(up *session.Upstream) bool {
+	return up.PreparedCount() > maxStatementsPerConnection || up.PreparedUnknown()
+}
 
 // mayDetach lets go of up when the transaction is over: the server idle,
 // out of any transaction block, every answer relayed, nothing of the
@@ -546,7 +554,7 @@ func (r *relay) mayDetach(up *session.Upstream, src *wire.Reader) bool {
 // another client: a pinned session's, or statements it prepared.
 func (r *relay) stateful(up *session.Upstream) bool {
 	if r.tx != nil {
-		return r.tx.pinned != "" || up.PreparedCount() > maxStatementsPerConnection
+		return r.tx.pinned != "" || statementsOverflow(up)
 	}
 	if r.guard == nil || !r.guard.g.TracksState() {
 		return true // nothing read what the session's statements left

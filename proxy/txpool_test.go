@@ -18,6 +18,7 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/rlsproxy/rlsproxy/internal/proxytest"
+	"github.com/rlsproxy/rlsproxy/internal/sqlquote"
 	"github.com/rlsproxy/rlsproxy/session"
 )
 
@@ -628,5 +629,106 @@ func TestTxPoolingEndedSessionsStatementsClosed(t *testing.T) {
 	c.send(t, &pgproto3.Bind{PreparedStatement: "c1"}, &pgproto3.Execute{}, &pgproto3.Sync{})
 	if got := strings.Join(untilReady(t, c, 1), " "); got != "? D:live-c1 C:SELECT 1 Z" {
 		t.Fatalf("c's statement after the sweep: %s", got)
+	}
+}
+
+// A Close or DEALLOCATE the server does not run (skipped after an error,
+// refused in a failed transaction block) leaves the statement on the
+// connection: the proxy keeps it on record, and closes it with the rest of
+// the session's, or, after a DEALLOCATE ALL, resets the connection before
+// its next client. Before, the record was dropped as the message was sent,
+// and the statement stayed on the shared connection for good.
+func TestTxPoolingUnrunDeallocateKeepsRecord(t *testing.T) {
+	const parse = "SELECT 'unrun'"
+	for _, tc := range []struct {
+		name string
+		drop func(t *testing.T, a *rawClient)
+	}{
+		{"close skipped after an error", func(t *testing.T, a *rawClient) {
+			a.send(t, &pgproto3.Parse{Name: "bad", Query: "SELECT * FROM no_such_table"},
+				&pgproto3.Close{ObjectType: 'S', Name: "s"}, &pgproto3.Sync{})
+			if got := strings.Join(untilReady(t, a, 1), " "); got != "E:42P01 Z" {
+				t.Fatalf("the pipeline: %s", got)
+			}
+		}},
+		{"deallocate in a failed block", func(t *testing.T, a *rawClient) {
+			inFailedBlock(t, a, "DEALLOCATE s")
+		}},
+		{"deallocate all in a failed block", func(t *testing.T, a *rawClient) {
+			inFailedBlock(t, a, "DEALLOCATE ALL")
+		}},
+		{"discard all in a block", func(t *testing.T, a *rawClient) {
+			inFailedBlock(t, a, "DISCARD ALL")
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := proxytest.Start(t, pg, func(s *proxytest.Setup) {
+				proxytest.TransactionPooling(s)
+				s.PoolConfig = session.PoolConfig{Size: 1, MaxConns: 1, WaitTimeout: 5 * time.Second}
+			})
+			a := rawSession(t, p, "user1")
+			a.send(t, &pgproto3.Parse{Name: "s", Query: parse}, &pgproto3.Sync{})
+			untilReady(t, a, 1)
+			tc.drop(t, a)
+			a.Close()
+			b := rawSession(t, p, "user2")
+			defer b.Close()
+			count := "SELECT count(*) FROM pg_prepared_statements WHERE statement = " + sqlquote.Literal(parse)
+			deadline := time.Now().Add(5 * time.Second)
+			got := r10Must(t, b, count)[0]
+			for got != "0" && time.Now().Before(deadline) {
+				time.Sleep(20 * time.Millisecond)
+				got = r10Must(t, b, count)[0]
+			}
+			if got != "0" {
+				t.Fatalf("a's statement is still on the connection after a ended: %s", got)
+			}
+		})
+	}
+}
+
+// inFailedBlock sends sql inside a transaction block that has failed, where
+// the server refuses it, then rolls back.
+func inFailedBlock(t *testing.T, c *rawClient, sql string) {
+	t.Helper()
+	r10Must(t, c, "BEGIN")
+	if _, code := r10Query(t, c, "SELECT 1/0"); code != "22012" {
+		t.Fatalf("SELECT 1/0: %q", code)
+	}
+	if _, code := r10Query(t, c, sql); code != "25P02" {
+		t.Fatalf("%s in a failed block: %q, want 25P02", sql, code)
+	}
+	r10Must(t, c, "ROLLBACK")
+}
+
+// A client's Close and DEALLOCATE of its statement drop it from the server
+// at once, under the name the proxy gave it there.
+func TestTxPoolingCloseDropsStatement(t *testing.T) {
+	p := proxytest.Start(t, pg, func(s *proxytest.Setup) {
+		proxytest.TransactionPooling(s)
+		s.PoolConfig = session.PoolConfig{Size: 1, MaxConns: 1, WaitTimeout: 5 * time.Second}
+	})
+	a := rawSession(t, p, "user1")
+	defer a.Close()
+	count := func(text string) string {
+		return r10Must(t, a, "SELECT count(*) FROM pg_prepared_statements WHERE statement = "+sqlquote.Literal(text))[0]
+	}
+	a.send(t, &pgproto3.Parse{Name: "s", Query: "SELECT 'closed'"}, &pgproto3.Parse{Name: "d", Query: "SELECT 'deallocated'"},
+		&pgproto3.Parse{Name: "q", Query: "SELECT 'deallocated later'"}, &pgproto3.Parse{Name: "dq", Query: "DEALLOCATE q"}, &pgproto3.Sync{})
+	untilReady(t, a, 1)
+	if c := count("SELECT 'closed'") + count("SELECT 'deallocated'") + count("SELECT 'deallocated later'"); c != "111" {
+		t.Fatalf("statements prepared: %s", c)
+	}
+	a.send(t, &pgproto3.Close{ObjectType: 'S', Name: "s"}, &pgproto3.Sync{})
+	if got := strings.Join(untilReady(t, a, 1), " "); got != "? Z" {
+		t.Fatalf("Close: %s", got)
+	}
+	r10Must(t, a, "DEALLOCATE d")
+	a.send(t, &pgproto3.Bind{PreparedStatement: "dq"}, &pgproto3.Execute{}, &pgproto3.Sync{})
+	if got := strings.Join(untilReady(t, a, 1), " "); got != "? C:DEALLOCATE Z" {
+		t.Fatalf("prepared DEALLOCATE: %s", got)
+	}
+	if c := count("SELECT 'closed'") + count("SELECT 'deallocated'") + count("SELECT 'deallocated later'"); c != "000" {
+		t.Fatalf("statements left after Close, DEALLOCATE and a prepared DEALLOCATE: %s", c)
 	}
 }

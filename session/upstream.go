@@ -34,13 +34,17 @@ type Upstream struct {
 	// prepared are the statements transaction-pooled clients prepared on
 	// the connection, by client session (the owner) and name on the
 	// server, so that those of sessions that ended are found without
-	// looking at the others'; nPrepared counts them. unnamedOwner is the
-	// client session whose unnamed statement the connection holds (0: none
-	// known). Only the relay serving the connection touches them.
-	prepared     map[uint64]map[string]struct{}
-	nPrepared    int
-	unnamedOwner uint64
-	swept        uint64
+	// looking at the others'; nPrepared counts them. preparedUnknown: the
+	// record may lack some (a DEALLOCATE ALL the server did not run).
+	// unnamedOwner is the client session whose unnamed statement the
+	// connection holds (0: none known). Only the relay serving the
+	// connection touches them: both its sides, under its lock of them, and
+	// its sweep before it starts reading the connection.
+	prepared        map[uint64]map[string]struct{}
+	nPrepared       int
+	preparedUnknown bool
+	unnamedOwner    uint64
+	swept           uint64
 
 	// initial are the values of CarriedSettings the server reported at
 	// login, which its startup parameters (the pool key) gave it.
@@ -226,7 +230,18 @@ func (u *Upstream) SetSwept(n uint64) { u.swept = n }
 
 // ForgetPrepared records that the connection holds no statement any more
 // (DEALLOCATE ALL, DISCARD ALL).
-func (u *Upstream) ForgetPrepared() { u.prepared, u.nPrepared, u.unnamedOwner = nil, 0, 0 }
+func (u *Upstream) ForgetPrepared() {
+	u.prepared, u.nPrepared, u.unnamedOwner, u.preparedUnknown = nil, 0, 0, false
+}
+
+// MarkPreparedUnknown records that the connection may hold statements its
+// record lacks: a DEALLOCATE ALL that forgot them did not run. It must be
+// reset (which drops them) before another client.
+func (u *Upstream) MarkPreparedUnknown() { u.preparedUnknown = true }
+
+// PreparedUnknown reports MarkPreparedUnknown since the last
+// ForgetPrepared.
+func (u *Upstream) PreparedUnknown() bool { return u.preparedUnknown }
 
 // UnnamedOwner is the client session whose unnamed statement the
 // connection holds.
