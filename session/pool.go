@@ -64,7 +64,8 @@ type PoolConfig struct {
 // Target is what a session asks the pool for: a connection to Database,
 // logged in with the client's startup Params, for Grant's identity. A
 // session makes one at login and asks with it for every connection it
-// holds, so that its pool key is built once.
+// holds, so that its pool key is built once: its fields must not change
+// after NewTarget.
 type Target struct {
 	Database string
 	Params   map[string]string
@@ -193,8 +194,8 @@ func (p *Pool) Ping(ctx context.Context) error {
 	return conn.Close(ctx)
 }
 
-// Get returns a connection for t with its grant installed, for a session: an idle one that passes the install (its health check), or a new
-// one.
+// Get returns a connection for t with its grant installed, for a session:
+// an idle one that passes the install (its health check), or a new one.
 func (p *Pool) Get(ctx context.Context, t *Target) (*Upstream, error) {
 	for {
 		up, installed, err := p.Acquire(ctx, t)
@@ -213,7 +214,8 @@ func (p *Pool) Get(ctx context.Context, t *Target) (*Upstream, error) {
 // installed grant is t's identity already (installed reports it), else
 // another idle one of its key, whose grant the caller must install
 // (Upstream.Switch, sent ahead of the client's first message), else a new
-// one, opened with t's grant installed. At MaxConns the caller waits its turn, up to WaitTimeout.
+// one, opened with t's grant installed. At MaxConns the caller waits its
+// turn, up to WaitTimeout.
 func (p *Pool) Acquire(ctx context.Context, t *Target) (up *Upstream, installed bool, err error) {
 	key, g := t.key, t.Grant
 	p.mu.Lock()

@@ -265,8 +265,16 @@ func TestPreparedByOwner(t *testing.T) {
 	if up.Prepared(1, "rlsproxy_2_1") {
 		t.Fatal("a statement is found under another owner")
 	}
+	if none := up.DropPrepared(7); len(none) != 0 || up.PreparedCount() != 1 {
+		t.Fatalf("dropping an owner with no statements: %v, count %d", none, up.PreparedCount())
+	}
+	up.SetPrepared(1, "rlsproxy_1_3", true) // an owner dropped before
+	if !up.Prepared(1, "rlsproxy_1_3") || up.PreparedCount() != 2 {
+		t.Fatalf("a statement of a dropped owner: count %d", up.PreparedCount())
+	}
+	up.MarkPreparedUnknown()
 	up.ForgetPrepared()
-	if up.PreparedCount() != 0 || up.Prepared(2, "rlsproxy_2_1") {
+	if up.PreparedCount() != 0 || up.Prepared(2, "rlsproxy_2_1") || up.PreparedUnknown() {
 		t.Fatal("ForgetPrepared left statements")
 	}
 }
