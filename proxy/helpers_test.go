@@ -301,3 +301,35 @@ func sendCancel(addr string, pid, secret uint32) error {
 	}
 	return err
 }
+
+// answersWithin3s reads answers up to ReadyForQuery, a FATAL, or a 3 s silence
+// ("timeout"), as untilReady's short strings.
+func answersWithin3s(t *testing.T, c *rawClient) []string {
+	t.Helper()
+	_ = c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	defer c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	var seq []string
+	for {
+		m, err := c.fe.Receive()
+		if err != nil {
+			return append(seq, "timeout")
+		}
+		switch m := m.(type) {
+		case *pgproto3.ErrorResponse:
+			seq = append(seq, "E:"+m.Code)
+			if m.Severity == "FATAL" {
+				return seq
+			}
+		case *pgproto3.DataRow:
+			var vals []string
+			for _, v := range m.Values {
+				vals = append(vals, string(v))
+			}
+			seq = append(seq, "D:"+strings.Join(vals, ","))
+		case *pgproto3.CommandComplete:
+			seq = append(seq, "C:"+string(m.CommandTag))
+		case *pgproto3.ReadyForQuery:
+			return append(seq, "Z"+string(m.TxStatus))
+		}
+	}
+}

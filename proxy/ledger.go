@@ -42,14 +42,20 @@ import (
 //
 // The ledger is used by both directions of a relay, so it locks.
 type ledger struct {
-	mu      sync.Mutex
-	q       []entry // owed, oldest first; q[:head] are settled
-	head    int
-	skip    bool // the server discards messages until the next Sync
-	cp      copyState
-	status  byte  // of the last ReadyForQuery
-	err     error // the answers stopped fitting: the connection is not reusable
-	maxSize int
+	mu     sync.Mutex
+	q      []entry // owed, oldest first; q[:head] are settled
+	head   int
+	skip   bool // the server discards messages until the next Sync
+	cp     copyState
+	status byte // of the last ReadyForQuery
+	// unsynced: the client sent an extended-protocol message after its last
+	// Sync or Query. The server is then inside the transaction that message
+	// began (or an explicit one an Execute of BEGIN opened), whatever the
+	// last ReadyForQuery said, until a Sync ends it: the connection is
+	// neither let go nor reused.
+	unsynced bool
+	err      error // the answers stopped fitting: the connection is not reusable
+	maxSize  int
 	// undone are the records of statements (transaction pooling's server
 	// names; "" the unnamed one) made as a Parse, Close or DEALLOCATE was
 	// sent, which the server failed or discarded unread: to be taken by
@@ -182,7 +188,16 @@ func (l *ledger) quiet() bool {
 func (l *ledger) reusable() bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.err == nil && l.head == len(l.q) && !l.skip && !l.cp.in && !l.cp.out
+	return l.err == nil && l.head == len(l.q) && !l.skip && !l.cp.in && !l.cp.out && !l.unsynced
+}
+
+// synced reports whether the client's last extended-protocol message, if
+// any, was followed by a Sync or a Query: the last ReadyForQuery's status
+// is then the server's.
+func (l *ledger) synced() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return !l.unsynced
 }
 
 // txStatus returns the status of the last ReadyForQuery.
@@ -288,6 +303,14 @@ func (l *ledger) sentOwn(b *session.Batch) {
 // to Sync, read as COPY data while a copy is open, queued otherwise. It
 // reports whether e was queued.
 func (l *ledger) add(e entry) bool {
+	if !e.silent && e.typ != ownEntry {
+		switch e.typ {
+		case 'P', 'B', 'D', 'E', 'C':
+			l.unsynced = true
+		case 'S', 'Q', 'F':
+			l.unsynced = false
+		}
+	}
 	if l.skip {
 		if e.typ != 'S' {
 			return false // discarded by the server

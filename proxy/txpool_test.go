@@ -732,3 +732,121 @@ func TestTxPoolingCloseDropsStatement(t *testing.T) {
 		t.Fatalf("statements left after Close, DEALLOCATE and a prepared DEALLOCATE: %s", c)
 	}
 }
+
+// A client that sent extended-protocol messages without a Sync keeps its
+// connection, whatever the last ReadyForQuery said: the server is inside
+// the transaction those messages began (a portal suspended by a row limit,
+// an Execute of BEGIN). Before, the connection went to the next client in
+// the middle of it: a cursor's portal was gone (34000), another identity's
+// session ended on the install's status check, and a client of the same
+// token ran inside the first one's transaction block.
+func TestTxPoolingHeldUntilSync(t *testing.T) {
+	oneConn := func(s *proxytest.Setup) {
+		proxytest.TransactionPooling(s)
+		s.PoolConfig = session.PoolConfig{Size: 1, MaxConns: 1, WaitTimeout: 10 * time.Second}
+	}
+	// waiting sends b's query, which must wait for the connection, and
+	// returns its answers when they come.
+	waiting := func(t *testing.T, b *rawClient, sql string) <-chan string {
+		b.send(t, &pgproto3.Query{String: sql})
+		got := make(chan string, 1)
+		go func() { got <- strings.Join(answersWithin3s(t, b), " ") }()
+		time.Sleep(200 * time.Millisecond)
+		select {
+		case s := <-got:
+			t.Fatalf("b ran while a held the connection mid-transaction: %s", s)
+		default:
+		}
+		return got
+	}
+	t.Run("suspended portal", func(t *testing.T) {
+		p := proxytest.Start(t, pg, oneConn)
+		a := rawSession(t, p, "user1")
+		defer a.Close()
+		b := rawSession(t, p, "user2")
+		defer b.Close()
+		a.send(t, &pgproto3.Parse{Query: "SELECT g::text FROM generate_series(1, 6) g"}, &pgproto3.Bind{},
+			&pgproto3.Execute{MaxRows: 3}, &pgproto3.Flush{})
+		for suspended := false; !suspended; {
+			switch m := a.receive(t).(type) {
+			case *pgproto3.PortalSuspended:
+				suspended = true
+			case *pgproto3.ErrorResponse:
+				t.Fatalf("%s %s", m.Code, m.Message)
+			}
+		}
+		got := waiting(t, b, "SELECT current_setting('jwt.claims.sub')")
+		a.send(t, &pgproto3.Execute{MaxRows: 3}, &pgproto3.Sync{})
+		if s := strings.Join(untilReady(t, a, 1), " "); s != "D:4 D:5 D:6 ? Z" {
+			t.Errorf("the cursor's next rows: %s", s)
+		}
+		if s := <-got; s != "D:user2 C:SELECT 1 ZI" {
+			t.Errorf("b after a's Sync: %s", s)
+		}
+	})
+	for _, same := range []bool{false, true} {
+		t.Run(map[bool]string{false: "begin, other identity", true: "begin, same token"}[same], func(t *testing.T) {
+			p := proxytest.Start(t, pg, oneConn)
+			tok := p.Token(t, "user1")
+			a, _, _ := rawStartup(t, p, "user1", tok, "")
+			defer a.Close()
+			b := rawSession(t, p, "user2")
+			if same {
+				b, _, _ = rawStartup(t, p, "user1", tok, "")
+			}
+			defer b.Close()
+			a.send(t, &pgproto3.Parse{Query: "BEGIN"}, &pgproto3.Bind{}, &pgproto3.Execute{},
+				&pgproto3.Parse{Query: "SELECT set_config('app.held', 'left by a', true)"}, &pgproto3.Bind{}, &pgproto3.Execute{}, &pgproto3.Flush{})
+			for n := 0; n < 2; {
+				switch m := a.receive(t).(type) {
+				case *pgproto3.CommandComplete:
+					n++
+				case *pgproto3.ErrorResponse:
+					t.Fatalf("%s %s", m.Code, m.Message)
+				}
+			}
+			got := waiting(t, b, "SELECT coalesce(current_setting('app.held', true), '')")
+			a.send(t, &pgproto3.Sync{})
+			if s := strings.Join(untilReady(t, a, 1), " "); s != "Z" {
+				t.Fatalf("a's Sync: %s", s)
+			}
+			select {
+			case s := <-got:
+				t.Fatalf("b ran inside a's transaction block: %s", s)
+			case <-time.After(200 * time.Millisecond):
+			}
+			r10Must(t, a, "COMMIT")
+			if s := <-got; s != "D: C:SELECT 1 ZI" {
+				t.Errorf("b after a's COMMIT: %s", s)
+			}
+		})
+	}
+}
+
+// A session that ends after extended-protocol messages without a Sync
+// leaves the server inside their transaction: its connection is not given
+// to the next session as it is (session and transaction pooling).
+func TestSessionEndsMidExtendedTransaction(t *testing.T) {
+	p := proxytest.Start(t, pg, func(s *proxytest.Setup) {
+		s.PoolConfig = session.PoolConfig{Size: 1, MaxConns: 1, WaitTimeout: 10 * time.Second}
+	})
+	tok := p.Token(t, "user1")
+	a, _, _ := rawStartup(t, p, "user1", tok, "")
+	a.send(t, &pgproto3.Parse{Query: "BEGIN"}, &pgproto3.Bind{}, &pgproto3.Execute{},
+		&pgproto3.Parse{Query: "SELECT set_config('app.held', 'left by a', true)"}, &pgproto3.Bind{}, &pgproto3.Execute{}, &pgproto3.Flush{})
+	for n := 0; n < 2; {
+		switch m := a.receive(t).(type) {
+		case *pgproto3.CommandComplete:
+			n++
+		case *pgproto3.ErrorResponse:
+			t.Fatalf("%s %s", m.Code, m.Message)
+		}
+	}
+	a.Close()
+	b, _, _ := rawStartup(t, p, "user1", tok, "")
+	defer b.Close()
+	b.send(t, &pgproto3.Query{String: "SELECT coalesce(current_setting('app.held', true), '')"})
+	if got := strings.Join(answersWithin3s(t, b), " "); got != "D: C:SELECT 1 ZI" {
+		t.Errorf("the next session, after one that ended inside a transaction: %s", got)
+	}
+}
