@@ -71,6 +71,10 @@ type Verdict struct {
 	// DeallocateMixed: the message holds other statements besides its
 	// DEALLOCATE name statements.
 	DeallocateMixed bool
+	// Executes names the prepared statements its EXECUTE statements run
+	// (also under EXPLAIN and CREATE TABLE AS), in order, separated by NUL
+	// bytes: ExecutedNames splits them.
+	Executes string
 }
 
 // Lexing is how the server reads a session's statements, as it reports

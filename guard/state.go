@@ -71,13 +71,14 @@ const (
 )
 
 // stateWords are the words without which no statement can leave state
-// behind: every state rule needs one in the text (the scan, holdsWord in
-// rules.go, reads them as it reads suspiciousWords; stateWordPrefix matches
-// pg_temp_<n>). Resets need reset, discard or set.
+// behind, or run a prepared statement by name (Verdict.Executes): every
+// state rule needs one in the text (the scan, holdsWord in rules.go, reads
+// them as it reads suspiciousWords; stateWordPrefix matches pg_temp_<n>).
+// Resets need reset, discard or set.
 var stateWords = map[string]bool{
 	"set": true, "set_config": true, "reset": true, "discard": true,
 	"listen": true, "temp": true, "temporary": true, "pg_temp": true, "hold": true,
-	"prepare": true, "deallocate": true, "load": true, "do": true,
+	"prepare": true, "deallocate": true, "execute": true, "load": true, "do": true,
 	"pg_advisory_lock": true, "pg_advisory_lock_shared": true,
 	"pg_try_advisory_lock": true, "pg_try_advisory_lock_shared": true,
 	"dblink_connect": true, "dblink_connect_u": true,
@@ -130,9 +131,28 @@ func (g *Guard) track(stmt *pg_query.Node, v *Verdict) {
 		}
 		return
 	}
+	if name := executed(stmt); name != "" {
+		if v.Executes != "" {
+			v.Executes += "\x00"
+		}
+		v.Executes += name
+	}
 	if v.Pin == "" {
 		v.Pin = g.pin(stmt)
 	}
+}
+
+// executed is the name of the prepared statement stmt runs with EXECUTE,
+// itself or under EXPLAIN or CREATE TABLE AS (the only statements that
+// take one); "" if none.
+func executed(stmt *pg_query.Node) string {
+	if e := stmt.GetExplainStmt(); e != nil {
+		stmt = e.GetQuery()
+	}
+	if c := stmt.GetCreateTableAsStmt(); c != nil {
+		stmt = c.GetQuery()
+	}
+	return stmt.GetExecuteStmt().GetName()
 }
 
 // unsure is the verdict, with NoRules, on a message whose readings disagree
@@ -151,6 +171,14 @@ func (v Verdict) DeallocatedNames() []string {
 		return nil
 	}
 	return strings.Split(v.Deallocate, "\x00")
+}
+
+// ExecutedNames returns the names of Executes, in order.
+func (v Verdict) ExecutedNames() []string {
+	if v.Executes == "" {
+		return nil
+	}
+	return strings.Split(v.Executes, "\x00")
 }
 
 // pin is the state rule for one statement, by its kind: the statements that

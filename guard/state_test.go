@@ -619,6 +619,39 @@ func TestStateDeallocate(t *testing.T) {
 	}
 }
 
+// The prepared statements EXECUTE runs are named, under EXPLAIN and CREATE
+// TABLE AS too, for the proxy to keep clients out of each other's.
+func TestStateExecutes(t *testing.T) {
+	for _, c := range []struct {
+		sql   string
+		names []string
+	}{
+		{"EXECUTE p", []string{"p"}},
+		{"execute P(1, 'x')", []string{"p"}},
+		{`EXECUTE "Rlsproxy_1_1"`, []string{"Rlsproxy_1_1"}},
+		{`EXECUTE U&"\0070"`, []string{"p"}},
+		{"EXECUTE/**/p", []string{"p"}},
+		{"EXPLAIN EXECUTE p", []string{"p"}},
+		{"EXPLAIN (ANALYZE, COSTS OFF) EXECUTE p", []string{"p"}},
+		{"CREATE TEMP TABLE t AS EXECUTE p", []string{"p"}},
+		{"EXPLAIN ANALYZE CREATE TABLE t AS EXECUTE p WITH NO DATA", []string{"p"}},
+		{"SELECT 1; EXECUTE a; EXECUTE b", []string{"a", "b"}},
+		{"SELECT 'EXECUTE p'", nil},
+		{"SELECT execute FROM t", nil},
+		{"CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$BEGIN EXECUTE 'SELECT 1'; END$$", nil},
+	} {
+		for name, g := range map[string]*Guard{"TrackState": trackingGuard(), "NoRules": New(guardPolicy, 1000, NoRules)} {
+			v := guardQuery(g, c.sql)
+			if !slices.Equal(v.ExecutedNames(), c.names) {
+				t.Errorf("%s: %q = %+v (executes %q), want %q", name, c.sql, v, v.ExecutedNames(), c.names)
+			}
+		}
+		if c.names != nil && !holdsWord([]byte(c.sql), forState) {
+			t.Errorf("%q executes, but the pre-check finds no state word in it", c.sql)
+		}
+	}
+}
+
 // Resets are reported with TrackState as without it, and with NoRules
 // wherever they are: nothing is refused.
 func TestStateResets(t *testing.T) {

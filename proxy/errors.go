@@ -27,6 +27,7 @@ const (
 	codeRejectedConnection    = "08004"
 	codeProgramLimitExceeded  = "54000"
 	codeSyntaxError           = "42601"
+	codeInvalidStatementName  = "26000"
 	codeIdleSessionTimeout    = "57P05"
 )
 

@@ -23,6 +23,8 @@ import (
 
 	"github.com/rlsproxy/rlsproxy/internal/demo"
 	"github.com/rlsproxy/rlsproxy/internal/proxytest"
+	"github.com/rlsproxy/rlsproxy/internal/sqlquote"
+	"github.com/rlsproxy/rlsproxy/session"
 )
 
 // relayDrivers are the two ways a session is relayed: an event loop (plaintext) and a goroutine per direction (TLS).
@@ -332,4 +334,28 @@ func answersWithin3s(t *testing.T, c *rawClient) []string {
 			return append(seq, "Z"+string(m.TxStatus))
 		}
 	}
+}
+
+// oneConnection is transaction pooling over a single upstream connection.
+func oneConnection(s *proxytest.Setup) {
+	proxytest.TransactionPooling(s)
+	s.PoolConfig = session.PoolConfig{Size: 1, MaxConns: 1, WaitTimeout: 5 * time.Second}
+}
+
+// leftAfterEnd counts, from a new client on the single connection, the
+// statements with text still there after the last client's session ended,
+// polling up to 5 s for the sweep (each query is a transaction, which
+// sweeps).
+func leftAfterEnd(t *testing.T, p *proxytest.Proxy, text string) string {
+	t.Helper()
+	b := rawSession(t, p, "user2")
+	defer b.Close()
+	count := "SELECT count(*) FROM pg_prepared_statements WHERE statement = " + sqlquote.Literal(text)
+	deadline := time.Now().Add(5 * time.Second)
+	got := r10Must(t, b, count)[0]
+	for got != "0" && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+		got = r10Must(t, b, count)[0]
+	}
+	return got
 }

@@ -128,8 +128,15 @@ func (s *statements) keep(name, server string, frame []byte, dropsAll bool) {
 func (s *statements) use(up *session.Upstream, name string) (pre []byte, server string) {
 	st := s.byName[name]
 	if name == "" {
-		if st == nil || up.UnnamedOwner() == s.owner {
+		switch {
+		case up.UnnamedOwner() == s.owner:
 			return nil, ""
+		case st == nil:
+			// The client prepared none: whatever unnamed statement the
+			// connection holds (another session's of the same identity,
+			// which no install closed) is not for it to run.
+			up.SetUnnamedOwner(0)
+			return rebuild('C', []byte{'S'}, nil), ""
 		}
 		up.SetUnnamedOwner(s.owner)
 		return st.parse, ""
@@ -216,9 +223,12 @@ func (s *statements) renameRef(up *session.Upstream, frame []byte) (pre, renamed
 		}
 		pre, server := s.use(up, string(name))
 		if st := s.byName[string(name)]; st != nil && st.dropsAll {
-			// Executing it drops every statement of the connection.
+			// Executing it drops every statement of the connection; the
+			// portal may also never run (no Execute, one skipped after an
+			// error, the portal closed), so what the connection holds is
+			// unknown: it is reset before its next client.
 			s.closeAll(up)
-			recs = forgetAll()
+			up.MarkPreparedUnknown()
 		}
 		if server == string(name) {
 			return pre, frame, recs // the unnamed statement keeps its name

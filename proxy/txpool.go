@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -103,6 +104,17 @@ func (t *txState) refusal(v guard.Verdict, frame []byte) *clientError {
 	if t != nil && v.DeallocateMixed {
 		return newClientError(codeFeatureNotSupported, "deallocate_mixed",
 			"rlsproxy (transaction pooling) renames prepared statements per connection: send DEALLOCATE of a named statement as a query of its own, not with other statements")
+	}
+	if t != nil {
+		for _, name := range v.ExecutedNames() {
+			if strings.HasPrefix(name, statementPrefix) {
+				// The proxy's names for the prepared statements of the
+				// clients sharing the connection (the client's own too):
+				// none is the client's to run by name.
+				return newClientError(codeInvalidStatementName, "statement_namespace",
+					fmt.Sprintf("prepared statement %q does not exist", name))
+			}
+		}
 	}
 	if t == nil || !t.refuse || v.Pin == "" || t.pinned != "" {
 		return nil

@@ -850,3 +850,100 @@ func TestSessionEndsMidExtendedTransaction(t *testing.T) {
 		t.Errorf("the next session, after one that ended inside a transaction: %s", got)
 	}
 }
+
+// The Bind of a prepared DEALLOCATE ALL drops the connection's record of
+// statements, all owners', but its portal may never run (no Execute, one
+// skipped after an error, the portal closed): the connection is reset
+// before its next client. Before, the server kept every statement there,
+// unrecorded, never counted or closed (found by review 11).
+func TestTxPoolingBoundDeallocateAllNotExecuted(t *testing.T) {
+	const text = "SELECT 'left behind'"
+	for _, tc := range []struct {
+		name string
+		msgs []pgproto3.FrontendMessage
+	}{
+		{"bind without execute", []pgproto3.FrontendMessage{&pgproto3.Bind{PreparedStatement: "da"}, &pgproto3.Sync{}}},
+		{"execute skipped after an error", []pgproto3.FrontendMessage{&pgproto3.Bind{PreparedStatement: "da"},
+			&pgproto3.Parse{Name: "bad", Query: "SELECT * FROM no_such_table"}, &pgproto3.Execute{}, &pgproto3.Sync{}}},
+		{"portal closed", []pgproto3.FrontendMessage{&pgproto3.Bind{DestinationPortal: "p", PreparedStatement: "da"},
+			&pgproto3.Close{ObjectType: 'P', Name: "p"}, &pgproto3.Sync{}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			p := proxytest.Start(t, pg, oneConnection)
+			a := rawSession(t, p, "user1")
+			a.send(t, &pgproto3.Parse{Name: "s", Query: text}, &pgproto3.Parse{Name: "da", Query: "DEALLOCATE ALL"}, &pgproto3.Sync{})
+			untilReady(t, a, 1)
+			a.send(t, tc.msgs...)
+			untilReady(t, a, 1)
+			a.Close()
+			if got := leftAfterEnd(t, p, text); got != "0" {
+				t.Errorf("a's statement is still on the connection after a ended, unrecorded: %s", got)
+			}
+		})
+	}
+}
+
+// A Bind of the unnamed statement by a client that prepared none finds
+// none, also when another session of the same token (no install between
+// them, so no Close of it) left one on the connection (found by review 11).
+func TestTxPoolingUnnamedStatementOfAnotherSession(t *testing.T) {
+	p := proxytest.Start(t, pg, oneConnection)
+	tok := p.Token(t, "user1")
+	a, _, _ := rawStartup(t, p, "user1", tok, "")
+	defer a.Close()
+	b, _, _ := rawStartup(t, p, "user1", tok, "")
+	defer b.Close()
+	a.send(t, &pgproto3.Parse{Query: "SELECT 'unnamed of a'::text"}, &pgproto3.Sync{})
+	untilReady(t, a, 1)
+	b.send(t, &pgproto3.Bind{}, &pgproto3.Execute{}, &pgproto3.Sync{})
+	if got := strings.Join(untilReady(t, b, 1), " "); got != "E:26000 Z" {
+		t.Errorf("b's Bind of the unnamed statement, never prepared by b: %s", got)
+	}
+}
+
+// SQL EXECUTE of a name in the proxy's namespace (another client's
+// statement on the shared connection, as pg_prepared_statements shows it,
+// or the client's own under its server name) reaches nothing: 26000, also
+// under EXPLAIN and CREATE TABLE AS. Before, a client ran another's
+// statement, or its own prepared DEALLOCATE ALL, which dropped every
+// client's statements behind the proxy's back (found by review 11). A
+// client's own SQL PREPARE and EXECUTE still work (and pin).
+func TestTxPoolingExecuteOfProxyNames(t *testing.T) {
+	p := proxytest.Start(t, pg, oneConnection)
+	a := rawSession(t, p, "user1")
+	defer a.Close()
+	a.send(t, &pgproto3.Parse{Name: "s", Query: "SELECT 'secret of user1'::text"}, &pgproto3.Sync{})
+	untilReady(t, a, 1)
+	b := rawSession(t, p, "user2")
+	defer b.Close()
+	b.send(t, &pgproto3.Parse{Name: "da", Query: "DEALLOCATE ALL"}, &pgproto3.Sync{})
+	untilReady(t, b, 1)
+	serverName := func(text string) string {
+		return r10Must(t, b, "SELECT name FROM pg_prepared_statements WHERE statement = "+sqlquote.Literal(text))[0]
+	}
+	theirs, own := serverName("SELECT 'secret of user1'::text"), serverName("DEALLOCATE ALL")
+	for _, q := range []string{
+		"EXECUTE " + theirs,
+		`EXECUTE "` + theirs + `"`,
+		"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) EXECUTE " + theirs,
+		"CREATE TEMP TABLE loot ON COMMIT DROP AS EXECUTE " + theirs,
+		"EXPLAIN ANALYZE CREATE TEMP TABLE loot ON COMMIT DROP AS EXECUTE " + theirs,
+		"SELECT 1; EXECUTE " + theirs,
+		"EXECUTE " + own,
+	} {
+		if rows, code := r10Query(t, b, q); code != "26000" {
+			t.Errorf("b: %s: %v %q, want 26000", q, rows, code)
+		}
+	}
+	a.send(t, &pgproto3.Bind{PreparedStatement: "s"}, &pgproto3.Execute{}, &pgproto3.Sync{})
+	if got := strings.Join(untilReady(t, a, 1), " "); got != "? D:secret of user1 C:SELECT 1 Z" {
+		t.Errorf("a's own statement after b's attempts: %s", got)
+	}
+	if got := r10Must(t, b, "PREPARE mine AS SELECT 'mine'; EXECUTE mine"); len(got) != 1 || got[0] != "mine" {
+		t.Errorf("b's own SQL PREPARE and EXECUTE: %v", got)
+	}
+	if got := r10Must(t, b, "EXPLAIN (COSTS OFF) EXECUTE mine"); len(got) == 0 {
+		t.Error("b's EXPLAIN EXECUTE of its own statement: no plan")
+	}
+}
