@@ -94,6 +94,9 @@ type entry struct {
 	// prepared again on another connection): its completion is not passed
 	// on, an error is (n is 1).
 	silent bool
+	// quiet: a Query the proxy sent on the client's behalf whose answers,
+	// errors too, are not passed on (n is 1).
+	quiet bool
 	// records: a Parse, Close or DEALLOCATE (a Query, or the Bind of a
 	// prepared DEALLOCATE ALL) as which the connection is recorded as
 	// holding statements or not (n is 1); if the server fails or skips it,
@@ -231,6 +234,14 @@ func (l *ledger) sentSilent(typ byte) {
 	l.add(entry{typ: typ, n: 1, silent: true})
 }
 
+// sentQuiet records a Query the proxy sent on the client's behalf whose
+// answers, errors too, the client must not see.
+func (l *ledger) sentQuiet() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.add(entry{typ: 'Q', n: 1, quiet: true})
+}
+
 // sentParse records a Parse of statement stmt that the connection is
 // recorded as holding: silent for one the proxy sent on the client's
 // behalf. Should the server fail or discard it, takeUndone reports it as
@@ -334,7 +345,7 @@ func (l *ledger) add(e entry) bool {
 
 func mergeable(last, e *entry) bool {
 	plain := func(x *entry) bool {
-		return x.refused == nil && !x.reset && !x.trigger && !x.silent && x.records == nil
+		return x.refused == nil && !x.reset && !x.trigger && !x.silent && !x.quiet && x.records == nil
 	}
 	return last.typ == e.typ && e.typ != ownEntry && plain(last) && plain(e) && !last.described
 }
@@ -401,9 +412,13 @@ func (l *ledger) received(typ byte, body []byte, whole bool) (route, *clientErro
 	if l.err != nil {
 		return drop, nil, noEvent, l.err
 	}
+	quiet := l.head < len(l.q) && l.q[l.head].quiet && !session.Async(typ)
 	r, ce, ev, err := l.answer(typ, body, whole)
 	if err != nil {
 		l.err = err
+	}
+	if quiet {
+		r, ce = drop, nil
 	}
 	return r, ce, ev, err
 }

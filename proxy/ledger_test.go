@@ -15,7 +15,8 @@ import (
 // "P!" are substitutes for refused messages, "Q^" a reset; "P~" is a Parse
 // of statement p the connection is recorded as holding, "C~" and "Q~" a
 // Close and a DEALLOCATE Query of statement c recorded as no longer held,
-// "QA" a DEALLOCATE ALL Query; "E:code" is an
+// "QA" a DEALLOCATE ALL Query, "Qq" a Query of the proxy's own whose
+// answers the client does not see; "E:code" is an
 // ErrorResponse with that SQLSTATE ("Ef" a FATAL one), "Z:T" a ReadyForQuery
 // with that status. It returns the routes of the server messages (c to the
 // client, d dropped, r replaced), the events (R reset done, K reset
@@ -41,6 +42,8 @@ func ledgerScript(t *testing.T, l *ledger, script string) (routes, events string
 			l.sentForgetting(w[0], []stmtRecord{{name: "c"}})
 		case client && w == "QA":
 			l.sentForgetting('Q', forgetAll())
+		case client && w == "Qq":
+			l.sentQuiet()
 		case client:
 			l.sent(w[0])
 		default:
@@ -101,6 +104,9 @@ func TestLedger(t *testing.T) {
 		{name: "still owed", script: "> P B E S < 1 2 C", routes: "ccc", idle: false},
 		{name: "flush answers nothing", script: "> H H P H < 1", routes: "c", idle: true},
 		{name: "function call", script: "> F < V Z", routes: "cc", idle: true},
+		{name: "quiet query", script: "> Qq Q < C Z C Z", routes: "ddcc", idle: true},
+		{name: "quiet query fails", script: "> Qq Q < E Z E Z", routes: "ddcc", idle: true},
+		{name: "notice of a quiet query", script: "> Qq < N C Z", routes: "cdd", idle: true},
 		{name: "function call fails", script: "> F < E Z", routes: "cc", idle: true},
 		{name: "commit at sync fails", script: "> P B E S < 1 2 C E Z", routes: "ccccc", idle: true},
 

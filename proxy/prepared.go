@@ -278,8 +278,7 @@ func (s *statements) deallocate(up *session.Upstream, names []string, later bool
 		server := name
 		switch {
 		case name != "" && s.byName[name] != nil:
-			p, _ := s.use(up, name)
-			pre = append(pre, p...)
+			pre = append(pre, s.placeholder(up, name, later)...)
 			if later {
 				server = s.forget(name)
 			} else {
@@ -302,6 +301,30 @@ func (s *statements) deallocate(up *session.Upstream, names []string, later bool
 	}
 	query, _ = (&pgproto3.Query{String: sql.String()}).Encode(nil)
 	return pre, query, recs
+}
+
+// placeholder returns the frames that give up, ahead of a DEALLOCATE of the
+// client's statement name, a statement of its server name if up lacks one
+// (it was prepared on another connection): a trivial one, not the
+// client's, whose text could fail to prepare here (a table dropped since),
+// leaving the DEALLOCATE to fail, or, skipped with it up to a Sync that a
+// simple-query client never sends, unanswered. later: the DEALLOCATE is
+// being prepared (extended protocol), and runs when executed; else it is a
+// Query, and so is the placeholder's SQL PREPARE, whose answers the client
+// does not see (it fails only where the DEALLOCATE does: in a failed
+// transaction block).
+func (s *statements) placeholder(up *session.Upstream, name string, later bool) []byte {
+	server := s.byName[name].server
+	if up.Prepared(s.owner, server) {
+		return nil
+	}
+	if later {
+		up.SetPrepared(s.owner, server, true)
+		b, _ := (&pgproto3.Parse{Name: server, Query: "SELECT"}).Encode(nil)
+		return b
+	}
+	b, _ := (&pgproto3.Query{String: "PREPARE " + sqlquote.Ident(server) + " AS SELECT"}).Encode(nil)
+	return b
 }
 
 // rebuild returns a frame of type typ whose body is name, a NUL, then rest

@@ -377,9 +377,12 @@ func (r *relay) sentSilently(out [][]byte, pre []byte) [][]byte {
 	}
 	for b := pre; len(b) >= 5; {
 		_, size, _, _ := wire.Header(b)
-		if b[0] == 'P' {
+		switch b[0] {
+		case 'P':
 			r.ledger.sentParse(string(cstring(b[5:size])), true)
-		} else {
+		case 'Q':
+			r.ledger.sentQuiet()
+		default:
 			r.ledger.sentSilent(b[0])
 		}
 		b = b[size:]

@@ -947,3 +947,65 @@ func TestTxPoolingExecuteOfProxyNames(t *testing.T) {
 		t.Error("b's EXPLAIN EXECUTE of its own statement: no plan")
 	}
 }
+
+// A DEALLOCATE query of a client's statement that the connection lacks
+// (prepared on another one, or dropped there by another client's DISCARD
+// ALL) is answered as PostgreSQL would: 25P02 in a failed transaction
+// block, DEALLOCATE when a table the statement read was dropped since.
+// Before, the proxy prepared the statement's text again ahead of it, with
+// no Sync between: when that failed, the server skipped the query too, and
+// the client never got its ReadyForQuery (found by review 11).
+func TestTxPoolingDeallocateWhereNotPrepared(t *testing.T) {
+	for _, tc := range []struct{ name, want string }{
+		{"in a failed block", "E:25P02 ZE"},
+		{"table dropped since", "C:DEALLOCATE ZI"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			table := "gone_" + strings.ReplaceAll(tc.name, " ", "_")
+			r10Super(t, "DROP TABLE IF EXISTS "+table+"; CREATE TABLE "+table+" (x int); GRANT ALL ON "+table+" TO PUBLIC")
+			t.Cleanup(func() { r10Super(t, "DROP TABLE IF EXISTS "+table) })
+			p := proxytest.Start(t, pg, oneConnection)
+			a := rawSession(t, p, "user1")
+			defer a.Close()
+			a.send(t, &pgproto3.Parse{Name: "s", Query: "SELECT x FROM " + table}, &pgproto3.Sync{})
+			untilReady(t, a, 1)
+			// Another client resets the shared connection: a's statement
+			// is gone there, and so is the record of it.
+			b := rawSession(t, p, "user2")
+			r10Must(t, b, "DISCARD ALL")
+			b.Close()
+			if tc.name == "in a failed block" {
+				a.send(t, &pgproto3.Query{String: "BEGIN; SELECT 1/0"})
+				untilReady(t, a, 1)
+			} else {
+				r10Super(t, "DROP TABLE "+table)
+			}
+			a.send(t, &pgproto3.Query{String: "DEALLOCATE s"})
+			if got := strings.Join(answersWithin3s(t, a), " "); got != tc.want {
+				t.Errorf("DEALLOCATE s: %s, want %s", got, tc.want)
+			}
+		})
+	}
+}
+
+// A prepared DEALLOCATE (psycopg 3 sends them) of a statement the
+// connection lacks runs as it would where the statement was prepared.
+func TestTxPoolingPreparedDeallocateWhereNotPrepared(t *testing.T) {
+	p := proxytest.Start(t, pg, oneConnection)
+	a := rawSession(t, p, "user1")
+	defer a.Close()
+	a.send(t, &pgproto3.Parse{Name: "s", Query: "SELECT 1"}, &pgproto3.Sync{})
+	untilReady(t, a, 1)
+	b := rawSession(t, p, "user2")
+	r10Must(t, b, "DISCARD ALL") // a's statement is gone from the connection
+	b.Close()
+	a.send(t, &pgproto3.Parse{Query: "DEALLOCATE s"}, &pgproto3.Bind{}, &pgproto3.Execute{}, &pgproto3.Sync{})
+	if got := strings.Join(untilReady(t, a, 1), " "); got != "? ? C:DEALLOCATE Z" {
+		t.Errorf("prepared DEALLOCATE s: %s", got)
+	}
+	a.send(t, &pgproto3.Bind{PreparedStatement: "s"}, &pgproto3.Execute{}, &pgproto3.Sync{})
+	if got := strings.Join(untilReady(t, a, 1), " "); got != "E:26000 Z" {
+		t.Errorf("Bind of s after its DEALLOCATE: %s", got)
+	}
+}
