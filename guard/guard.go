@@ -73,8 +73,9 @@ type Verdict struct {
 	DeallocateMixed bool
 	// Executes names the prepared statements its EXECUTE statements run
 	// (also under EXPLAIN and CREATE TABLE AS), in order, separated by NUL
-	// bytes: ExecutedNames splits them.
-	Executes string
+	// bytes: ExecutedNames splits them. Prepares names those its SQL
+	// PREPARE statements make, likewise (PreparedNames).
+	Executes, Prepares string
 }
 
 // Lexing is how the server reads a session's statements, as it reports
@@ -113,6 +114,9 @@ type Option func(*Guard)
 // identity on its own: a login role that can reach no role but its mapped
 // one, and signed claims (README, "Security").
 func AllowCode(g *Guard) { g.allowCode = true }
+
+// AllowsCode reports whether the guard was built with AllowCode.
+func (g *Guard) AllowsCode() bool { return g.allowCode }
 
 // TrackState makes the guard report what each message leaves in its backend
 // (Verdict.Pin, Deallocate, DeallocateAll), for transaction pooling, where a

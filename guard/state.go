@@ -132,14 +132,22 @@ func (g *Guard) track(stmt *pg_query.Node, v *Verdict) {
 		return
 	}
 	if name := executed(stmt); name != "" {
-		if v.Executes != "" {
-			v.Executes += "\x00"
-		}
-		v.Executes += name
+		v.Executes = appendName(v.Executes, name)
+	}
+	if p := stmt.GetPrepareStmt(); p != nil {
+		v.Prepares = appendName(v.Prepares, p.Name)
 	}
 	if v.Pin == "" {
 		v.Pin = g.pin(stmt)
 	}
+}
+
+// appendName adds name to a NUL-separated list of names.
+func appendName(list, name string) string {
+	if list == "" {
+		return name
+	}
+	return list + "\x00" + name
 }
 
 // executed is the name of the prepared statement stmt runs with EXECUTE,
@@ -174,11 +182,16 @@ func (v Verdict) DeallocatedNames() []string {
 }
 
 // ExecutedNames returns the names of Executes, in order.
-func (v Verdict) ExecutedNames() []string {
-	if v.Executes == "" {
+func (v Verdict) ExecutedNames() []string { return splitNames(v.Executes) }
+
+// PreparedNames returns the names of Prepares, in order.
+func (v Verdict) PreparedNames() []string { return splitNames(v.Prepares) }
+
+func splitNames(list string) []string {
+	if list == "" {
 		return nil
 	}
-	return strings.Split(v.Executes, "\x00")
+	return strings.Split(list, "\x00")
 }
 
 // pin is the state rule for one statement, by its kind: the statements that

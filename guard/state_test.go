@@ -650,6 +650,16 @@ func TestStateExecutes(t *testing.T) {
 			t.Errorf("%q executes, but the pre-check finds no state word in it", c.sql)
 		}
 	}
+	for sql, want := range map[string][]string{
+		"PREPARE p AS SELECT 1":                                   {"p"},
+		`PREPARE "Rlsproxy_1" (int) AS SELECT $1`:                 {"Rlsproxy_1"},
+		"PREPARE a AS SELECT 1; EXECUTE a; PREPARE b AS SELECT 2": {"a", "b"},
+		"SELECT 'PREPARE p AS SELECT 1'":                          nil,
+	} {
+		if v := guardQuery(trackingGuard(), sql); !slices.Equal(v.PreparedNames(), want) {
+			t.Errorf("%q: prepares %q, want %q", sql, v.PreparedNames(), want)
+		}
+	}
 }
 
 // Resets are reported with TrackState as without it, and with NoRules

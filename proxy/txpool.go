@@ -106,13 +106,19 @@ func (t *txState) refusal(v guard.Verdict, frame []byte) *clientError {
 			"rlsproxy (transaction pooling) renames prepared statements per connection: send DEALLOCATE of a named statement as a query of its own, not with other statements")
 	}
 	if t != nil {
+		// The proxy's names for the prepared statements of the clients
+		// sharing the connection (the client's own too): none is the
+		// client's to run, or to make, by name.
 		for _, name := range v.ExecutedNames() {
 			if strings.HasPrefix(name, statementPrefix) {
-				// The proxy's names for the prepared statements of the
-				// clients sharing the connection (the client's own too):
-				// none is the client's to run by name.
 				return newClientError(codeInvalidStatementName, "statement_namespace",
 					fmt.Sprintf("prepared statement %q does not exist", name))
+			}
+		}
+		for _, name := range v.PreparedNames() {
+			if strings.HasPrefix(name, statementPrefix) {
+				return newClientError(codeFeatureNotSupported, "statement_namespace",
+					fmt.Sprintf("rlsproxy (transaction pooling) keeps the prepared statement names beginning %q for its own: name %q otherwise", statementPrefix, name))
 			}
 		}
 	}
@@ -438,6 +444,17 @@ func (r *relay) prepare(up *session.Upstream, installed bool) []byte {
 	// The ledger is idle, as it was when the last connection was let go:
 	// it carries over.
 	pre := r.sweep(up)
+	if !installed && r.guard != nil && r.guard.g.AllowsCode() {
+		// Code the guard does not see into (--guard-allow-code), run by a
+		// client of the identity last installed, could have replaced
+		// another client's statement under its name (they are listed in
+		// pg_prepared_statements), which would then run as that client:
+		// no statement made before outlives a change of identity.
+		q, _ := (&pgproto3.Query{String: "DEALLOCATE ALL"}).Encode(nil)
+		r.ledger.sentQuiet()
+		up.ForgetPrepared()
+		pre = append(pre, q...)
+	}
 	if extra := t.extra(up); !installed || len(extra) > 0 {
 		b := up.Switch(t.target.Grant, extra)
 		r.ledger.sentOwn(b)

@@ -936,6 +936,13 @@ func TestTxPoolingExecuteOfProxyNames(t *testing.T) {
 			t.Errorf("b: %s: %v %q, want 26000", q, rows, code)
 		}
 	}
+	// Nor may a client make one in the namespace: the name of a client's
+	// next statement is easy to guess, and its Parse would then fail.
+	for _, q := range []string{"PREPARE rlsproxy_1_2 AS SELECT 1", "SELECT 1; PREPARE rlsproxy_9_1 AS SELECT 2"} {
+		if rows, code := r10Query(t, b, q); code != "0A000" {
+			t.Errorf("b: %s: %v %q, want 0A000", q, rows, code)
+		}
+	}
 	a.send(t, &pgproto3.Bind{PreparedStatement: "s"}, &pgproto3.Execute{}, &pgproto3.Sync{})
 	if got := strings.Join(untilReady(t, a, 1), " "); got != "? D:secret of user1 C:SELECT 1 Z" {
 		t.Errorf("a's own statement after b's attempts: %s", got)
@@ -1007,5 +1014,36 @@ func TestTxPoolingPreparedDeallocateWhereNotPrepared(t *testing.T) {
 	a.send(t, &pgproto3.Bind{PreparedStatement: "s"}, &pgproto3.Execute{}, &pgproto3.Sync{})
 	if got := strings.Join(untilReady(t, a, 1), " "); got != "E:26000 Z" {
 		t.Errorf("Bind of s after its DEALLOCATE: %s", got)
+	}
+}
+
+// With --guard-allow-code, a function a client calls (the guard does not
+// see into it) can deallocate another client's statement by its server name
+// (pg_prepared_statements lists it) and prepare another text under it:
+// every change of identity on a connection drops the statements made
+// before, so the other client's next Bind prepares its own text again and
+// never runs the planted one as itself. Before, it did (found by review 11).
+func TestTxPoolingCodeCannotSwapStatements(t *testing.T) {
+	r10Super(t, "GRANT CREATE ON SCHEMA public TO authenticated")
+	t.Cleanup(func() {
+		r10Super(t, "DROP FUNCTION IF EXISTS public.swap_statement(text); REVOKE CREATE ON SCHEMA public FROM authenticated")
+	})
+	p := proxytest.Start(t, pg, oneConnection, proxytest.AllowCode)
+	a := rawSession(t, p, "user1")
+	defer a.Close()
+	a.send(t, &pgproto3.Parse{Name: "s", Query: "SELECT 'what user1 prepared'::text"}, &pgproto3.Sync{})
+	untilReady(t, a, 1)
+	b := rawSession(t, p, "user2")
+	defer b.Close()
+	r10Must(t, b, `CREATE FUNCTION public.swap_statement(n text) RETURNS void LANGUAGE plpgsql AS $f$BEGIN
+		EXECUTE format('DEALLOCATE %I', n);
+		EXECUTE format('PREPARE %I AS SELECT %L || (pg_catalog.current_setting(''request.jwt.claims'')::json->>''sub'')', n, 'planted by user2, run as ');
+	END$f$`)
+	r10Must(t, b, "SELECT public.swap_statement("+sqlquote.Literal(r10Must(t, b, "SELECT name FROM pg_prepared_statements WHERE statement LIKE '%what user1 prepared%'")[0])+")")
+	a.send(t, &pgproto3.Bind{PreparedStatement: "s"}, &pgproto3.Execute{}, &pgproto3.Sync{})
+	got := strings.Join(untilReady(t, a, 1), " ")
+	t.Logf("a's Bind of s: %s", got)
+	if got != "? D:what user1 prepared C:SELECT 1 Z" {
+		t.Errorf("a's Bind of its statement after b's swap: %s", got)
 	}
 }
