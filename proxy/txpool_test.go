@@ -662,25 +662,13 @@ func TestTxPoolingUnrunDeallocateKeepsRecord(t *testing.T) {
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			p := proxytest.Start(t, pg, func(s *proxytest.Setup) {
-				proxytest.TransactionPooling(s)
-				s.PoolConfig = session.PoolConfig{Size: 1, MaxConns: 1, WaitTimeout: 5 * time.Second}
-			})
+			p := proxytest.Start(t, pg, oneConnection)
 			a := rawSession(t, p, "user1")
 			a.send(t, &pgproto3.Parse{Name: "s", Query: parse}, &pgproto3.Sync{})
 			untilReady(t, a, 1)
 			tc.drop(t, a)
 			a.Close()
-			b := rawSession(t, p, "user2")
-			defer b.Close()
-			count := "SELECT count(*) FROM pg_prepared_statements WHERE statement = " + sqlquote.Literal(parse)
-			deadline := time.Now().Add(5 * time.Second)
-			got := r10Must(t, b, count)[0]
-			for got != "0" && time.Now().Before(deadline) {
-				time.Sleep(20 * time.Millisecond)
-				got = r10Must(t, b, count)[0]
-			}
-			if got != "0" {
+			if got := leftAfterEnd(t, p, parse); got != "0" {
 				t.Fatalf("a's statement is still on the connection after a ended: %s", got)
 			}
 		})
