@@ -70,6 +70,13 @@ type stmtRecord struct {
 	name string
 	held bool
 	all  bool
+	// kept: the connection's record of name changed (else only the
+	// client's did).
+	kept bool
+	// client and stmt: the client's statement name a Close or DEALLOCATE
+	// forgot, given back if the server does not run it.
+	client string
+	stmt   *statement
 }
 
 // entry is a run of messages of one type sent upstream, or one batch of the
@@ -249,7 +256,7 @@ func (l *ledger) sentQuiet() {
 func (l *ledger) sentParse(stmt string, silent bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	l.addRecorded(entry{typ: 'P', n: 1, silent: silent, records: []stmtRecord{{name: stmt, held: true}}})
+	l.addRecorded(entry{typ: 'P', n: 1, silent: silent, records: []stmtRecord{{name: stmt, held: true, kept: true}}})
 }
 
 // sentForgetting records a client's message of type typ after which the
@@ -274,7 +281,8 @@ func (l *ledger) addRecorded(e entry) {
 // undo notes that the server failed or did not read e.
 func (l *ledger) undo(e *entry) {
 	for _, r := range e.records {
-		l.undone = append(l.undone, stmtRecord{name: r.name, held: !r.held, all: r.all})
+		r.held = !r.held
+		l.undone = append(l.undone, r)
 	}
 }
 
@@ -314,14 +322,6 @@ func (l *ledger) sentOwn(b *session.Batch) {
 // to Sync, read as COPY data while a copy is open, queued otherwise. It
 // reports whether e was queued.
 func (l *ledger) add(e entry) bool {
-	if !e.silent && e.typ != ownEntry {
-		switch e.typ {
-		case 'P', 'B', 'D', 'E', 'C':
-			l.unsynced = true
-		case 'S', 'Q', 'F':
-			l.unsynced = false
-		}
-	}
 	if l.skip {
 		if e.typ != 'S' {
 			return false // discarded by the server
@@ -331,6 +331,7 @@ func (l *ledger) add(e entry) bool {
 	if l.cp.in && !l.cp.ended && l.head < len(l.q) && l.consumedByCopy(&e) {
 		return false
 	}
+	l.noteSync(&e)
 	if e.typ == 'H' {
 		return false // Flush is never answered and changes nothing
 	}
@@ -341,6 +342,20 @@ func (l *ledger) add(e entry) bool {
 	}
 	l.settle()
 	return true
+}
+
+// noteSync follows, for a client's message the server reads as itself,
+// whether extended-protocol messages wait for their Sync (unsynced).
+func (l *ledger) noteSync(e *entry) {
+	if e.silent || e.typ == ownEntry {
+		return
+	}
+	switch e.typ {
+	case 'P', 'B', 'D', 'E', 'C':
+		l.unsynced = true
+	case 'S', 'Q', 'F':
+		l.unsynced = false
+	}
 }
 
 func mergeable(last, e *entry) bool {
@@ -589,6 +604,12 @@ func (l *ledger) copyStarts(typ byte) (route, *clientError, event, error) {
 		keep = append(keep, e)
 	}
 	l.q = keep
+	// A Sync the copy consumed ended nothing: a COPY an Execute began
+	// waits for a Sync after it, as the messages kept behind it say.
+	l.unsynced = l.q[l.head].typ == 'E'
+	for i := l.head + 1; i < len(l.q); i++ {
+		l.noteSync(&l.q[i])
+	}
 	return toClient, nil, noEvent, nil
 }
 

@@ -168,10 +168,14 @@ func (s *statements) forget(name string) string {
 // give the ledger, for it to be undone should the server not run the
 // message (nil when up was not recorded as holding it).
 func (s *statements) close(up *session.Upstream, name string) (server string, recs []stmtRecord) {
+	st := s.byName[name]
 	server = s.forget(name)
-	if server != "" && up.Prepared(s.owner, server) {
+	held := server != "" && up.Prepared(s.owner, server)
+	if held {
 		up.SetPrepared(s.owner, server, false)
-		recs = []stmtRecord{{name: server}}
+	}
+	if held || st != nil {
+		recs = []stmtRecord{{name: server, kept: held, client: name, stmt: st}}
 	}
 	return server, recs
 }
@@ -187,12 +191,20 @@ func forgetAll() []stmtRecord { return []stmtRecord{{all: true}} }
 // not run, what up holds is unknown: it is reset before its next client.
 func (s *statements) undo(up *session.Upstream, recs []stmtRecord) {
 	for _, r := range recs {
-		if r.all {
+		switch {
+		case r.all:
 			up.MarkPreparedUnknown()
-		} else if r.name != "" {
+		case !r.kept:
+		case r.name != "":
 			up.SetPrepared(s.owner, r.name, r.held)
-		} else if !r.held && up.UnnamedOwner() == s.owner {
+		case !r.held && up.UnnamedOwner() == s.owner:
 			up.SetUnnamedOwner(0)
+		}
+		if r.stmt != nil && s.byName[r.client] == nil {
+			// The client's name comes back too, unless it has parsed the
+			// name again since.
+			s.byName[r.client] = r.stmt
+			s.bytes += len(r.stmt.parse)
 		}
 	}
 }
