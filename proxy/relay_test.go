@@ -360,6 +360,8 @@ func TestLongGuardParseDoesNotStallLoop(t *testing.T) {
 		done <- result{time.Since(start), err}
 	}()
 
+	// A stall lasts as long as the parse (seconds); a shared 2-core machine
+	// under -race delays a query by 100 ms now and then without one.
 	const bound = 100 * time.Millisecond
 	var worst time.Duration
 	queries := 0
@@ -372,7 +374,7 @@ func TestLongGuardParseDoesNotStallLoop(t *testing.T) {
 			if res.took < 2*bound {
 				t.Fatalf("the long statement took only %v: too short to tell a stall from a wait", res.took)
 			}
-			if worst > bound || queries == 0 {
+			if worst > max(bound, res.took/8) || queries == 0 {
 				t.Fatalf("another session's query waited %v (%d queries) while a %v statement was judged", worst, queries, res.took)
 			}
 			t.Logf("%d queries of another session, the slowest %v, while a statement of %d KB took %v", queries, worst, b.Len()>>10, res.took)
