@@ -48,12 +48,12 @@ type ledger struct {
 	skip   bool // the server discards messages until the next Sync
 	cp     copyState
 	status byte // of the last ReadyForQuery
-	// unsynced: the client sent an extended-protocol message after its last
-	// Sync or Query. The server is then inside the transaction that message
-	// began (or an explicit one an Execute of BEGIN opened), whatever the
-	// last ReadyForQuery said, until a Sync ends it: the connection is
-	// neither let go nor reused.
-	unsynced bool
+	// midBatch: the last message the server answered was an
+	// extended-protocol one, not a ReadyForQuery. The server is then inside
+	// the transaction that message began (or an explicit one an Execute of
+	// BEGIN opened), whatever the last ReadyForQuery said, until a Sync
+	// ends it: the connection is neither let go nor reused.
+	midBatch bool
 	err      error // the answers stopped fitting: the connection is not reusable
 	maxSize  int
 	// undone are the records of statements (transaction pooling's server
@@ -104,10 +104,10 @@ type entry struct {
 	// quiet: a Query the proxy sent on the client's behalf whose answers,
 	// errors too, are not passed on (n is 1).
 	quiet bool
-	// records: a Parse, Close or DEALLOCATE (a Query, or the Bind of a
-	// prepared DEALLOCATE ALL) as which the connection is recorded as
-	// holding statements or not (n is 1); if the server fails or skips it,
-	// the records are undone (ledger.undone).
+	// records: a Parse, Close or DEALLOCATE (or DISCARD ALL) Query after
+	// which the connection is recorded as holding statements or not (n is
+	// 1); if the server fails or skips it, the records are undone
+	// (ledger.undone).
 	records []stmtRecord
 }
 
@@ -198,16 +198,16 @@ func (l *ledger) quiet() bool {
 func (l *ledger) reusable() bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.err == nil && l.head == len(l.q) && !l.skip && !l.cp.in && !l.cp.out && !l.unsynced
+	return l.err == nil && l.head == len(l.q) && !l.skip && !l.cp.in && !l.cp.out && !l.midBatch
 }
 
-// synced reports whether the client's last extended-protocol message, if
-// any, was followed by a Sync or a Query: the last ReadyForQuery's status
-// is then the server's.
-func (l *ledger) synced() bool {
+// atRest reports whether the server is idle outside any transaction, as
+// its own answers say: everything answered, the last answer a
+// ReadyForQuery with status 'I'.
+func (l *ledger) atRest() bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return !l.unsynced
+	return l.head == len(l.q) && !l.skip && !l.cp.in && !l.cp.out && !l.midBatch && l.status == 'I'
 }
 
 // txStatus returns the status of the last ReadyForQuery.
@@ -260,8 +260,8 @@ func (l *ledger) sentParse(stmt string, silent bool) {
 }
 
 // sentForgetting records a client's message of type typ after which the
-// connection is recorded as no longer holding some statements (recs): a
-// Close, a DEALLOCATE Query, the Bind of a prepared DEALLOCATE ALL. Should
+// connection is recorded as no longer holding some statements (recs, nil
+// for none: then it is sent): a Close, a DEALLOCATE Query. Should
 // the server fail or discard it, takeUndone reports them as held (the
 // statements stay there, counted, and are closed with their session's
 // other statements), or, for a DEALLOCATE ALL, the connection's statements
@@ -272,10 +272,14 @@ func (l *ledger) sentForgetting(typ byte, recs []stmtRecord) {
 	l.addRecorded(entry{typ: typ, n: 1, records: recs})
 }
 
-func (l *ledger) addRecorded(e entry) {
+// addRecorded adds e, undoing its records at once if the server will
+// discard it unread; it reports whether e was queued.
+func (l *ledger) addRecorded(e entry) bool {
 	if !l.add(e) {
 		l.undo(&e)
+		return false
 	}
+	return true
 }
 
 // undo notes that the server failed or did not read e.
@@ -302,12 +306,7 @@ func (l *ledger) takeUndone() []stmtRecord {
 func (l *ledger) sentReset(recs []stmtRecord) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	e := entry{typ: 'Q', n: 1, reset: true, records: recs}
-	if !l.add(e) {
-		l.undo(&e)
-		return false
-	}
-	return true
+	return l.addRecorded(entry{typ: 'Q', n: 1, reset: true, records: recs})
 }
 
 // sentOwn records one of the proxy's own batches sent upstream: its answers
@@ -331,7 +330,6 @@ func (l *ledger) add(e entry) bool {
 	if l.cp.in && !l.cp.ended && l.head < len(l.q) && l.consumedByCopy(&e) {
 		return false
 	}
-	l.noteSync(&e)
 	if e.typ == 'H' {
 		return false // Flush is never answered and changes nothing
 	}
@@ -342,20 +340,6 @@ func (l *ledger) add(e entry) bool {
 	}
 	l.settle()
 	return true
-}
-
-// noteSync follows, for a client's message the server reads as itself,
-// whether extended-protocol messages wait for their Sync (unsynced).
-func (l *ledger) noteSync(e *entry) {
-	if e.silent || e.typ == ownEntry {
-		return
-	}
-	switch e.typ {
-	case 'P', 'B', 'D', 'E', 'C':
-		l.unsynced = true
-	case 'S', 'Q', 'F':
-		l.unsynced = false
-	}
 }
 
 func mergeable(last, e *entry) bool {
@@ -409,6 +393,14 @@ func (l *ledger) settle() {
 // pop settles one message of the oldest entry.
 func (l *ledger) pop() {
 	e := &l.q[l.head]
+	switch e.typ {
+	case 'S', 'Q', 'F', ownEntry: // answered by a ReadyForQuery
+		l.midBatch = false
+	default:
+		// The proxy's own Close and Parse go ahead of the client's
+		// messages, which say where the batch ends.
+		l.midBatch = l.midBatch || !e.silent
+	}
 	e.n--
 	e.described = false
 	if e.n == 0 {
@@ -604,12 +596,6 @@ func (l *ledger) copyStarts(typ byte) (route, *clientError, event, error) {
 		keep = append(keep, e)
 	}
 	l.q = keep
-	// A Sync the copy consumed ended nothing: a COPY an Execute began
-	// waits for a Sync after it, as the messages kept behind it say.
-	l.unsynced = l.q[l.head].typ == 'E'
-	for i := l.head + 1; i < len(l.q); i++ {
-		l.noteSync(&l.q[i])
-	}
 	return toClient, nil, noEvent, nil
 }
 

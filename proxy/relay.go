@@ -336,13 +336,9 @@ func (r *relay) txRef(out [][]byte, prefix []byte, size int) [][]byte {
 	if !whole {
 		binary.BigEndian.PutUint32(renamed[1:], uint32(size-len(prefix)+len(renamed)-1))
 	}
-	if recs != nil {
-		r.ledger.sentForgetting(renamed[0], recs)
-		if r.ledger.full() {
-			r.full.Store(true)
-		}
-	} else {
-		r.sent(renamed[0])
+	r.ledger.sentForgetting(renamed[0], recs)
+	if r.ledger.full() {
+		r.full.Store(true)
 	}
 	return append(out, renamed)
 }

@@ -569,7 +569,7 @@ func (r *relay) mayDetach(up *session.Upstream, src *wire.Reader) bool {
 	if r.up != up || t.sending || t.pinned != "" || r.expired.Load() {
 		return false
 	}
-	if !r.ledger.idle() || !r.ledger.synced() || r.ledger.txStatus() != 'I' || r.paused() ||
+	if !r.ledger.atRest() || r.paused() ||
 		r.clientPass > 0 || r.clientDrop > 0 || r.frame != nil ||
 		r.serverPass > 0 || r.serverDrop > 0 || len(r.inject) > 0 || len(src.Buffered()) > 0 || r.upstreamDirty {
 		return false
