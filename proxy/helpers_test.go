@@ -238,37 +238,46 @@ func rawSession(t *testing.T, p *proxytest.Proxy, sub string, params ...string) 
 	return c
 }
 
-// untilReady reads answers up to the n-th ReadyForQuery or a FATAL, as short strings (E:code Z D:a,b C:tag G T, and ? for the rest).
+// untilReady reads answers up to the n-th ReadyForQuery or a FATAL, as short strings (shortAnswer).
 func untilReady(t *testing.T, c *rawClient, n int) []string {
 	t.Helper()
 	var seq []string
 	for n > 0 {
-		switch m := c.receive(t).(type) {
+		m := c.receive(t)
+		seq = append(seq, shortAnswer(m))
+		switch m := m.(type) {
 		case *pgproto3.ErrorResponse:
-			seq = append(seq, "E:"+m.Code)
 			if m.Severity == "FATAL" {
 				return seq
 			}
 		case *pgproto3.ReadyForQuery:
-			seq = append(seq, "Z")
 			n--
-		case *pgproto3.DataRow:
-			var vals []string
-			for _, v := range m.Values {
-				vals = append(vals, string(v))
-			}
-			seq = append(seq, "D:"+strings.Join(vals, ","))
-		case *pgproto3.CommandComplete:
-			seq = append(seq, "C:"+string(m.CommandTag))
-		case *pgproto3.CopyInResponse:
-			seq = append(seq, "G")
-		case *pgproto3.RowDescription:
-			seq = append(seq, "T")
-		default:
-			seq = append(seq, "?")
 		}
 	}
 	return seq
+}
+
+// shortAnswer is a server message as a short string: E:code Z D:a,b C:tag G T, and ? for the rest.
+func shortAnswer(m pgproto3.BackendMessage) string {
+	switch m := m.(type) {
+	case *pgproto3.ErrorResponse:
+		return "E:" + m.Code
+	case *pgproto3.ReadyForQuery:
+		return "Z"
+	case *pgproto3.DataRow:
+		var vals []string
+		for _, v := range m.Values {
+			vals = append(vals, string(v))
+		}
+		return "D:" + strings.Join(vals, ",")
+	case *pgproto3.CommandComplete:
+		return "C:" + string(m.CommandTag)
+	case *pgproto3.CopyInResponse:
+		return "G"
+	case *pgproto3.RowDescription:
+		return "T"
+	}
+	return "?"
 }
 
 // queryEach sends each query alone and returns each one's answers, untilReady's strings joined by spaces.
@@ -318,18 +327,12 @@ func answersWithin3s(t *testing.T, c *rawClient) []string {
 		}
 		switch m := m.(type) {
 		case *pgproto3.ErrorResponse:
-			seq = append(seq, "E:"+m.Code)
+			seq = append(seq, shortAnswer(m))
 			if m.Severity == "FATAL" {
 				return seq
 			}
-		case *pgproto3.DataRow:
-			var vals []string
-			for _, v := range m.Values {
-				vals = append(vals, string(v))
-			}
-			seq = append(seq, "D:"+strings.Join(vals, ","))
-		case *pgproto3.CommandComplete:
-			seq = append(seq, "C:"+string(m.CommandTag))
+		case *pgproto3.DataRow, *pgproto3.CommandComplete:
+			seq = append(seq, shortAnswer(m))
 		case *pgproto3.ReadyForQuery:
 			return append(seq, "Z"+string(m.TxStatus))
 		}
@@ -358,4 +361,16 @@ func leftAfterEnd(t *testing.T, p *proxytest.Proxy, text string) string {
 		got = r10Must(t, b, count)[0]
 	}
 	return got
+}
+
+// serverNameOf is the name on the server of the statement whose text
+// contains like, as another client on the connection reads it from
+// pg_prepared_statements.
+func serverNameOf(t *testing.T, c *rawClient, like string) string {
+	t.Helper()
+	names := r10Must(t, c, "SELECT name FROM pg_prepared_statements WHERE statement LIKE "+sqlquote.Literal("%"+like+"%"))
+	if len(names) != 1 {
+		t.Fatalf("statements like %q: %v", like, names)
+	}
+	return names[0]
 }

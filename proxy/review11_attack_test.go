@@ -20,18 +20,6 @@ import (
 	"github.com/rlsproxy/rlsproxy/internal/sqlquote"
 )
 
-// r11ServerName is the name on the server of the statement whose text
-// contains like, as another client on the connection reads it from
-// pg_prepared_statements.
-func r11ServerName(t *testing.T, c *rawClient, like string) string {
-	t.Helper()
-	names := r10Must(t, c, "SELECT name FROM pg_prepared_statements WHERE statement LIKE "+sqlquote.Literal("%"+like+"%"))
-	if len(names) != 1 {
-		t.Fatalf("statements like %q: %v", like, names)
-	}
-	return names[0]
-}
-
 // Held (goal 1): every spelling of another client's server name in
 // DEALLOCATE, and Close, Describe and Bind naming it, reach nothing: the
 // proxy renames them into the client's own namespace.
@@ -43,7 +31,7 @@ func TestReview11HeldNamesReachNothing(t *testing.T) {
 	untilReady(t, a, 1)
 	b := rawSession(t, p, "user2")
 	defer b.Close()
-	name := r11ServerName(t, b, "a statement")
+	name := serverNameOf(t, b, "a statement")
 	upper := strings.ToUpper(name)
 	uesc := `U&"` + strings.ReplaceAll(name, "_", `\005F`) + `"`
 	for _, tc := range []struct {

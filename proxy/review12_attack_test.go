@@ -78,43 +78,41 @@ func TestReview12CopySyncSwallowedHandsOffMidTransaction(t *testing.T) {
 }
 
 // FIXED. A Close of a client's statement that the server skips (an
-// earlier message of the batch failed) is undone only in the connection's
-// record (stmtRecord): statements.close has already deleted the client's
-// name (forget), so a later Bind of it goes to "rlsproxy_<n>_unknown_s" and
-// fails with 26000, where PostgreSQL, which never ran the Close, still has
-// the statement.
-func TestReview12SkippedCloseForgetsClientStatement(t *testing.T) {
-	p := proxytest.Start(t, pg, oneConnection)
-	a := rawSession(t, p, "user1")
-	defer a.Close()
-	a.send(t, &pgproto3.Parse{Name: "s", Query: "SELECT 'kept'::text"}, &pgproto3.Sync{})
-	untilReady(t, a, 1)
-	a.send(t, &pgproto3.Parse{Query: "SELEC"}, &pgproto3.Close{ObjectType: 'S', Name: "s"}, &pgproto3.Sync{})
-	if got := strings.Join(untilReady(t, a, 1), " "); got != "E:42601 Z" {
-		t.Fatalf("batch with a failing Parse: %s", got)
-	}
-	a.send(t, &pgproto3.Bind{PreparedStatement: "s"}, &pgproto3.Execute{}, &pgproto3.Sync{})
-	if got := strings.Join(untilReady(t, a, 1), " "); got != "? D:kept C:SELECT 1 Z" {
-		t.Errorf("Bind of s after its Close was skipped: %s, want ? D:kept C:SELECT 1 Z (the server never closed it)", got)
-	}
-}
-
-// FIXED. Likewise a DEALLOCATE query that fails (25P02 in a failed
-// transaction block): the statement still exists for PostgreSQL, but the
-// proxy forgot the client's name for it, so after ROLLBACK the client's
-// Bind of it fails with 26000.
-func TestReview12FailedDeallocateForgetsClientStatement(t *testing.T) {
-	p := proxytest.Start(t, pg, oneConnection)
-	a := rawSession(t, p, "user1")
-	defer a.Close()
-	a.send(t, &pgproto3.Parse{Name: "s", Query: "SELECT 'kept'::text"}, &pgproto3.Sync{})
-	untilReady(t, a, 1)
-	if got := strings.Join(queryEach(t, a, "BEGIN; SELECT 1/0", "DEALLOCATE s", "ROLLBACK"), " | "); got != "C:BEGIN E:22012 Z | E:25P02 Z | C:ROLLBACK Z" {
-		t.Fatalf("setup: %s", got)
-	}
-	a.send(t, &pgproto3.Bind{PreparedStatement: "s"}, &pgproto3.Execute{}, &pgproto3.Sync{})
-	if got := strings.Join(untilReady(t, a, 1), " "); got != "? D:kept C:SELECT 1 Z" {
-		t.Errorf("Bind of s after its DEALLOCATE failed: %s, want ? D:kept C:SELECT 1 Z", got)
+// earlier message of the batch failed), or a DEALLOCATE query that fails
+// (25P02 in a failed transaction block), was undone only in the
+// connection's record (stmtRecord): statements.close had already deleted
+// the client's name (forget), so a later Bind of it went to
+// "rlsproxy_<n>_unknown_s" and failed with 26000, where PostgreSQL, which
+// never ran the Close or DEALLOCATE, still has the statement.
+func TestReview12UnrunDropKeepsClientName(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		drop func(t *testing.T, a *rawClient)
+	}{
+		{"close skipped", func(t *testing.T, a *rawClient) {
+			a.send(t, &pgproto3.Parse{Query: "SELEC"}, &pgproto3.Close{ObjectType: 'S', Name: "s"}, &pgproto3.Sync{})
+			if got := strings.Join(untilReady(t, a, 1), " "); got != "E:42601 Z" {
+				t.Fatalf("batch with a failing Parse: %s", got)
+			}
+		}},
+		{"deallocate failed", func(t *testing.T, a *rawClient) {
+			if got := strings.Join(queryEach(t, a, "BEGIN; SELECT 1/0", "DEALLOCATE s", "ROLLBACK"), " | "); got != "C:BEGIN E:22012 Z | E:25P02 Z | C:ROLLBACK Z" {
+				t.Fatalf("setup: %s", got)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := proxytest.Start(t, pg, oneConnection)
+			a := rawSession(t, p, "user1")
+			defer a.Close()
+			a.send(t, &pgproto3.Parse{Name: "s", Query: "SELECT 'kept'::text"}, &pgproto3.Sync{})
+			untilReady(t, a, 1)
+			tc.drop(t, a)
+			a.send(t, &pgproto3.Bind{PreparedStatement: "s"}, &pgproto3.Execute{}, &pgproto3.Sync{})
+			if got := strings.Join(untilReady(t, a, 1), " "); got != "? D:kept C:SELECT 1 Z" {
+				t.Errorf("Bind of s after its drop did not run: %s, want ? D:kept C:SELECT 1 Z (the server still has it)", got)
+			}
+		})
 	}
 }
 

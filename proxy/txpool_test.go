@@ -907,10 +907,7 @@ func TestTxPoolingExecuteOfProxyNames(t *testing.T) {
 	defer b.Close()
 	b.send(t, &pgproto3.Parse{Name: "da", Query: "DEALLOCATE ALL"}, &pgproto3.Sync{})
 	untilReady(t, b, 1)
-	serverName := func(text string) string {
-		return r10Must(t, b, "SELECT name FROM pg_prepared_statements WHERE statement = "+sqlquote.Literal(text))[0]
-	}
-	theirs, own := serverName("SELECT 'secret of user1'::text"), serverName("DEALLOCATE ALL")
+	theirs, own := serverNameOf(t, b, "secret of user1"), serverNameOf(t, b, "DEALLOCATE ALL")
 	for _, q := range []string{
 		"EXECUTE " + theirs,
 		`EXECUTE "` + theirs + `"`,
@@ -1027,7 +1024,7 @@ func TestTxPoolingCodeCannotSwapStatements(t *testing.T) {
 		EXECUTE format('DEALLOCATE %I', n);
 		EXECUTE format('PREPARE %I AS SELECT %L || (pg_catalog.current_setting(''request.jwt.claims'')::json->>''sub'')', n, 'planted by user2, run as ');
 	END$f$`)
-	r10Must(t, b, "SELECT public.swap_statement("+sqlquote.Literal(r10Must(t, b, "SELECT name FROM pg_prepared_statements WHERE statement LIKE '%what user1 prepared%'")[0])+")")
+	r10Must(t, b, "SELECT public.swap_statement("+sqlquote.Literal(serverNameOf(t, b, "what user1 prepared"))+")")
 	a.send(t, &pgproto3.Bind{PreparedStatement: "s"}, &pgproto3.Execute{}, &pgproto3.Sync{})
 	got := strings.Join(untilReady(t, a, 1), " ")
 	t.Logf("a's Bind of s: %s", got)
