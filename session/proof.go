@@ -67,15 +67,13 @@ func (b *Batch) query(sql, tag string) {
 // statement and a portal named by the batch's nonce, closed in the batch.
 func (b *Batch) exec(sql string, oids []uint32, formats []int16, params [][]byte, row func([][]byte) error) {
 	name := b.nonce + "_" + strconv.Itoa(len(b.want))
-	for _, m := range []pgproto3.FrontendMessage{
-		&pgproto3.Parse{Name: name, Query: sql, ParameterOIDs: oids},
-		&pgproto3.Bind{DestinationPortal: name, PreparedStatement: name, ParameterFormatCodes: formats, Parameters: params},
-		&pgproto3.Execute{Portal: name},
-		&pgproto3.Close{ObjectType: 'P', Name: name},
-		&pgproto3.Close{ObjectType: 'S', Name: name},
-	} {
-		b.Frames, _ = m.Encode(b.Frames)
-	}
+	// Encoded one by one, not from a slice of FrontendMessage, so that the
+	// messages stay on the stack: this runs on every identity switch.
+	b.Frames, _ = (&pgproto3.Parse{Name: name, Query: sql, ParameterOIDs: oids}).Encode(b.Frames)
+	b.Frames, _ = (&pgproto3.Bind{DestinationPortal: name, PreparedStatement: name, ParameterFormatCodes: formats, Parameters: params}).Encode(b.Frames)
+	b.Frames, _ = (&pgproto3.Execute{Portal: name}).Encode(b.Frames)
+	b.Frames, _ = (&pgproto3.Close{ObjectType: 'P', Name: name}).Encode(b.Frames)
+	b.Frames, _ = (&pgproto3.Close{ObjectType: 'S', Name: name}).Encode(b.Frames)
 	b.want = append(b.want, answer{typ: '1'}, answer{typ: '2'})
 	if row != nil {
 		b.want = append(b.want, answer{'D', func(body []byte) error {
@@ -199,6 +197,10 @@ const (
 	installRoleSQL     = `SELECT pg_catalog.set_config('role', pg_catalog.convert_from($1, 'UTF8'), false) IS NOT NULL AND current_user::pg_catalog.text OPERATOR(pg_catalog.=) pg_catalog.convert_from($1, 'UTF8'), $2::pg_catalog.text`
 )
 
+// installFrameBytes bounds the frames of an install batch but its two
+// arrays: the statements' texts and the messages around them.
+const installFrameBytes = 2048 + len(installSettingsSQL) + len(installRoleSQL)
+
 // installBatch returns the batch that installs g on backend pid, in one
 // transaction: back to the login role first (a client's RESET of one setting
 // leaves the mapped role in place, which, hardened, may not call
@@ -212,29 +214,37 @@ const (
 // client's own the connection must carry too (transaction pooling: the
 // client's application_name, TimeZone, ...).
 func installBatch(g, prev *Grant, extra []Setting, signer *Signer, pid uint32, status byte) *Batch {
-	names := make([][]byte, 0, len(g.Settings)+len(extra)+1)
-	values := make([][]byte, 0, len(g.Settings)+len(extra)+1)
+	n := len(g.Settings) + len(extra) + 1
+	if prev != nil {
+		n += len(prev.Settings)
+	}
+	names, values := make([]string, 0, n), make([]string, 0, n)
 	for _, s := range g.Settings {
-		names, values = append(names, []byte(s.Name)), append(values, []byte(s.Value))
+		names, values = append(names, s.Name), append(values, s.Value)
 	}
 	for _, s := range extra {
-		names, values = append(names, []byte(s.Name)), append(values, []byte(s.Value))
+		names, values = append(names, s.Name), append(values, s.Value)
 	}
 	signed := signer != nil && g.Claims != ""
 	if signed {
-		names, values = append(names, []byte(SignatureSetting)), append(values, []byte(signer.Sign(pid, g.Claims)))
+		names, values = append(names, SignatureSetting), append(values, signer.Sign(pid, g.Claims))
 	}
 	if prev != nil {
 		for _, s := range prev.Settings {
 			if !slices.ContainsFunc(g.Settings, func(t Setting) bool { return strings.EqualFold(t.Name, s.Name) }) {
-				names, values = append(names, []byte(s.Name)), append(values, nil)
+				names, values = append(names, s.Name), append(values, "")
 			}
 		}
 		if !signed && prev.Claims != "" && signer != nil {
-			names, values = append(names, []byte(SignatureSetting)), append(values, nil)
+			names, values = append(names, SignatureSetting), append(values, "")
 		}
 	}
+	nameArray, valueArray := encodeByteaArray(names), encodeByteaArray(values)
 	b := newBatch(status)
+	// Sized for the whole batch at once: growing it message by message was
+	// most of the cost of building it.
+	b.Frames = make([]byte, 0, installFrameBytes+len(nameArray)+len(valueArray))
+	b.want = make([]answer, 0, 24)
 	if prev != nil && !prev.SameIdentity(g) {
 		// The connection served another identity without a reset between:
 		// what that session left that no statement shows (a sequence's
@@ -247,11 +257,11 @@ func installBatch(g, prev *Grant, extra []Setting, signer *Signer, pid uint32, s
 		b.closeUnnamed()
 	}
 	b.exec("RESET ROLE", nil, nil, nil, nil)
-	n := strconv.Itoa(len(names))
-	b.exec(installSettingsSQL, byteaArrays, binaryFormats, [][]byte{encodeByteaArray(names), encodeByteaArray(values)},
+	count := strconv.Itoa(len(names))
+	b.exec(installSettingsSQL, byteaArrays, binaryFormats, [][]byte{nameArray, valueArray},
 		func(cols [][]byte) error {
-			if len(cols) != 1 || string(cols[0]) != n {
-				return fmt.Errorf("%s of %s claim settings were installed", cols, n)
+			if len(cols) != 1 || string(cols[0]) != count {
+				return fmt.Errorf("%s of %s claim settings were installed", cols, count)
 			}
 			return nil
 		})
@@ -330,7 +340,7 @@ var (
 // encodeByteaArray writes a one-dimensional bytea[] in PostgreSQL's binary
 // array format: ndim, has-null flag, element type, then length and lower
 // bound of the dimension, then each element as length and bytes.
-func encodeByteaArray(elems [][]byte) []byte {
+func encodeByteaArray(elems []string) []byte {
 	size := 20
 	for _, e := range elems {
 		size += 4 + len(e)
