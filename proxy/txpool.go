@@ -171,14 +171,21 @@ func (t *txState) reported(up *session.Upstream, body []byte) {
 	}
 }
 
-// extra returns the carried settings up must be given for the client.
-func (t *txState) extra(up *session.Upstream) []session.Setting {
-	if t.carriedSig == up.CarriedSignature() {
+// extra returns the carried settings up must be given for the client: those
+// whose value there is not the client's, or, when the install resets the
+// connection's settings first (a change of identity: RESET ALL), those
+// whose value the connection had at login is not the client's.
+func (t *txState) extra(up *session.Upstream, reset bool) []session.Setting {
+	if !reset && t.carriedSig == up.CarriedSignature() {
 		return nil // the same values: the common case, one comparison
 	}
 	var out []session.Setting
 	for _, name := range session.CarriedSettings {
-		if v, ok := t.carried[name]; ok && up.Parameter(name) != v {
+		have := up.Parameter(name)
+		if reset {
+			have = up.InitialParameter(name)
+		}
+		if v, ok := t.carried[name]; ok && have != v {
 			out = append(out, session.Setting{Name: name, Value: v})
 		}
 	}
@@ -455,7 +462,7 @@ func (r *relay) prepare(up *session.Upstream, installed bool) []byte {
 		up.ForgetPrepared()
 		pre = append(pre, q...)
 	}
-	if extra := t.extra(up); !installed || len(extra) > 0 {
+	if extra := t.extra(up, !installed); !installed || len(extra) > 0 {
 		b := up.Switch(t.target.Grant, extra)
 		r.ledger.sentOwn(b)
 		pre = append(pre, b.Frames...)

@@ -365,6 +365,27 @@ func TestTxPoolingCarriedSettings(t *testing.T) {
 	}
 }
 
+// A change of identity resets the connection's settings (RESET ALL) before
+// the client's carried ones go on: two clients of other identities that set
+// the same TimeZone and application_name keep them, though the connection
+// held those values already when each came to it.
+func TestTxPoolingCarriedSettingsSameValues(t *testing.T) {
+	p := proxytest.Start(t, pg, txPooled(1))
+	a := rawSession(t, p, "user1")
+	b := rawSession(t, p, "user2")
+	const show = "SELECT current_setting('TimeZone') || '|' || current_setting('application_name') || '|' || current_setting('jwt.claims.sub')"
+	for _, c := range []*rawClient{a, b} {
+		r10Must(t, c, "SET TimeZone = 'Asia/Tokyo'; SET application_name = 'same'")
+	}
+	for range 3 {
+		for c, sub := range map[*rawClient]string{a: "user1", b: "user2"} {
+			if got := r10Must(t, c, show)[0]; got != "Asia/Tokyo|same|"+sub {
+				t.Errorf("%s sees %s", sub, got)
+			}
+		}
+	}
+}
+
 // Session mode releases a connection without DISCARD ALL when the session
 // left nothing behind (the next install overwrites identity), and resets it
 // when it did.

@@ -73,12 +73,18 @@ type Grant struct {
 }
 
 // SameIdentity reports whether g and o install the same role, settings and
-// claims: a connection with g installed serves o's session as it is.
+// claims: a connection with g installed serves o's session as it is, with
+// whatever state g's sessions left there. Two sessions of one token are one
+// bearer; two anonymous sessions are anybody, so an anonymous grant (no
+// claims; each anonymous session has its own) is only the same as itself.
 func (g *Grant) SameIdentity(o *Grant) bool {
 	if g == nil || o == nil {
 		return false
 	}
-	return g == o || (g.Role == o.Role && g.Claims == o.Claims && slices.Equal(g.Settings, o.Settings))
+	if g == o {
+		return true
+	}
+	return g.Claims != "" && g.Role == o.Role && g.Claims == o.Claims && slices.Equal(g.Settings, o.Settings)
 }
 
 // Setting is one session setting installed upstream.

@@ -197,9 +197,30 @@ const (
 	installRoleSQL     = `SELECT pg_catalog.set_config('role', pg_catalog.convert_from($1, 'UTF8'), false) IS NOT NULL AND current_user::pg_catalog.text OPERATOR(pg_catalog.=) pg_catalog.convert_from($1, 'UTF8'), $2::pg_catalog.text`
 )
 
+// switchResets undo, on a change of identity, the session state of the
+// last one: all of DISCARD ALL but DEALLOCATE ALL, SET SESSION
+// AUTHORIZATION (never reached) and DISCARD PLANS (no state), each a
+// statement of its own in the batch's extended-protocol transaction. Then
+// switchForgetSQL releases session advisory locks and draws a new seed.
+var switchResets = []string{"CLOSE ALL", "UNLISTEN *", "RESET ALL", "DISCARD SEQUENCES", "DISCARD TEMP"}
+
+const switchForgetSQL = `SELECT pg_catalog.pg_advisory_unlock_all(), pg_catalog.setseed($1)`
+
+// reseedSQL draws a new seed for random() after a reset.
+const reseedSQL = `SELECT pg_catalog.setseed($1)`
+
+// randomSeed returns a seed for setseed, in [-1, 1], as text: from the
+// proxy's own randomness, so that no client can know it.
+func randomSeed() []byte {
+	var n [8]byte
+	_, _ = rand.Read(n[:])
+	f := float64(binary.BigEndian.Uint64(n[:])>>11)/(1<<53)*2 - 1
+	return strconv.AppendFloat(nil, f, 'g', -1, 64)
+}
+
 // installFrameBytes bounds the frames of an install batch but its two
 // arrays: the statements' texts and the messages around them.
-const installFrameBytes = 2048 + len(installSettingsSQL) + len(installRoleSQL)
+const installFrameBytes = 4096 + len(installSettingsSQL) + len(installRoleSQL)
 
 // installBatch returns the batch that installs g on backend pid, in one
 // transaction: back to the login role first (a client's RESET of one setting
@@ -244,19 +265,36 @@ func installBatch(g, prev *Grant, extra []Setting, signer *Signer, pid uint32, s
 	// Sized for the whole batch at once: growing it message by message was
 	// most of the cost of building it.
 	b.Frames = make([]byte, 0, installFrameBytes+len(nameArray)+len(valueArray))
-	b.want = make([]answer, 0, 24)
-	if prev != nil && !prev.SameIdentity(g) {
-		// The connection served another identity without a reset between:
-		// what that session left that no statement shows (a sequence's
-		// currval, its unnamed statement and portal) goes, and its
-		// temporary objects, whatever made them (an unqualified CREATE
-		// while pg_temp led the search_path is not a temporary object in
-		// the statement's words).
-		b.exec("DISCARD SEQUENCES", nil, nil, nil, nil)
-		b.exec("DISCARD TEMP", nil, nil, nil, nil)
+	b.want = make([]answer, 0, 64)
+	switched := prev != nil && !prev.SameIdentity(g)
+	if switched {
+		// The connection served another identity without a reset between.
+		// The session-state rules (guard/state.go) see only a statement's
+		// words, not the code it runs: a view, a domain's check, a column
+		// default or a function can set a setting, take an advisory lock,
+		// LISTEN, make a temporary object. So everything DISCARD ALL undoes
+		// goes here too, whatever made it, but the prepared statements,
+		// which the proxy follows by owner (DISCARD ALL cannot run inside
+		// the batch's transaction). The client's carried settings come
+		// back with the claims below (RESET ALL reset them).
+		for _, sql := range switchResets {
+			b.exec(sql, nil, nil, nil, nil)
+		}
 		b.closeUnnamed()
 	}
 	b.exec("RESET ROLE", nil, nil, nil, nil)
+	if switched {
+		// As the login role: the mapped role may be barred from calling
+		// functions. The seed of random(), which not even DISCARD ALL
+		// resets, is drawn again, so that no session chooses another's
+		// random numbers (setseed).
+		b.exec(switchForgetSQL, []uint32{float8OID}, nil, [][]byte{randomSeed()}, func(cols [][]byte) error {
+			if len(cols) != 2 {
+				return fmt.Errorf("%d columns from the release of advisory locks", len(cols))
+			}
+			return nil
+		})
+	}
 	count := strconv.Itoa(len(names))
 	b.exec(installSettingsSQL, byteaArrays, binaryFormats, [][]byte{nameArray, valueArray},
 		func(cols [][]byte) error {
@@ -313,13 +351,20 @@ const resetProofSQL = `SELECT current_user OPERATOR(pg_catalog.=) session_user
 // resetBatch returns the batch that undoes a session on a connection in
 // transaction status status: ROLLBACK when a transaction is open, DISCARD
 // ALL (role, settings, prepared statements, temporary tables, advisory
-// locks, LISTEN), and the proof, which checks claimsSetting too.
+// locks, LISTEN), a new seed for random() (which DISCARD ALL keeps), and
+// the proof, which checks claimsSetting too.
 func resetBatch(status byte, claimsSetting string) *Batch {
 	b := newBatch('I')
 	if status != 'I' {
 		b.query("ROLLBACK", "ROLLBACK")
 	}
 	b.query("DISCARD ALL", "DISCARD ALL")
+	b.exec(reseedSQL, []uint32{float8OID}, nil, [][]byte{randomSeed()}, func(cols [][]byte) error {
+		if len(cols) != 1 {
+			return fmt.Errorf("%d columns from setseed", len(cols))
+		}
+		return nil
+	})
 	b.exec(resetProofSQL, []uint32{textOID, textOID}, nil, [][]byte{[]byte(claimsSetting), []byte(b.nonce)},
 		b.provedBy("the reset"))
 	b.sync()
@@ -329,6 +374,7 @@ func resetBatch(status byte, claimsSetting string) *Batch {
 const (
 	byteaOID      = 17
 	textOID       = 25
+	float8OID     = 701
 	byteaArrayOID = 1001
 )
 

@@ -121,6 +121,10 @@ func (u *Upstream) Rebind(c net.Conn, buffered []byte) {
 // Parameter returns a setting the server reported (ParameterStatus).
 func (u *Upstream) Parameter(name string) string { return u.params[name] }
 
+// InitialParameter returns the value of one of CarriedSettings the server
+// reported at login: the value RESET ALL brings back.
+func (u *Upstream) InitialParameter(name string) string { return u.initial[name] }
+
 // SetParameter records a setting the server reported while the relay read
 // the connection.
 func (u *Upstream) SetParameter(name, value string) {
