@@ -351,3 +351,32 @@ func TestLedgerUndoesStatementRecords(t *testing.T) {
 		})
 	}
 }
+
+// queued tells whether the server was sent more than the unit it runs, as
+// the expiry must know (relay.expire): a second Query, Sync or FunctionCall
+// still owed, however the messages run together.
+func TestLedgerQueued(t *testing.T) {
+	for _, tc := range []struct {
+		script string
+		want   bool
+	}{
+		{"", false},
+		{"> Q", false},
+		{"> Q Q", true},
+		{"> P B E S", false},
+		{"> P B E S P B E S", true},
+		{"> P B E", false},
+		{"> Q < T D C Z > Q", false},
+		{"> Q S", true},
+		{"> F Q", true},
+		{"> Q Q < C Z", false},
+	} {
+		l := newLedger()
+		if _, _, err := ledgerScript(t, l, tc.script); err != nil {
+			t.Fatalf("%q: %v", tc.script, err)
+		}
+		if got := l.queued(); got != tc.want {
+			t.Errorf("%q: queued %v, want %v", tc.script, got, tc.want)
+		}
+	}
+}

@@ -91,21 +91,32 @@ func (s *statements) serverName(name string) string {
 // its session's statements are dropped.
 //
 // dropsAll tells a DEALLOCATE ALL: it drops the connection's statements when
-// it runs, at an Execute after a Bind of it (bound).
-func (s *statements) parse(up *session.Upstream, frame []byte, dropsAll bool) []byte {
+// it runs, at an Execute after a Bind of it (bound). keepText is false once
+// the client is pinned: its statements never need to go to another
+// connection, and a client past the limits must not make the proxy keep
+// more (its name is kept, to rename its Bind, Describe and Close).
+func (s *statements) parse(up *session.Upstream, frame []byte, dropsAll, keepText bool) []byte {
 	name, rest, ok := cut(frame[5:])
 	if !ok {
 		return frame // malformed: the server refuses it
 	}
 	if len(name) == 0 {
 		up.SetUnnamedOwner(s.owner)
-		s.keep("", "", bytes.Clone(frame), dropsAll) // frame is the client's buffer
+		var text []byte
+		if keepText {
+			text = bytes.Clone(frame) // frame is the client's buffer
+		}
+		s.keep("", "", text, dropsAll)
 		return frame
 	}
 	s.seq++
 	server := s.prefix + strconv.Itoa(s.seq)
 	renamed := rebuild(frame[0], []byte(server), rest)
-	s.keep(string(name), server, renamed, dropsAll)
+	text := renamed
+	if !keepText {
+		text = nil
+	}
+	s.keep(string(name), server, text, dropsAll)
 	up.SetPrepared(s.owner, server, true)
 	return renamed
 }
@@ -138,13 +149,16 @@ func (s *statements) use(up *session.Upstream, name string) (pre []byte, server 
 			up.SetUnnamedOwner(0)
 			return rebuild('C', []byte{'S'}, nil), ""
 		}
+		if st.parse == nil {
+			return nil, "" // not kept (pinned): the server answers as it would
+		}
 		up.SetUnnamedOwner(s.owner)
 		return st.parse, ""
 	}
 	if st == nil {
 		return nil, s.serverName(name)
 	}
-	if up.Prepared(s.owner, st.server) {
+	if up.Prepared(s.owner, st.server) || st.parse == nil {
 		return nil, st.server
 	}
 	up.SetPrepared(s.owner, st.server, true)

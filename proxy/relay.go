@@ -87,6 +87,9 @@ type relay struct {
 	clientBuf, serverBuf int
 
 	expired atomic.Bool
+	// abortUpstream: the session ended at its token's expiry with more
+	// than the running statement sent; its connection is aborted (expire).
+	abortUpstream atomic.Bool
 	// expiredErr is what the client is told when its token expires.
 	expiredErr *clientError
 
@@ -536,7 +539,7 @@ func (r *relay) stateEffects(out [][]byte, frame []byte, v guard.Verdict) ([][]b
 				name, _, _ := cut(frame[5:])
 				frame, _ = (&pgproto3.Parse{Name: string(name), Query: string(cstring(query[5:]))}).Encode(nil)
 			}
-			frame = t.stmts.parse(r.up, frame, v.DeallocateAll)
+			frame = t.stmts.parse(r.up, frame, v.DeallocateAll, t.pinned == "")
 		}
 	case 'Q':
 		t := r.tx
@@ -733,6 +736,12 @@ func appendSegment(out [][]byte, b []byte) [][]byte {
 // the connection alone leaves a statement running, locks held, until it
 // next writes. The connection is not reused (clean is false).
 func (r *relay) cancelRunning(ctx context.Context, up *session.Upstream, clean bool) {
+	if r.abortUpstream.Load() {
+		// A cancel would start what was queued behind the running
+		// statement; the reset of the connection lets nothing more start.
+		up.Abort()
+		return
+	}
 	if clean || r.ledger.quiet() {
 		return
 	}
@@ -752,11 +761,19 @@ func (r *relay) reusable() bool {
 }
 
 // expire is called when the session's token expires: the session ends now if
-// the server is idle, else after the running statement.
+// the server is idle, else after the running statement. When the client had
+// pipelined more behind it, the session ends now, and the connection is
+// aborted rather than closed: the server would otherwise start the next
+// transaction after the expiry (it has read it already), while a reset
+// connection makes it die at its next write, once the running one is done.
 func (r *relay) expire(e *clientError) {
 	r.expiredErr = e
 	r.expired.Store(true)
-	if r.ledger.quiet() {
+	switch {
+	case r.ledger.quiet():
+		r.end(endTokenExpired, e)
+	case r.ledger.queued():
+		r.abortUpstream.Store(true)
 		r.end(endTokenExpired, e)
 	}
 }

@@ -301,6 +301,10 @@ func (r *relay) runTx(client net.Conn, clientR *wire.Reader, first *session.Upst
 		t.mu.Lock()
 		r.up = nil
 		t.mu.Unlock()
+		// A cancel the client sent as soon as it had its key is on its way
+		// to this backend: it must land before another client's statement
+		// can, as at every other hand-over.
+		t.cancels.Wait()
 		t.pool.Return(first)
 	}
 	for !r.ended.Load() {
@@ -344,6 +348,17 @@ func (r *relay) runTx(client net.Conn, clientR *wire.Reader, first *session.Upst
 				t.mu.Unlock()
 			}
 
+			if len(pre) > 0 && r.holding.Load() {
+				// An install goes alone; sending stays set, so that the
+				// connection is not let go between its answers and the
+				// client's frames.
+				wrote := r.write(up.Conn(), [][]byte{pre}, true)
+				pre = nil
+				if !wrote || r.ended.Load() {
+					break
+				}
+				continue // paused until the install is answered
+			}
 			var n int
 			t.stmtsMu.Lock()
 			n, out = r.fromClient(clientR.Buffered(), out[:0])
@@ -466,6 +481,12 @@ func (r *relay) prepare(up *session.Upstream, installed bool) []byte {
 		b := up.Switch(t.target.Grant, extra)
 		r.ledger.sentOwn(b)
 		pre = append(pre, b.Frames...)
+		// The client's frames wait for the install's answers (ownDone
+		// resumes them): an install that fails (its own statement's error,
+		// a cancel, a lock table or statement_timeout the last session
+		// left) is rolled back at its Sync, and whatever came behind it
+		// would run as the identity installed before.
+		r.holding.Store(true)
 	}
 	return pre
 }

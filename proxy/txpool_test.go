@@ -1053,3 +1053,31 @@ func TestTxPoolingCodeCannotSwapStatements(t *testing.T) {
 		t.Errorf("a's Bind of its statement after b's swap: %s", got)
 	}
 }
+
+// A pinned client's statements stay on its connection, so the proxy keeps
+// their names but not their texts (a client past the limits must not make
+// it keep more): they run, and closing one and preparing it again works.
+func TestTxPoolingPinnedStatementsWithoutText(t *testing.T) {
+	p := proxytest.Start(t, pg, oneConnection)
+	a := rawSession(t, p, "user1")
+	defer a.Close()
+	r10Must(t, a, "LISTEN pinned_statements")
+	run := func(msgs ...pgproto3.FrontendMessage) string {
+		a.send(t, append(msgs, &pgproto3.Sync{})...)
+		return strings.Join(untilReady(t, a, 1), " ")
+	}
+	for i, want := range []string{"? ? D:42 C:SELECT 1 Z", "? D:42 C:SELECT 1 Z"} {
+		var msgs []pgproto3.FrontendMessage
+		if i == 0 {
+			msgs = append(msgs, &pgproto3.Parse{Name: "s", Query: "SELECT 41 + 1"})
+		}
+		msgs = append(msgs, &pgproto3.Bind{PreparedStatement: "s"}, &pgproto3.Execute{})
+		if got := run(msgs...); got != want {
+			t.Errorf("run %d: %s, want %s", i, got, want)
+		}
+	}
+	if got := run(&pgproto3.Close{ObjectType: 'S', Name: "s"}, &pgproto3.Parse{Name: "s", Query: "SELECT 43"},
+		&pgproto3.Bind{PreparedStatement: "s"}, &pgproto3.Execute{}); got != "? ? ? D:43 C:SELECT 1 Z" {
+		t.Errorf("closed and prepared again: %s", got)
+	}
+}

@@ -364,6 +364,20 @@ func (u *Upstream) Close() error {
 	return u.conn.Close()
 }
 
+// Abort closes the connection with a reset (RST) instead of Terminate: the
+// server runs on what it has started, but dies at its next write to the
+// connection, before it commits anything it had read but not started.
+func (u *Upstream) Abort() {
+	c := u.conn
+	if t, ok := c.(interface{ NetConn() net.Conn }); ok {
+		c = t.NetConn()
+	}
+	if t, ok := c.(*net.TCPConn); ok {
+		_ = t.SetLinger(0)
+	}
+	_ = u.conn.Close()
+}
+
 // reset undoes a session: see resetBatch.
 func (u *Upstream) reset(ctx context.Context, claimsSetting string) error {
 	if claimsSetting == "" {
