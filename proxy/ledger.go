@@ -175,16 +175,18 @@ func (l *ledger) idle() bool {
 // sends more: every Sync, Query and FunctionCall sent has been answered
 // (what is left of an extended-query batch waits for its Sync), or a COPY
 // FROM STDIN waits for data. A session whose token expired ends then.
-// queued reports whether the server has been sent more than the unit it
-// runs now (a Sync, Query or FunctionCall past the first still owed), so
-// that letting it answer them all would start another transaction.
+// queued reports whether the server has been sent more than the statement
+// it runs now: a second Execute, Query or FunctionCall still owed, each of
+// which may run anything, COMMIT included (an Execute of COMMIT commits
+// without a Sync). Parse, Bind, Describe and Close run nothing of the
+// client's; a Sync commits what ran before it.
 func (l *ledger) queued() bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	n := 0
 	for _, e := range l.q[l.head:] {
 		switch e.typ {
-		case 'S', 'Q', 'F':
+		case 'E', 'Q', 'F':
 			if n += e.n; n > 1 {
 				return true
 			}

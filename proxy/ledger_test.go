@@ -352,9 +352,9 @@ func TestLedgerUndoesStatementRecords(t *testing.T) {
 	}
 }
 
-// queued tells whether the server was sent more than the unit it runs, as
-// the expiry must know (relay.expire): a second Query, Sync or FunctionCall
-// still owed, however the messages run together.
+// queued tells whether the server was sent more than the statement it runs,
+// as the expiry must know (relay.expire): a second Execute, Query or
+// FunctionCall still owed, however the messages run together.
 func TestLedgerQueued(t *testing.T) {
 	for _, tc := range []struct {
 		script string
@@ -366,8 +366,11 @@ func TestLedgerQueued(t *testing.T) {
 		{"> P B E S", false},
 		{"> P B E S P B E S", true},
 		{"> P B E", false},
+		{"> P B E P B E", true},
+		{"> P B E P B D C", false},
 		{"> Q < T D C Z > Q", false},
-		{"> Q S", true},
+		{"> Q S", false},
+		{"> Q P B E", true},
 		{"> F Q", true},
 		{"> Q Q < C Z", false},
 	} {

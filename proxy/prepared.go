@@ -43,11 +43,26 @@ type statement struct {
 }
 
 // The most a client may keep prepared; past it the client is pinned to its
-// connection, where its statements stay as they are.
+// connection, where its statements stay as they are, and the proxy keeps
+// their names only, up to maxNames (a Parse of one more is refused, 54000).
 const (
 	maxStatements     = 2000
 	maxStatementBytes = 8 << 20
+	maxNames          = 10 * maxStatements
 )
+
+// nameBytes is as much of a statement name as PostgreSQL reads: it keys
+// prepared statements by their first NAMEDATALEN-1 bytes, so that two names
+// alike that far are one statement, there and here.
+const nameBytes = 63
+
+// key is the part of a client's statement name that names it.
+func key(name string) string {
+	if len(name) > nameBytes {
+		return name[:nameBytes]
+	}
+	return name
+}
 
 // statementPrefix begins every statement name the proxy gives on the server.
 const statementPrefix = "rlsproxy_"
@@ -61,6 +76,18 @@ func (s *statements) full() bool {
 	return len(s.byName) >= maxStatements || s.bytes >= maxStatementBytes
 }
 
+// tooMany reports whether a Parse of name would keep one name more than a
+// client may.
+func (s *statements) tooMany(name string) bool {
+	return name != "" && len(s.byName) >= maxNames && s.byName[key(name)] == nil
+}
+
+// size is what the proxy keeps for a statement: its Parse, if kept, and
+// its names.
+func (st *statement) size(name string) int {
+	return len(st.parse) + len(name) + len(st.server)
+}
+
 // serverName returns the name on the server of the client's statement name:
 // its own, or, for a name it never prepared, one in its namespace that no
 // statement has.
@@ -68,6 +95,7 @@ func (s *statements) serverName(name string) string {
 	if name == "" {
 		return ""
 	}
+	name = key(name)
 	if st := s.byName[name]; st != nil {
 		return st.server
 	}
@@ -116,7 +144,7 @@ func (s *statements) parse(up *session.Upstream, frame []byte, dropsAll, keepTex
 	if !keepText {
 		text = nil
 	}
-	s.keep(string(name), server, text, dropsAll)
+	s.keep(key(string(name)), server, text, dropsAll)
 	up.SetPrepared(s.owner, server, true)
 	return renamed
 }
@@ -124,10 +152,11 @@ func (s *statements) parse(up *session.Upstream, frame []byte, dropsAll, keepTex
 // keep records the statement name, whose Parse frame it takes.
 func (s *statements) keep(name, server string, frame []byte, dropsAll bool) {
 	if old := s.byName[name]; old != nil {
-		s.bytes -= len(old.parse)
+		s.bytes -= old.size(name)
 	}
-	s.byName[name] = &statement{server: server, parse: frame, dropsAll: dropsAll}
-	s.bytes += len(frame)
+	st := &statement{server: server, parse: frame, dropsAll: dropsAll}
+	s.byName[name] = st
+	s.bytes += st.size(name)
 }
 
 // use returns, for a client message naming statement name (Bind, Describe
@@ -137,6 +166,7 @@ func (s *statements) keep(name, server string, frame []byte, dropsAll bool) {
 // Close: should the statement exist there after all (the proxy forgot it
 // too early), the Parse would fail.
 func (s *statements) use(up *session.Upstream, name string) (pre []byte, server string) {
+	name = key(name)
 	st := s.byName[name]
 	if name == "" {
 		switch {
@@ -169,9 +199,10 @@ func (s *statements) use(up *session.Upstream, name string) (pre []byte, server 
 // forget forgets the client's statement name and returns its name on the
 // server.
 func (s *statements) forget(name string) string {
+	name = key(name)
 	server := s.serverName(name)
 	if st := s.byName[name]; st != nil {
-		s.bytes -= len(st.parse)
+		s.bytes -= st.size(name)
 		delete(s.byName, name)
 	}
 	return server
@@ -182,6 +213,7 @@ func (s *statements) forget(name string) string {
 // give the ledger, for it to be undone should the server not run the
 // message (nil when up was not recorded as holding it).
 func (s *statements) close(up *session.Upstream, name string) (server string, recs []stmtRecord) {
+	name = key(name)
 	st := s.byName[name]
 	server = s.forget(name)
 	held := server != "" && up.Prepared(s.owner, server)
@@ -218,7 +250,7 @@ func (s *statements) undo(up *session.Upstream, recs []stmtRecord) {
 			// The client's name comes back too, unless it has parsed the
 			// name again since.
 			s.byName[r.client] = r.stmt
-			s.bytes += len(r.stmt.parse)
+			s.bytes += r.stmt.size(r.client)
 		}
 	}
 }
@@ -248,7 +280,7 @@ func (s *statements) renameRef(up *session.Upstream, frame []byte) (pre, renamed
 			return nil, frame, nil
 		}
 		pre, server := s.use(up, string(name))
-		if st := s.byName[string(name)]; st != nil && st.dropsAll {
+		if st := s.byName[key(string(name))]; st != nil && st.dropsAll {
 			// Executing it drops every statement of the connection; the
 			// portal may also never run (no Execute, one skipped after an
 			// error, the portal closed), so what the connection holds is
@@ -302,6 +334,7 @@ func (s *statements) deallocate(up *session.Upstream, names []string, later bool
 	rewrite := false
 	for _, name := range names {
 		server := name
+		name = key(name)
 		switch {
 		case name != "" && s.byName[name] != nil:
 			pre = append(pre, s.placeholder(up, name, later)...)

@@ -122,6 +122,10 @@ func (t *txState) refusal(v guard.Verdict, frame []byte) *clientError {
 			}
 		}
 	}
+	if t != nil && frame[0] == 'P' && t.stmts.tooMany(string(cstring(frame[5:]))) {
+		return newClientError(codeProgramLimitExceeded, "prepared_statements",
+			fmt.Sprintf("rlsproxy (transaction pooling) keeps at most %d prepared statements per client: close some (Close, DEALLOCATE)", maxNames))
+	}
 	if t == nil || !t.refuse || v.Pin == "" || t.pinned != "" {
 		return nil
 	}
@@ -546,8 +550,16 @@ func (r *relay) serveUpstream(up *session.Upstream, client net.Conn, resume chan
 			if r.ended.Load() {
 				break
 			}
-			if t.nudged.Swap(false) && isStop(err) {
+			// Taken with the deadline under mu, as the client side sets
+			// them: else a nudge set between the two would lose its flag
+			// here and its deadline would end the session.
+			t.mu.Lock()
+			nudged := t.nudged.Swap(false)
+			if nudged && isStop(err) {
 				_ = up.Conn().SetReadDeadline(time.Time{})
+			}
+			t.mu.Unlock()
+			if nudged && isStop(err) {
 				continue
 			}
 			if isStop(err) {

@@ -1081,3 +1081,38 @@ func TestTxPoolingPinnedStatementsWithoutText(t *testing.T) {
 		t.Errorf("closed and prepared again: %s", got)
 	}
 }
+
+// A pinned client keeps the names of its statements in the proxy, never
+// more than 20,000 (maxNames): a Parse of one more is refused (54000), one
+// of a name it holds is not. Names are as long as PostgreSQL reads them
+// (63 bytes): two alike that far are one statement, as without the proxy.
+func TestTxPoolingStatementNamesBounded(t *testing.T) {
+	p := proxytest.Start(t, pg, oneConnection)
+	a := rawSession(t, p, "user1")
+	defer a.Close()
+	r10Must(t, a, "LISTEN names_bounded")
+	long := strings.Repeat("n", 63)
+	a.send(t, &pgproto3.Parse{Name: long + "-first", Query: "SELECT 'long'"}, &pgproto3.Bind{PreparedStatement: long + "-second"},
+		&pgproto3.Execute{}, &pgproto3.Sync{})
+	if got := strings.Join(untilReady(t, a, 1), " "); got != "? ? D:long C:SELECT 1 Z" {
+		t.Errorf("a name alike in its first 63 bytes: %s", got)
+	}
+	var msgs []pgproto3.FrontendMessage
+	for i := range 20000 - 1 {
+		msgs = append(msgs, &pgproto3.Parse{Name: fmt.Sprintf("s%d", i), Query: "SELECT 1"})
+	}
+	a.send(t, append(msgs, &pgproto3.Sync{})...)
+	if got := untilReady(t, a, 1); len(got) != 20000 || got[len(got)-2] != "?" {
+		t.Fatalf("20,000 statements: %d answers, ending %v", len(got), got[len(got)-3:])
+	}
+	for _, c := range []struct{ name, want string }{
+		{"one_more", "E:54000 Z"},
+		{"s5", "? Z"},
+		{long + "-third", "? Z"},
+	} {
+		a.send(t, &pgproto3.Parse{Name: c.name, Query: "SELECT 2"}, &pgproto3.Sync{})
+		if got := strings.Join(untilReady(t, a, 1), " "); got != c.want {
+			t.Errorf("Parse of %.20s: %s, want %s", c.name, got, c.want)
+		}
+	}
+}
