@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"strconv"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5/pgproto3"
 
@@ -99,7 +100,23 @@ func (s *statements) serverName(name string) string {
 	if st := s.byName[name]; st != nil {
 		return st.server
 	}
-	return s.prefix + "unknown_" + name
+	// Cut at 63 bytes, a name may end inside a character, and PostgreSQL
+	// refuses a message whose string is not valid in the client's
+	// encoding (22021): without the bytes of the cut character, the name
+	// is refused as PostgreSQL refuses the client's own, for naming no
+	// statement.
+	return s.prefix + "unknown_" + trimCutRune(name)
+}
+
+// trimCutRune drops from s the bytes of a UTF-8 character cut at its end.
+func trimCutRune(s string) string {
+	for i := 0; i < utf8.UTFMax-1 && len(s) > 0; i++ {
+		if r, size := utf8.DecodeLastRuneInString(s); r != utf8.RuneError || size != 1 {
+			break
+		}
+		s = s[:len(s)-1]
+	}
+	return s
 }
 
 // parse takes a client's Parse frame (whole, already passed by the guard)

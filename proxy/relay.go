@@ -737,9 +737,15 @@ func appendSegment(out [][]byte, b []byte) [][]byte {
 // next writes. The connection is not reused (clean is false).
 func (r *relay) cancelRunning(ctx context.Context, up *session.Upstream, clean bool) {
 	if r.abortUpstream.Load() {
-		// A cancel would start what was queued behind the running
-		// statement; the reset of the connection lets nothing more start.
+		// The reset first, then the cancel. The cancel alone would let
+		// what was queued behind the running statement run; the reset
+		// alone lets an extended-protocol pipeline run to its Sync, since
+		// the server writes nothing before it. Cancelled, the running
+		// statement's error is written at once, fails on the reset
+		// connection, and the server skips the rest (to the Sync, or dies
+		// at its next check for interrupts).
 		up.Abort()
+		_ = up.Cancel(ctx)
 		return
 	}
 	if clean || r.ledger.quiet() {
@@ -762,10 +768,9 @@ func (r *relay) reusable() bool {
 
 // expire is called when the session's token expires: the session ends now if
 // the server is idle, else after the running statement. When the client had
-// pipelined more behind it, the session ends now, and the connection is
-// aborted rather than closed: the server would otherwise start the next
-// transaction after the expiry (it has read it already), while a reset
-// connection makes it die at its next write, once the running one is done.
+// pipelined more behind it, the session ends now, its connection reset and
+// the running statement cancelled (cancelRunning): the server has read the
+// rest already, and would run it after the expiry.
 func (r *relay) expire(e *clientError) {
 	r.expiredErr = e
 	r.expired.Store(true)

@@ -365,8 +365,9 @@ func (u *Upstream) Close() error {
 }
 
 // Abort closes the connection with a reset (RST) instead of Terminate: the
-// server runs on what it has started, but dies at its next write to the
-// connection, before it commits anything it had read but not started.
+// server dies at its next write to it. Until then it runs what it has read
+// (an extended-protocol pipeline writes nothing before its Sync), so a
+// cancel must follow to stop it.
 func (u *Upstream) Abort() {
 	c := u.conn
 	if t, ok := c.(interface{ NetConn() net.Conn }); ok {
