@@ -171,10 +171,6 @@ func (l *ledger) idle() bool {
 	return l.head == len(l.q) && !l.skip && !l.cp.in && !l.cp.out
 }
 
-// quiet reports whether the server will send nothing more until the client
-// sends more: every Sync, Query and FunctionCall sent has been answered
-// (what is left of an extended-query batch waits for its Sync), or a COPY
-// FROM STDIN waits for data. A session whose token expired ends then.
 // queued reports whether the server has been sent more than the statement
 // it runs now: a second Execute, Query or FunctionCall still owed, each of
 // which may run anything, COMMIT included (an Execute of COMMIT commits
@@ -195,6 +191,10 @@ func (l *ledger) queued() bool {
 	return false
 }
 
+// quiet reports whether the server will send nothing more until the client
+// sends more: every Sync, Query and FunctionCall sent has been answered
+// (what is left of an extended-query batch waits for its Sync), or a COPY
+// FROM STDIN waits for data. A session whose token expired ends then.
 func (l *ledger) quiet() bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
