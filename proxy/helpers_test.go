@@ -345,6 +345,23 @@ func oneConnection(s *proxytest.Setup) {
 	s.PoolConfig = session.PoolConfig{Size: 1, MaxConns: 1, WaitTimeout: 5 * time.Second}
 }
 
+// oneSessionConnection is session pooling over a single upstream
+// connection, so that consecutive sessions share one backend.
+func oneSessionConnection(s *proxytest.Setup) {
+	proxytest.SessionPooling(s)
+	s.PoolConfig = session.PoolConfig{Size: 1, MaxConns: 1, WaitTimeout: 5 * time.Second}
+}
+
+// poolModes are both pool modes over one upstream connection, for attacks
+// that must hold in each.
+var poolModes = []struct {
+	name  string
+	setup proxytest.Option
+}{
+	{"transaction", oneConnection},
+	{"session", oneSessionConnection},
+}
+
 // leftAfterEnd counts, from a new client on the single connection, the
 // statements with text still there after the last client's session ended,
 // polling up to 5 s for the sweep (each query is a transaction, which

@@ -78,9 +78,10 @@ func (s *statements) full() bool {
 }
 
 // tooMany reports whether a Parse of name would keep one name more than a
-// client may.
-func (s *statements) tooMany(name string) bool {
-	return name != "" && len(s.byName) >= maxNames && s.byName[key(name)] == nil
+// client may. It takes the frame's bytes: a lookup of string(b) does not
+// copy them, and this runs on every Parse.
+func (s *statements) tooMany(name []byte) bool {
+	return len(name) > 0 && len(s.byName) >= maxNames && s.byName[string(name[:min(len(name), nameBytes)])] == nil
 }
 
 // size is what the proxy keeps for a statement: its Parse, if kept, and

@@ -12,12 +12,10 @@ import (
 	"context"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/rlsproxy/rlsproxy/internal/proxytest"
-	"github.com/rlsproxy/rlsproxy/session"
 )
 
 // r13Pinned is the number of sessions the proxy pinned so far.
@@ -416,9 +414,7 @@ func TestReview13GuardOffNestedSettingsUpdate(t *testing.T) {
 // on the install alone. user1 leaves a setting, an advisory lock and a
 // seed through a view; user2, on the same connection, finds none of them.
 func TestReview13SessionModeHiddenState(t *testing.T) {
-	p := proxytest.Start(t, pg, proxytest.SessionPooling, func(s *proxytest.Setup) {
-		s.PoolConfig = session.PoolConfig{Size: 1, MaxConns: 1, WaitTimeout: 5 * time.Second}
-	})
+	p := proxytest.Start(t, pg, oneSessionConnection)
 	a := rawSession(t, p, "user1")
 	pid := r10Must(t, a, "SELECT pg_backend_pid()::text")[0]
 	r13Run(t, a, "BEGIN; SET LOCAL search_path = pg_temp, public; CREATE VIEW r13s AS SELECT pg_catalog.set_config('app.tenant', 'tenant-of-user1', false) AS x, pg_catalog.pg_try_advisory_lock(4243) AS l, pg_catalog.setseed(0.4242)::text AS s; COMMIT",
@@ -443,5 +439,22 @@ func TestReview13SessionModeHiddenState(t *testing.T) {
 	}
 	if got := r10Must(t, b, "SELECT random()::text")[0]; got == seeded {
 		t.Errorf("user2 drew random() = %s, the first number of user1's seed", got)
+	}
+}
+
+// The look-alike that must pass: an anonymous client's own consecutive
+// transactions are one identity, so its temporary table made out of the
+// guard's sight (not pinned) is still there in its next transaction.
+func TestReview13AnonymousOwnStateKept(t *testing.T) {
+	p := proxytest.Start(t, pg, oneConnection, func(s *proxytest.Setup) { s.Policy.AnonymousRole = "anon" })
+	a, e, _ := rawStartup(t, p, "anonymous", "", "")
+	if e != nil {
+		t.Fatalf("anonymous startup: %s %s", e.Code, e.Message)
+	}
+	defer a.Close()
+	r13Run(t, a, "BEGIN", "SET LOCAL search_path = pg_temp, public", "CREATE TABLE r13_own (msg text)", "COMMIT",
+		"INSERT INTO pg_temp.r13_own VALUES ('mine')")
+	if got := r10Must(t, a, "SELECT msg FROM pg_temp.r13_own"); len(got) != 1 || got[0] != "mine" {
+		t.Errorf("anonymous client's own temporary table in its next transaction: %v", got)
 	}
 }

@@ -483,15 +483,11 @@ func TestReview14PipelinedTransactionAfterExpiry(t *testing.T) {
 				&pgproto3.Parse{Query: insert}, &pgproto3.Bind{}, &pgproto3.Execute{}, &pgproto3.Sync{}}
 		}},
 	} {
-		for _, mode := range []string{"transaction", "session"} {
-			t.Run(tc.name+" "+mode, func(t *testing.T) {
-				tag := "r14 after expiry " + tc.name + " " + mode
+		for _, mode := range poolModes {
+			t.Run(tc.name+" "+mode.name, func(t *testing.T) {
+				tag := "r14 after expiry " + tc.name + " " + mode.name
 				t.Cleanup(func() { r10Super(t, "DELETE FROM notes WHERE content LIKE 'r14 after expiry%'") })
-				setup := oneConnection
-				if mode == "session" {
-					setup = func(s *proxytest.Setup) { proxytest.SessionPooling(s); proxytest.Pooled(1, 1)(s) }
-				}
-				p := proxytest.Start(t, pg, setup)
+				p := proxytest.Start(t, pg, mode.setup)
 				tok, exp := r14ShortToken(t, p, "user1", 2*time.Second)
 				a, _, _ := rawStartup(t, p, "user1", tok, "")
 				defer a.Close()

@@ -22,15 +22,6 @@ import (
 	"github.com/rlsproxy/rlsproxy/internal/proxytest"
 )
 
-// r15Modes are the two pool modes over one upstream connection.
-var r15Modes = []struct {
-	name  string
-	setup proxytest.Option
-}{
-	{"transaction", oneConnection},
-	{"session", func(s *proxytest.Setup) { proxytest.SessionPooling(s); proxytest.Pooled(1, 1)(s) }},
-}
-
 // FIXED (ledger.queued counts Executes: a second one owed at expiry
 // aborts the connection). A transaction started, and committed, after the
 // token expired:
@@ -79,7 +70,7 @@ func TestReview15ExpiryExtendedCommitWithoutSync(t *testing.T) {
 				&pgproto3.Parse{Query: insert}, &pgproto3.Bind{}, &pgproto3.Execute{}, &pgproto3.Sync{}}
 		}},
 	} {
-		for _, mode := range r15Modes {
+		for _, mode := range poolModes {
 			t.Run(tc.name+" "+mode.name, func(t *testing.T) {
 				tag := "r15 after expiry " + tc.name + " " + mode.name
 				t.Cleanup(func() { r10Super(t, "DELETE FROM notes WHERE content LIKE 'r15 after expiry%'") })
@@ -248,7 +239,7 @@ func TestReview15HeldHiddenSettingsAcrossSwitch(t *testing.T) {
 		{"row_security", "off", "SELECT current_setting('row_security')", "on"},
 		{"exit_on_error", "on", "SELECT current_setting('exit_on_error')", "off"},
 	} {
-		for _, mode := range r15Modes {
+		for _, mode := range poolModes {
 			t.Run(tc.name+" "+mode.name, func(t *testing.T) {
 				p := proxytest.Start(t, pg, mode.setup)
 				a := rawSession(t, p, "user1")
@@ -358,7 +349,7 @@ func TestReview15HeldExpiryDuringPoolWait(t *testing.T) {
 // leaves neither to the next anonymous session, which gets that
 // connection.
 func TestReview15HeldAnonymousSessionMode(t *testing.T) {
-	p := proxytest.Start(t, pg, r15Modes[1].setup, func(s *proxytest.Setup) { s.Policy.AnonymousRole = "anon" })
+	p := proxytest.Start(t, pg, oneSessionConnection, func(s *proxytest.Setup) { s.Policy.AnonymousRole = "anon" })
 	anon := func() *rawClient {
 		for range 50 {
 			if c, _, _ := rawStartup(t, p, "anonymous", "", ""); c != nil {

@@ -20,15 +20,6 @@ import (
 	"github.com/rlsproxy/rlsproxy/internal/proxytest"
 )
 
-// r16Modes are the two pool modes over one upstream connection.
-var r16Modes = []struct {
-	name  string
-	setup proxytest.Option
-}{
-	{"transaction", oneConnection},
-	{"session", func(s *proxytest.Setup) { proxytest.SessionPooling(s); proxytest.Pooled(1, 1)(s) }},
-}
-
 // r16Drain reads answers until the proxy ends the session, as short strings.
 func r16Drain(c *rawClient) string {
 	var seen []string
@@ -78,7 +69,7 @@ func TestReview16ExpiryExtendedPipelineCommits(t *testing.T) {
 		{"implicit", false, []pgproto3.FrontendMessage{&pgproto3.Sync{}}},
 		{"block", true, []pgproto3.FrontendMessage{&pgproto3.Parse{Query: "COMMIT"}, &pgproto3.Bind{}, &pgproto3.Execute{}, &pgproto3.Sync{}}},
 	} {
-		for _, mode := range r16Modes {
+		for _, mode := range poolModes {
 			t.Run(tc.name+" "+mode.name, func(t *testing.T) {
 				tag := "r16 expiry " + tc.name + " " + mode.name
 				t.Cleanup(func() { r10Super(t, "DELETE FROM notes WHERE content LIKE 'r16 expiry%'") })

@@ -98,8 +98,11 @@ func (t *txState) pin(reason string) bool {
 	return true
 }
 
-// refusal is the error for a statement that would pin the client, when
-// pinning is refused (Config.RefuseSessionState); nil when it may pass.
+// refusal is the error for a client message transaction pooling cannot
+// pass on: a DEALLOCATE among other statements, a name in the proxy's
+// statement namespace, a Parse past the names a client may keep, and, when
+// pinning is refused (Config.RefuseSessionState), a statement that would
+// pin; nil when it may pass.
 func (t *txState) refusal(v guard.Verdict, frame []byte) *clientError {
 	if t != nil && v.DeallocateMixed {
 		return newClientError(codeFeatureNotSupported, "deallocate_mixed",
@@ -122,7 +125,7 @@ func (t *txState) refusal(v guard.Verdict, frame []byte) *clientError {
 			}
 		}
 	}
-	if t != nil && frame[0] == 'P' && t.stmts.tooMany(string(cstring(frame[5:]))) {
+	if t != nil && frame[0] == 'P' && t.stmts.tooMany(cstring(frame[5:])) {
 		return newClientError(codeProgramLimitExceeded, "prepared_statements",
 			fmt.Sprintf("rlsproxy (transaction pooling) keeps at most %d prepared statements per client: close some (Close, DEALLOCATE)", maxNames))
 	}
